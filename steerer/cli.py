@@ -1,0 +1,187 @@
+"""The `steerer` command line. Errors for bad input are one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one line, no traceback."""
+
+
+def parse_layers(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise UsageError(f"--layers takes comma-separated integers, got {text!r}") from exc
+
+
+def load_direction(path: str):
+    """A steering direction from .npy, .safetensors (key 'direction' or the only tensor) or .json (list)."""
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"steering direction file not found: {path}")
+    if file.suffix == ".npy":
+        vector = torch.from_numpy(np.load(file))
+    elif file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+        if "direction" in tensors:
+            vector = tensors["direction"]
+        elif len(tensors) == 1:
+            vector = next(iter(tensors.values()))
+        else:
+            raise UsageError(f"{path}: several tensors and none named 'direction'")
+    elif file.suffix == ".json":
+        vector = torch.tensor(json.loads(file.read_text()), dtype=torch.float32)
+    else:
+        raise UsageError(f"{path}: use a .npy, .safetensors or .json file for the direction")
+    return vector.float().flatten()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="manage the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="convert the bundled GGUF into a cached safetensors folder")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    model_sub.add_parser("info", help="print the model's path, shape and fingerprint")
+    for p in (prepare, model_sub.choices["info"]):
+        p.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
+
+    gen = sub.add_parser("generate", help="generate with taps (and optional steering) on the residual stream")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--layers", default=None, help="comma-separated decoder layers to tap (for --json norms)")
+    gen.add_argument("--steer-direction", default=None, help=".npy/.safetensors/.json vector of hidden size")
+    gen.add_argument("--steer-layer", type=int, default=None)
+    gen.add_argument("--alpha", type=float, default=0.0, help="absolute L2 norm of the added vector")
+    gen.add_argument("--steer-where", default="generated", choices=["prompt", "generated", "both"])
+    gen.add_argument("--json", action="store_true", help="print tokens with the norms of the tapped residuals")
+    return parser
+
+
+@command("model")
+def cmd_model(args: argparse.Namespace) -> int:
+    from steerer.model import DEFAULT_MODEL, load_model, prepare_default_model
+
+    if args.model_command == "prepare":
+        if args.model not in (None, DEFAULT_MODEL):
+            raise UsageError("model prepare only converts the embedded default; other models load as they are")
+        print(prepare_default_model(force=args.force))
+        return 0
+    lm = load_model(args.model)
+    print(json.dumps({"model": lm.name, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
+                      "fingerprint": lm.fingerprint}))
+    return 0
+
+
+@command("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from steerer.engine.hf import HFEngine
+    from steerer.generation import ChainedHooks, SamplingParams, generate
+    from steerer.model import chat_prompt, load_model
+    from steerer.taps import FixedSteering, LayerHooks, LayerSteering, Where, unit_directions
+
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if not math.isfinite(args.alpha):
+        raise UsageError("--alpha must be a finite number")
+    if (args.steer_direction is None) != (args.steer_layer is None):
+        raise UsageError("--steer-direction and --steer-layer go together")
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    layers = parse_layers(args.layers)
+    direction = load_direction(args.steer_direction) if args.steer_direction else None
+    lm = load_model(args.model, dtype=args.dtype)
+    steering = {}
+    if direction is not None:
+        if direction.numel() != lm.hidden_size:
+            raise UsageError(f"direction has {direction.numel()} values; the model's hidden size is {lm.hidden_size}")
+        steering[args.steer_layer] = LayerSteering(unit_directions(direction), Where(args.steer_where))
+    try:
+        hooks = LayerHooks(lm.model, tap_layers=layers, steering=steering)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    recorder = _NormRecorder(layers) if args.json else None
+    fixed = FixedSteering(steering, {layer: torch.tensor([[args.alpha]]) for layer in steering})
+    with hooks:
+        result = generate(HFEngine(lm, hooks), [chat_prompt(lm.tokenizer, args.prompt)], params,
+                          ChainedHooks([fixed, recorder]))[0]
+    text = lm.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    if not args.json:
+        print(text)
+        return 0
+    tokens = [{"index": i, "id": t, "text": lm.tokenizer.decode([t]), "norms": norms}
+              for i, (t, norms) in enumerate(zip(result.tokens, recorder.norms, strict=False))]
+    print(json.dumps({"model": lm.name, "prompt": args.prompt, "response": text,
+                      "finish_reason": result.finish_reason, "layers": list(layers), "tokens": tokens}, indent=1))
+    return 0
+
+
+class _NormRecorder:
+    """Per chosen token, the L2 norms of the tapped residuals at the position that predicted it."""
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.layers = layers
+        self.norms: list[dict[str, float]] = []
+
+    def before_forward(self, rows, index) -> None:
+        pass
+
+    def after_forward(self, view) -> None:
+        self.norms.append({str(layer): round(float(view.residuals[layer][0].norm()), 3) for layer in self.layers})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from steerer.model import ModelError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ModelError, ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"steerer: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
