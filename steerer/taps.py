@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PROMPT = "prompt"
     GENERATED = "generated"
 
 
-class Where(str, Enum):
+class Where(StrEnum):
     """Which tokens a steering vector applies to."""
 
     PROMPT = "prompt"
