@@ -51,6 +51,7 @@ class StepView:
     residuals: dict[int, torch.Tensor]
     closing: torch.Tensor  # [B] bool
     finished: torch.Tensor  # [B] bool: the chosen token ends the row (EOS or length)
+    recorded: torch.Tensor  # [B] bool: the chosen token was appended to the response (not EOS, not closing)
 
 
 class StepHooks(Protocol):
@@ -139,14 +140,15 @@ class RunningBatch:
         live = ~closing
         is_eos = torch.isin(tokens, self._eos) & ~self._params["ignore_eos"][at]
         count = self._count[at]
-        self._buffer[at[live & ~is_eos], count[live & ~is_eos]] = tokens[live & ~is_eos]
-        new_count = count + (live & ~is_eos).long()
+        recorded = live & ~is_eos
+        self._buffer[at[recorded], count[recorded]] = tokens[recorded]
+        new_count = count + recorded.long()
         finished = live & (is_eos | (new_count >= self._params["max_new_tokens"][at]))
         self._count[at] = new_count
         self._eos_hit[at] |= live & is_eos
         if self.hooks is not None:
             view = StepView([self.rows[i] for i in at.tolist()], index, tokens, dict(self.engine.hooks.captured),
-                            closing, finished)
+                            closing, finished, recorded)
             self.hooks.after_forward(view)
         # A row that chose EOS stays one more pass when tap_eos, so the EOS token's residual is read.
         to_close = finished & self._eos_hit[at] if self.tap_eos else torch.zeros_like(finished)
@@ -155,6 +157,12 @@ class RunningBatch:
         if not bool(done.any()):
             return []
         return self._retire(at[done])
+
+    def remove(self, rows: Sequence[Hashable]) -> None:
+        """Drop rows without a result (cancelled requests)."""
+        gone = [i for i, row in enumerate(self.rows) if row in set(rows)]
+        if gone:
+            self._retire(torch.tensor(gone, dtype=torch.long))
 
     def _retire(self, gone: torch.Tensor) -> list[Generation]:
         out = []

@@ -1,0 +1,209 @@
+"""Probe training: per task and layer a linear probe for "the constraint is / will be satisfied".
+
+Methods are pure functions over (X, y): standardised logistic regression with regularisation chosen by
+grouped cross-validation (groups = base requests, so no prompt text is shared between folds), and a
+difference-of-means direction as the second method. The best layer per task is picked on the
+cross-validated AUROC of the training split; thresholds are calibrated on out-of-fold predictions; the
+test split (held-out base requests) is only used for the reported figures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import GroupKFold
+from tqdm import tqdm
+
+from probes.dataset import POSITIONS, TaskData, load_task
+from steerer.bank import Probe, ProbeBank, fold_scaler
+from steerer.taps import unit_directions
+
+CS = (0.001, 0.01, 0.1, 1.0)
+FOLDS = 3
+
+
+@dataclass
+class LinearProbe:
+    """A probe on raw residuals: P(satisfied) = sigmoid(x @ weight + bias)."""
+
+    weight: np.ndarray
+    bias: float
+    threshold: float  # on P(satisfied)
+    direction: np.ndarray  # unit, raw space, toward satisfaction (difference of class means)
+    c: float | None = None
+    cv_auroc: float = float("nan")
+    method: str = "logreg"
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(x @ self.weight + self.bias)))
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else float("nan")
+
+
+def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold on P(satisfied) that maximises balanced accuracy (ties: closest to 0.5)."""
+    if len(set(y.tolist())) < 2:
+        return 0.5
+    candidates = np.unique(np.concatenate([p, [0.5]]))
+    scores = [(balanced_accuracy_score(y, p >= t), -abs(t - 0.5), t) for t in candidates]
+    return float(max(scores)[2])
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    scale = x.std(0) + 1e-6
+    return mean, scale
+
+
+def _fit_logreg(z: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
+    return LogisticRegression(C=c, max_iter=500, class_weight="balanced").fit(z, y)
+
+
+def _folds(y: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    n_groups = len(set(groups.tolist()))
+    k = min(FOLDS, n_groups)
+    if k < 2:
+        return []
+    return [(a, b) for a, b in GroupKFold(n_splits=k).split(y, y, groups) if len(set(y[a].tolist())) == 2]
+
+
+def train_logreg(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cs: tuple[float, ...] = CS) -> LinearProbe:
+    """Standardised logistic regression; C by grouped CV AUROC; threshold from out-of-fold predictions."""
+    if len(set(y.tolist())) < 2:
+        raise ValueError("a probe needs both labels in its training data")
+    folds = _folds(y, groups)
+    best_c, best_auc, best_oof = cs[len(cs) // 2], float("nan"), None
+    for c in cs if folds else ():
+        oof = np.full(len(y), np.nan)
+        for tr, va in folds:
+            mean, scale = _standardise(x[tr])
+            model = _fit_logreg((x[tr] - mean) / scale, y[tr], c)
+            oof[va] = model.predict_proba((x[va] - mean) / scale)[:, 1]
+        seen = ~np.isnan(oof)
+        score = auroc(y[seen], oof[seen])
+        if np.isnan(best_auc) or score > best_auc:
+            best_c, best_auc, best_oof = c, score, oof
+    mean, scale = _standardise(x)
+    model = _fit_logreg((x - mean) / scale, y, best_c)
+    weight, bias = fold_scaler(torch.from_numpy(model.coef_[0]).double(), float(model.intercept_[0]),
+                               torch.from_numpy(mean).double(), torch.from_numpy(scale).double())
+    seen = ~np.isnan(best_oof) if best_oof is not None else None
+    threshold = best_threshold(y[seen], best_oof[seen]) if seen is not None else 0.5
+    return LinearProbe(weight.numpy(), bias, threshold, mean_difference(x, y), best_c, best_auc)
+
+
+def mean_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unit vector from the mean of violating to the mean of satisfying residuals."""
+    d = x[y == 1].mean(0) - x[y == 0].mean(0)
+    return d / (np.linalg.norm(d) + 1e-12)
+
+
+def train_diffmean(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> LinearProbe:
+    """Difference-of-means probe: project on the direction, fit a 1-d logistic calibration."""
+    direction = mean_difference(x, y)
+    proj = x @ direction
+    mu, sd = proj.mean(), proj.std() + 1e-6
+    model = _fit_logreg(((proj - mu) / sd)[:, None], y, 1.0)
+    a, b = float(model.coef_[0, 0]) / sd, float(model.intercept_[0]) - float(model.coef_[0, 0]) * mu / sd
+    p = 1 / (1 + np.exp(-(proj * a + b)))
+    return LinearProbe(direction * a, b, best_threshold(y, p), direction, None, float("nan"), "diffmean")
+
+
+def evaluate(probe: LinearProbe, x: np.ndarray, y: np.ndarray) -> dict:
+    p = probe.proba(x)
+    pred = p >= probe.threshold
+    return {"auroc": round(auroc(y, p), 4), "accuracy": round(float(accuracy_score(y, pred)), 4),
+            "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4) if len(set(y.tolist())) == 2 else None,
+            "n": int(len(y)), "positive_rate": round(float(y.mean()), 4)}
+
+
+@dataclass
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    g_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def split_at(data: TaskData, position: str | list[str], layer_index: int) -> Split:
+    """Train/test arrays at one stored layer; several positions are pooled as extra rows."""
+    names = [position] if isinstance(position, str) else position
+    cols = [POSITIONS.index(n) for n in names]
+    x = data.positions[:, cols, layer_index].numpy()  # [N, len(cols), d]
+    y, split, groups = data.labels, data.split, data.groups
+    train, test = split == "train", split == "test"
+    flat = lambda a, m: a[m].reshape(-1, a.shape[-1])  # noqa: E731
+    rep = len(cols)
+    return Split(flat(x, train), np.repeat(y[train], rep), np.repeat(groups[train], rep), flat(x, test),
+                 np.repeat(y[test], rep))
+
+
+def train_task(data: TaskData, layers: list[int], position: str | list[str] = "eos",
+               progress: bool = False) -> dict:
+    """Every layer's logistic and difference-of-means probe for one task, with the best layer by CV."""
+    by_layer = {}
+    for li, layer in enumerate(tqdm(layers, desc="layers", leave=False, disable=not progress)):
+        s = split_at(data, position, li)
+        probe = train_logreg(s.x_train, s.y_train, s.g_train)
+        diff = train_diffmean(s.x_train, s.y_train, s.g_train)
+        by_layer[layer] = {"probe": probe, "diffmean": diff, "test": evaluate(probe, s.x_test, s.y_test),
+                           "test_diffmean": evaluate(diff, s.x_test, s.y_test), "cv_auroc": probe.cv_auroc}
+    best = max(by_layer, key=lambda layer: (np.nan_to_num(by_layer[layer]["cv_auroc"], nan=-1), -layer))
+    return {"by_layer": by_layer, "best_layer": best}
+
+
+def train_general(datas: dict[str, TaskData], layers: list[int], position: str = "eos") -> dict:
+    """One probe on all tasks pooled, per layer; best layer by pooled CV AUROC."""
+    by_layer = {}
+    for li, layer in enumerate(layers):
+        splits = {t: split_at(d, position, li) for t, d in datas.items()}
+        x = np.concatenate([s.x_train for s in splits.values()])
+        y = np.concatenate([s.y_train for s in splits.values()])
+        g = np.concatenate([np.char.add(f"{t}:", s.g_train.astype(str)) for t, s in splits.items()])
+        probe = train_logreg(x, y, g)
+        by_layer[layer] = {"probe": probe, "cv_auroc": probe.cv_auroc,
+                           "test": {t: evaluate(probe, s.x_test, s.y_test) for t, s in splits.items()}}
+    best = max(by_layer, key=lambda layer: (np.nan_to_num(by_layer[layer]["cv_auroc"], nan=-1), -layer))
+    return {"by_layer": by_layer, "best_layer": best}
+
+
+def make_bank(model: str, fingerprint: str, hidden_size: int, trained: dict[str, dict], position: str,
+              version: str, layers: list[int]) -> ProbeBank:
+    probes, weights, biases, directions = [], [], [], []
+    for task, result in trained.items():
+        layer = result["best_layer"]
+        entry = result["by_layer"][layer]
+        probe: LinearProbe = entry["probe"]
+        probes.append(Probe(task=task, layer=layer, position=position, polarity="satisfied",
+                            threshold=round(probe.threshold, 6), method="logreg",
+                            metrics={"test_auroc": entry["test"]["auroc"], "test_accuracy": entry["test"]["accuracy"],
+                                     "test_balanced_accuracy": entry["test"]["balanced_accuracy"],
+                                     "cv_auroc": round(entry["cv_auroc"], 4), "n_test": entry["test"]["n"],
+                                     "C": probe.c}))
+        weights.append(torch.from_numpy(probe.weight).float())
+        biases.append(probe.bias)
+        directions.append(torch.from_numpy(probe.direction).float())
+    return ProbeBank(model, fingerprint, hidden_size, probes, torch.stack(weights),
+                     torch.tensor(biases, dtype=torch.float32), unit_directions(torch.stack(directions)), version)
+
+
+def train_all(dataset: Path, tasks: list[str] | None = None, position: str = "eos",
+              progress: bool = True) -> tuple[dict, dict, dict, dict[str, TaskData]]:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    tasks = tasks or list(manifest["tasks"])
+    layers = manifest["layers"]
+    datas = {t: load_task(dataset, t) for t in tasks}
+    trained = {}
+    for task in tqdm(tasks, desc="specialist probes", disable=not progress):
+        trained[task] = train_task(datas[task], layers, position)
+    general = train_general(datas, layers, position)
+    return manifest, trained, general, datas
