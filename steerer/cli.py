@@ -9,6 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+# Modules that add their own sub-commands: each has `add_commands(subparsers)`, and every parser it adds
+# sets `handler=` (a function of the parsed args returning an exit status) with `set_defaults`.
+PLUGINS = ("probes.cli", "steerer.service.cli")
 
 
 def command(name: str):
@@ -85,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--alpha", type=float, default=0.0, help="absolute L2 norm of the added vector")
     gen.add_argument("--steer-where", default="generated", choices=["prompt", "generated", "both"])
     gen.add_argument("--json", action="store_true", help="print tokens with the norms of the tapped residuals")
+    import importlib
+
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_commands(sub)
     return parser
 
 
@@ -173,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     from steerer.model import ModelError
 
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except (UsageError, ModelError, ValueError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"steerer: error: {message}", file=sys.stderr)
