@@ -72,6 +72,7 @@ class Result:
     prompt_tokens: int
     steered_tokens: dict[str, int]
     bank_version: str
+    traces: dict[str, list[float]] | None = None  # per-token P(satisfied) per task (record=True only)
 
 
 @dataclass
@@ -256,8 +257,11 @@ class Steerer:
                                     p_end < self.bank.probes[k].threshold, p_end,
                                     bool(self.monitor.ever_flagged[slot, k]), first if first >= 0 else None,
                                     check_constraint(constraint, text)))
+        traces = None
+        if self.monitor.record:
+            traces = {task: [p for index, p in self.monitor.trace(slot, task) if index >= 0] for task in live.tasks}
         result = Result(live.request_id, text, generation.tokens, generation.finish_reason, verdicts,
-                        generation.prompt_tokens, live.steered, self.bank.version)
+                        generation.prompt_tokens, live.steered, self.bank.version, traces)
         self._release(slot)
         return result
 

@@ -1,0 +1,147 @@
+"""`steerer verify` and `steerer probes build|train|report|score` (a plug-in of steerer/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def add_commands(sub) -> None:
+    verify = sub.add_parser("verify", help="check responses against their constraints (jsonl in, jsonl out)")
+    verify.add_argument("--input", required=True, help="rows {id, task, params, response}; - = stdin")
+    verify.add_argument("--output", required=True, help="rows {id, satisfied} or {id, error}; - = stdout")
+    verify.set_defaults(handler=cmd_verify)
+
+    probes = sub.add_parser("probes", help="build the probe dataset, train banks, run the paper's experiments")
+    psub = probes.add_subparsers(dest="probes_command", required=True)
+    build = psub.add_parser("build", help="on-policy responses + residuals of every layer (resumable)")
+    build.add_argument("--out", default=str(REPO / "data" / "probe_dataset"))
+    build.add_argument("--model", default=None)
+    build.add_argument("--tasks", default=None, help="comma-separated task ids (default: all nine)")
+    build.add_argument("--prompts-per-task", type=int, default=120)
+    build.add_argument("--samples", type=int, default=2, help="sampled responses per prompt")
+    build.add_argument("--max-new-tokens", type=int, default=160)
+    build.add_argument("--layers", default=None, help="comma-separated layers to store (default: all)")
+    build.add_argument("--token-layers", default=None, help="layers stored at every token (default: every 3rd)")
+    build.add_argument("--batch-size", type=int, default=48)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=cmd_build)
+
+    train = psub.add_parser("train", help="train specialist + general probes and write a probe bank")
+    train.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
+    train.add_argument("--out", default=None, help="bank folder (default: the shipped default bank)")
+    train.add_argument("--position", default="eos", help="position the bank's probes are trained at")
+    train.add_argument("--tasks", default=None)
+    train.add_argument("--report", default=None, help="also write the paper's experiments to this folder")
+    train.set_defaults(handler=cmd_train)
+
+    report = psub.add_parser("report", help="the paper's experiments: JSON + PNG + README")
+    report.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
+    report.add_argument("--out", default=str(REPO / "reports" / "paper"))
+    report.add_argument("--tasks", default=None)
+    report.set_defaults(handler=cmd_report)
+
+    score = psub.add_parser("score", help="generate for your prompts and score them with the bank")
+    score.add_argument("--input", required=True, help="rows {id, prompt, task, params}")
+    score.add_argument("--output", required=True)
+    score.add_argument("--bank", default=None)
+    score.add_argument("--model", default=None)
+    score.add_argument("--max-new-tokens", type=int, default=128)
+    score.add_argument("--batch-size", type=int, default=16)
+    score.set_defaults(handler=cmd_score)
+
+
+def _tasks(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    from probes.tasks import get_task
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        get_task(name)
+    return names
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    from steerer.cli import UsageError, parse_layers
+
+    try:
+        return parse_layers(text) or None
+    except UsageError as exc:
+        raise UsageError(str(exc).replace("--layers", flag)) from exc
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from probes.verify import verify_file
+
+    if args.input != "-" and not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    ok, bad = verify_file(args.input, args.output)
+    import sys
+
+    print(f"verified {ok} rows, {bad} errors", file=sys.stderr)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from probes.dataset import BuildConfig, build
+    from probes.tasks import TASKS
+    from steerer.model import load_model
+
+    config = BuildConfig(tasks=tuple(_tasks(args.tasks) or TASKS), prompts_per_task=args.prompts_per_task,
+                         samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                         layers=_ints(args.layers, "--layers"), token_layers=_ints(args.token_layers, "--token-layers"),
+                         batch_size=args.batch_size, seed=args.seed)
+    manifest = build(load_model(args.model), Path(args.out), config)
+    for task, info in manifest["tasks"].items():
+        print(f"{task:18s} n={info['n']:4d} compliance={info['compliance_rate']:.2f} "
+              f"train/test={info['n_train']}/{info['n_test']} by aid={info['compliance_by_aid']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from probes.train import make_bank, train_all
+    from steerer.bank import DEFAULT_BANK
+
+    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks), args.position)
+    version = f"{manifest['fingerprint']}-{args.position}-{len(trained)}t"
+    bank = make_bank(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], trained, args.position,
+                     version, manifest["layers"])
+    bank.extra = {"dataset": {k: manifest[k] for k in ("config", "split_seed")},
+                  "general_probe_layer": general["best_layer"]}
+    out = bank.save(args.out or DEFAULT_BANK)
+    for probe in bank.probes:
+        print(f"{probe.task:18s} layer {probe.layer:2d} threshold {probe.threshold:.3f} "
+              f"test AUROC {probe.metrics['test_auroc']:.3f} acc {probe.metrics['test_accuracy']:.3f}")
+    print(f"wrote {out}")
+    if args.report:
+        from probes.report import write_report
+
+        write_report(Path(args.report), manifest["model"], trained, general, datas, manifest["layers"],
+                     {"version": version, "path": str(out)})
+        print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from probes.report import write_report
+    from probes.train import train_all
+
+    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks))
+    write_report(Path(args.out), manifest["model"], trained, general, datas, manifest["layers"])
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from probes.scoring import score_file
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    ok, bad = score_file(args.input, args.output, args.bank, args.model, args.max_new_tokens, args.batch_size)
+    import sys
+
+    print(f"scored {ok} rows, {bad} errors", file=sys.stderr)
+    return 0

@@ -1,0 +1,161 @@
+"""Protobuf messages <-> the library's dataclasses, with every check a request needs before it queues.
+
+Everything here raises `ValueError` with a message meant for the caller; the servicer turns it into
+INVALID_ARGUMENT. Checks that depend on the server (token limits, the bank's tasks) take the limits as
+arguments, so the same code serves the unary and the streaming RPC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from steerer.constraints import Constraint
+from steerer.core import Request, Result, TokenEvent
+from steerer.generation import SamplingParams
+from steerer.policy import SteeringPolicy
+from steerer.service.proto import pb2
+
+ROLES = ("system", "user", "assistant")
+MAX_ID_CHARS = 128
+CHARS_PER_TOKEN_BOUND = 16  # a prompt this many characters per allowed token is too long without tokenizing
+POLICY_KINDS = {pb2.POLICY_KIND_UNSPECIFIED: "off", pb2.POLICY_KIND_OFF: "off",
+                pb2.POLICY_KIND_CONSTANT: "constant", pb2.POLICY_KIND_CONDITIONAL: "conditional",
+                pb2.POLICY_KIND_PROPORTIONAL: "proportional"}
+POLICY_CODES = {"off": pb2.POLICY_KIND_OFF, "constant": pb2.POLICY_KIND_CONSTANT,
+                "conditional": pb2.POLICY_KIND_CONDITIONAL, "proportional": pb2.POLICY_KIND_PROPORTIONAL}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 1024
+    default_new_tokens: int = 128
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON values; whole numbers become ints (Struct stores every number as a double)."""
+    return _ints(json_format.MessageToDict(struct))
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def policy_from_pb(message: pb2.SteeringPolicy, where: str) -> SteeringPolicy:
+    kind = POLICY_KINDS.get(message.kind)
+    if kind is None:
+        raise ValueError(f"{where}: unknown steering policy kind {message.kind}")
+    try:
+        return SteeringPolicy(kind, float(message.alpha))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def sampling_from_pb(message: pb2.SamplingParams, limits: Limits) -> SamplingParams:
+    new_tokens = message.max_new_tokens if message.HasField("max_new_tokens") else limits.default_new_tokens
+    if not 1 <= new_tokens <= limits.max_new_tokens:
+        raise ValueError(f"max_new_tokens must be in 1..{limits.max_new_tokens} on this server, got {new_tokens}")
+    params = SamplingParams(
+        max_new_tokens=int(new_tokens),
+        temperature=message.temperature if message.HasField("temperature") else 0.0,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        seed=message.seed if message.HasField("seed") else 0,
+        ignore_eos=message.ignore_eos)
+    return params.validate()
+
+
+def prompt_from_pb(message: pb2.GenerateRequest) -> str | list[dict]:
+    which = message.WhichOneof("input")
+    if which is None:
+        raise ValueError("prompt is empty: set prompt or messages")
+    if which == "prompt":
+        if not message.prompt.strip():
+            raise ValueError("prompt is empty")
+        return message.prompt
+    chat = [{"role": m.role, "content": m.content} for m in message.messages.messages]
+    if not chat:
+        raise ValueError("prompt is empty: messages has no message")
+    for i, m in enumerate(chat):
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}")
+    if not any(m["content"].strip() for m in chat):
+        raise ValueError("prompt is empty: every message is blank")
+    return chat
+
+
+def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
+    """The library request for a GenerateRequest (the prompt's token count is checked separately)."""
+    prompt = prompt_from_pb(message)
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    chars += len(message.system)
+    if chars > limits.max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
+        raise ValueError(f"prompt is too long: {chars} characters; this server accepts at most "
+                         f"{limits.max_prompt_tokens} tokens")
+    for name, value in (("request_id", message.request_id), ("experiment_key", message.experiment_key)):
+        if len(value) > MAX_ID_CHARS or not value.isprintable():
+            raise ValueError(f"{name} must be at most {MAX_ID_CHARS} printable characters")
+    constraints, policies = [], {}
+    for i, c in enumerate(message.constraints):
+        if not c.task:
+            raise ValueError(f"constraints[{i}].task is empty")
+        constraint = Constraint(c.task, struct_to_dict(c.params))
+        try:
+            constraint.validate()
+        except (ValueError, KeyError) as exc:  # probes.tasks raises a KeyError subclass for unknown tasks
+            raise ValueError(str(exc)) from None
+        constraints.append(constraint)
+        if c.HasField("policy"):
+            policies[c.task] = policy_from_pb(c.policy, f"constraints[{i}].policy")
+    tasks = [c.task for c in constraints]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError("each task may appear once per request")
+    return Request(prompt=prompt, constraints=tuple(constraints), policy=policy_from_pb(message.policy, "policy"),
+                   policies=policies, sampling=sampling_from_pb(message.sampling, limits),
+                   system=message.system or None)
+
+
+def token_to_pb(event: TokenEvent) -> pb2.TokenEvent:
+    out = pb2.TokenEvent(index=event.index, token_id=event.token_id, text=event.text)
+    out.risk.update(event.risks)
+    out.steering.update(event.steering)
+    for flag in event.flags:
+        out.flags.add(task=flag.task, token_index=flag.token_index, risk=flag.risk, raised=flag.raised)
+    return out
+
+
+def result_to_pb(result: Result, request_id: str, experiment_key: str, model: str) -> pb2.GenerateResponse:
+    out = pb2.GenerateResponse(request_id=request_id, text=result.text, token_ids=result.tokens,
+                               finish_reason=result.finish_reason, bank_version=result.bank_version,
+                               experiment_key=experiment_key, model=model)
+    for v in result.verdicts:
+        verdict = out.verdicts.add(task=v.task, predicted_violation=v.predicted_violation,
+                                   p_satisfied_end=_finite(v.p_satisfied_end), flagged=v.flagged)
+        verdict.params.CopyFrom(dict_to_struct(v.params))
+        if v.first_flag_token is not None:
+            verdict.first_flag_token = v.first_flag_token
+        if v.satisfied is not None:
+            verdict.satisfied = v.satisfied
+    out.usage.prompt_tokens = result.prompt_tokens
+    out.usage.completion_tokens = len(result.tokens)
+    out.usage.steered_tokens.update({k: int(n) for k, n in result.steered_tokens.items()})
+    return out
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the service, in their own registry, served on the metrics port at `/metrics`.
+
+Labels are bounded: `method` is one of the five RPCs (plus the auth check's view of unknown ones, as
+"other"), `code` a gRPC status name, `task` one of the constraint tasks the server knows (validated before
+any metric sees it), and the verdict labels take two or three values each. No prompt or response text,
+request id or experiment key is ever a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+METHODS = ("Generate", "GenerateStream", "ListProbes", "GetModelInfo", "ReloadProbeBank")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+RISK_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("steerer_requests", "RPCs finished, by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.tokens = Counter("steerer_tokens_generated", "Response tokens generated (all requests)", registry=r)
+        self.ttft = Histogram("steerer_time_to_first_token_seconds", "Request arrival to its first token event",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("steerer_inter_token_latency_seconds", "Time between consecutive token events of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Gauge("steerer_batch_size", "Requests in the running batch", registry=r)
+        self.queue_depth = Gauge("steerer_queue_depth", "Requests waiting for a slot in the batch", registry=r)
+        self.step_batch = Histogram("steerer_step_batch_size", "Rows per forward pass", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.risk = Histogram("steerer_probe_risk", "Smoothed probe risk (1 - P(satisfied)) per token, by task",
+                              ["task"], buckets=RISK_BUCKETS, registry=r)
+        self.flags = Counter("steerer_flags_raised", "Violation flags raised during generation, by task",
+                             ["task"], registry=r)
+        self.verdicts = Counter(
+            "steerer_verdicts", "Constraints at the end of a response: the probe's prediction vs the checker "
+            "(violation=unknown where the task has no checker), and whether a flag was ever raised",
+            ["task", "predicted_violation", "violation", "flagged"], registry=r)
+        self.steered = Counter("steerer_steered_tokens", "Tokens generated with non-zero steering, by task",
+                               ["task"], registry=r)
+        self.reloads = Counter("steerer_bank_reloads", "Probe-bank reloads by result", ["result"], registry=r)
+        self.bank = Info("steerer_bank", "The probe bank in use", registry=r)
+        self._server = None
+
+    def prepare(self, tasks: Iterable[str]) -> None:
+        """Create every bounded series at zero so rates exist before the first event."""
+        for method in METHODS:
+            self.requests.labels(method, grpc.StatusCode.OK.name)
+        for task in tasks:
+            self.risk.labels(task)
+            self.flags.labels(task)
+            self.steered.labels(task)
+            for predicted in ("yes", "no"):
+                for flagged in ("yes", "no"):
+                    self.verdicts.labels(task, predicted, "no", flagged)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
+
+    def set_bank(self, version: str, model: str, tasks: Iterable[str]) -> None:
+        self.bank.info({"version": version, "model": model})
+        self.prepare(tasks)
+
+    def request_done(self, method: str, code: grpc.StatusCode) -> None:
+        self.requests.labels(method if method in METHODS else "other", code.name).inc()
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the `/metrics` HTTP server; returns the bound port (useful with port 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

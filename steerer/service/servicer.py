@@ -1,0 +1,269 @@
+"""The `steerer.v1.Steerer` gRPC servicer: request checks, status codes, streaming and metrics.
+
+Each RPC runs on a server thread, turns the request into a library `Request` (bad input fails here, before
+it queues, with INVALID_ARGUMENT), submits it to the `Scheduler` and relays the ticket's output. Status
+codes: INVALID_ARGUMENT for bad input, RESOURCE_EXHAUSTED when the admission queue is full,
+DEADLINE_EXCEEDED / CANCELLED when the client's deadline passes or it goes away (its slot is freed at
+once), NOT_FOUND / FAILED_PRECONDITION for a missing bank or one made for another model,
+UNAVAILABLE while shutting down, INTERNAL for a failed forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from steerer.bank import MANIFEST, BankError, ProbeBank
+from steerer.core import Request, Result, TokenEvent
+from steerer.model import chat_prompt
+from steerer.service import convert
+from steerer.service.metrics import Metrics
+from steerer.service.proto import pb2, pb2_grpc
+from steerer.service.scheduler import Failure, Scheduler, SchedulerError, Ticket
+
+log = logging.getLogger("steerer.service")
+POLL_S = 0.25  # how often a waiting RPC thread checks that its client is still there
+
+
+class StatusError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC ended without us finishing it: its deadline passed, or the client cancelled."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+        else grpc.StatusCode.CANCELLED
+
+
+def _rpc(method: str, streaming: bool = False) -> Callable:
+    """Record the outcome of an RPC in the metrics and turn StatusError into the gRPC status."""
+
+    def decorate(fn: Callable) -> Callable:
+        if streaming:
+            @functools.wraps(fn)
+            def stream(self: SteererServicer, request, context: grpc.ServicerContext) -> Iterator:
+                code = grpc.StatusCode.OK
+                try:
+                    yield from fn(self, request, context)
+                except StatusError as exc:
+                    code = exc.code
+                    context.abort(exc.code, exc.message)
+                except GeneratorExit:  # the client went away mid-stream
+                    code = _ended_code(context)
+                    raise
+                except Exception:
+                    if not context.is_active():
+                        code = _ended_code(context)
+                        raise
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("%s failed", method)
+                    context.abort(code, "internal error")
+                finally:
+                    self.metrics.request_done(method, code)
+
+            return stream
+
+        @functools.wraps(fn)
+        def unary(self: SteererServicer, request, context: grpc.ServicerContext):
+            code = grpc.StatusCode.OK
+            try:
+                return fn(self, request, context)
+            except StatusError as exc:
+                code = exc.code
+                context.abort(exc.code, exc.message)
+            except Exception:
+                if not context.is_active():
+                    code = _ended_code(context)
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", method)
+                context.abort(code, "internal error")
+            finally:
+                self.metrics.request_done(method, code)
+
+        return unary
+
+    return decorate
+
+
+class SteererServicer(pb2_grpc.SteererServicer):
+    def __init__(self, scheduler: Scheduler, metrics: Metrics, limits: convert.Limits):
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.limits = limits
+        self.lm = scheduler.lm
+        # Prompts are tokenized on RPC threads, with a private tokenizer: the scheduler thread uses the
+        # model's own, and a Rust tokenizer must not be used from two threads at once.
+        self._tokenizer = copy.deepcopy(self.lm.tokenizer)
+        self._tokenizer_lock = threading.Lock()
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+    @_rpc("Generate")
+    def Generate(self, request: pb2.GenerateRequest, context: grpc.ServicerContext) -> pb2.GenerateResponse:
+        for item in self._run(request, context):
+            if isinstance(item, pb2.GenerateResponse):
+                return item
+        raise StatusError(grpc.StatusCode.INTERNAL, "the request ended without a result")
+
+    @_rpc("GenerateStream", streaming=True)
+    def GenerateStream(self, request: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
+        for item in self._run(request, context):
+            if isinstance(item, pb2.GenerateResponse):
+                yield pb2.GenerateStreamResponse(final=item)
+            else:
+                yield pb2.GenerateStreamResponse(token=item)
+
+    @_rpc("ListProbes")
+    def ListProbes(self, request: pb2.ListProbesRequest, context: grpc.ServicerContext) -> pb2.ListProbesResponse:
+        bank = self.scheduler.bank
+        out = pb2.ListProbesResponse(bank_version=bank.version, model=bank.model)
+        for probe in bank.probes:
+            info = out.probes.add(task=probe.task, layer=probe.layer, position=probe.position,
+                                  threshold=probe.threshold, method=probe.method)
+            info.metrics.CopyFrom(convert.dict_to_struct(_jsonable(probe.metrics)))
+        return out
+
+    @_rpc("GetModelInfo")
+    def GetModelInfo(self, request: pb2.GetModelInfoRequest, context: grpc.ServicerContext) -> pb2.ModelInfo:
+        bank = self.scheduler.bank
+        return pb2.ModelInfo(model=self.lm.name, fingerprint=self.lm.fingerprint, num_layers=self.lm.num_layers,
+                             hidden_size=self.lm.hidden_size, bank_version=bank.version, tasks=bank.tasks,
+                             max_batch=self.scheduler.max_batch, max_queue=self.scheduler.max_queue,
+                             max_prompt_tokens=self.limits.max_prompt_tokens,
+                             max_new_tokens=self.limits.max_new_tokens)
+
+    @_rpc("ReloadProbeBank")
+    def ReloadProbeBank(self, request: pb2.ReloadProbeBankRequest,
+                        context: grpc.ServicerContext) -> pb2.ReloadProbeBankResponse:
+        try:
+            bank = self._load_bank(request.path)
+            previous = self.scheduler.reload(bank, timeout=context.time_remaining())
+        except StatusError:
+            self.metrics.reloads.labels("error").inc()
+            raise
+        except BankError as exc:
+            self.metrics.reloads.labels("error").inc()
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        except SchedulerError as exc:
+            raise StatusError(exc.code, str(exc)) from None
+        return pb2.ReloadProbeBankResponse(previous_version=previous, bank_version=bank.version,
+                                           probes=len(bank.probes))
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _load_bank(self, path: str) -> ProbeBank:
+        if not path.strip():
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "path is empty: name a probe-bank folder")
+        folder = Path(path)
+        if not (folder / MANIFEST).is_file():
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"no probe bank at {path} (no {MANIFEST})")
+        try:
+            bank = ProbeBank.load(folder)
+        except (BankError, ValueError, KeyError, TypeError, OSError) as exc:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load the probe bank at {path}: {exc}") \
+                from None
+        return bank  # check_model (FAILED_PRECONDITION) happens in Scheduler.reload
+
+    def _check(self, message: pb2.GenerateRequest) -> Request:
+        try:
+            request = convert.request_from_pb(message, self.limits)
+            self.scheduler.validate(request)
+        except ValueError as exc:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        with self._tokenizer_lock:
+            n = len(chat_prompt(self._tokenizer, request.prompt, request.system))
+        if n > self.limits.max_prompt_tokens:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt is too long: {n} tokens; this server "
+                              f"accepts at most {self.limits.max_prompt_tokens}")
+        return request
+
+    def _run(self, message: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
+        """Check, queue, and relay one request: TokenEvent messages, then the GenerateResponse."""
+        arrived = time.monotonic()
+        request = self._check(message)
+        remaining = context.time_remaining()
+        deadline = arrived + remaining if remaining is not None and remaining < 10**8 else None
+        try:
+            ticket = self.scheduler.submit(request, arrived, deadline)
+        except SchedulerError as exc:
+            raise StatusError(exc.code, str(exc)) from None
+        client_id = message.request_id or f"{ticket.id}-{int(time.time() * 1000)}"
+        finished = False
+        context.add_callback(lambda: self.scheduler.cancel(ticket))  # client gone or deadline: free the slot
+        try:
+            last = None
+            for item in self._items(ticket, context):
+                if isinstance(item, TokenEvent):
+                    now = time.monotonic()
+                    self._observe_token(item, ticket, last, now)
+                    last = now
+                    yield convert.token_to_pb(item)
+                elif isinstance(item, Result):
+                    finished = True
+                    self._observe_result(item)
+                    yield convert.result_to_pb(item, client_id, message.experiment_key, self.lm.name)
+                    return
+                else:
+                    finished = True
+                    raise StatusError(item.code, item.message)
+        finally:
+            if not finished:
+                self.scheduler.cancel(ticket)
+
+    def _items(self, ticket: Ticket, context: grpc.ServicerContext) -> Iterator[TokenEvent | Result | Failure]:
+        while True:
+            try:
+                item = ticket.out.get(timeout=POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    self.scheduler.cancel(ticket)
+                    raise StatusError(_ended_code(context), "the client went away") from None
+                continue
+            yield item
+            if not isinstance(item, TokenEvent):
+                return
+
+    def _observe_token(self, event: TokenEvent, ticket: Ticket, last: float | None, now: float) -> None:
+        m = self.metrics
+        if last is None:
+            m.ttft.observe(now - ticket.arrived)
+        else:
+            m.itl.observe(now - last)
+        for task, risk in event.risks.items():
+            m.risk.labels(task).observe(risk)
+        for flag in event.flags:
+            if flag.raised:
+                m.flags.labels(flag.task).inc()
+
+    def _observe_result(self, result: Result) -> None:
+        m = self.metrics
+        m.tokens.inc(len(result.tokens))
+        for v in result.verdicts:
+            violation = "unknown" if v.satisfied is None else ("no" if v.satisfied else "yes")
+            m.verdicts.labels(v.task, "yes" if v.predicted_violation else "no", violation,
+                              "yes" if v.flagged else "no").inc()
+        for task, n in result.steered_tokens.items():
+            if n:
+                m.steered.labels(task).inc(n)
+
+
+def _jsonable(value):
+    """Probe metrics as JSON values a Struct can hold (numbers, strings, lists, dicts)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)
