@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--alpha", type=float, default=0.0, help="absolute L2 norm of the added vector")
     gen.add_argument("--steer-where", default="generated", choices=["prompt", "generated", "both"])
     gen.add_argument("--json", action="store_true", help="print tokens with the norms of the tapped residuals")
+    gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
+                     help='monitor a constraint, e.g. word_count:\'{"relation": "at most", "limit": 20}\' (repeatable)')
+    gen.add_argument("--policy", default="off", choices=["off", "constant", "conditional", "proportional"],
+                     help="steering policy for every constraint (needs --constraint)")
+    gen.add_argument("--bank", default=None, help="probe bank folder (default: the shipped bank)")
     import importlib
 
     for name in PLUGINS:
@@ -133,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--alpha must be a finite number")
     if (args.steer_direction is None) != (args.steer_layer is None):
         raise UsageError("--steer-direction and --steer-layer go together")
+    if args.constraint or args.policy != "off":
+        return _generate_monitored(args)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     try:
         params.validate()
@@ -163,6 +170,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
               for i, (t, norms) in enumerate(zip(result.tokens, recorder.norms, strict=False))]
     print(json.dumps({"model": lm.name, "prompt": args.prompt, "response": text,
                       "finish_reason": result.finish_reason, "layers": list(layers), "tokens": tokens}, indent=1))
+    return 0
+
+
+def _generate_monitored(args: argparse.Namespace) -> int:
+    """Generation through the Steerer: tokens stream to stdout, flags to stderr as they happen."""
+    from steerer.bank import ProbeBank
+    from steerer.constraints import Constraint
+    from steerer.core import Request, Steerer, TokenEvent
+    from steerer.generation import SamplingParams
+    from steerer.model import load_model
+    from steerer.policy import SteeringPolicy
+
+    if not args.constraint:
+        raise UsageError("--policy steers along constraint probes: name at least one --constraint")
+    if args.steer_direction or args.layers:
+        raise UsageError("--constraint cannot be combined with --steer-direction or --layers")
+    constraints = tuple(Constraint.parse(text) for text in args.constraint)
+    for constraint in constraints:
+        constraint.validate()
+    policy = SteeringPolicy(args.policy, args.alpha)
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
+    bank = ProbeBank.load(args.bank)
+    request = Request(args.prompt, constraints, policy, sampling=sampling, id="cli")
+    lm = load_model(args.model, dtype=args.dtype)
+    with Steerer(lm, bank) as steerer:
+        steerer.validate(request)
+        result = None
+        for item in steerer.generate([request]):
+            if isinstance(item, TokenEvent):
+                if not args.json:
+                    print(item.text, end="", flush=True)
+                for flag in item.flags:
+                    state = "raised" if flag.raised else "cleared"
+                    print(f"\n[flag {state}: {flag.task} at token {flag.token_index}, risk {flag.risk:.2f}]",
+                          file=sys.stderr, flush=True)
+            else:
+                result = item
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(result), indent=1))
+        return 0
+    print()
+    for v in result.verdicts:
+        actual = {None: "not checkable", True: "satisfied", False: "violated"}[v.satisfied]
+        print(f"[{v.task}: predicted {'violation' if v.predicted_violation else 'ok'} "
+              f"(P(satisfied) at end {v.p_satisfied_end:.2f}), checker: {actual}; "
+              f"steered {result.steered_tokens[v.task]} tokens]", file=sys.stderr)
     return 0
 
 
