@@ -1,0 +1,50 @@
+"""Held-out prompts for the benchmarks: test-split base requests x task params over a spread of difficulty.
+
+Shared by `steering_efficacy.py` and `early_warning.py` so both measure on the same prompts. The base
+requests come from the dataset's test split (`split_base_requests(SPLIT_SEED)[1]`), so no prompt text was
+seen by the probes in training; there is no compliance aid (`aid=None`), as a real user would not add one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from probes.dataset import SPLIT_SEED
+from probes.tasks import get_task
+from probes.templates import get_base_request, prompt_messages, split_base_requests
+from steerer.bank import ProbeBank
+
+
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    id: str
+    task: str
+    base_id: str
+    params: dict
+    difficulty: float
+    messages: list[dict]
+
+
+def held_out_prompts(task_id: str, n: int, seed: int = 0) -> list[HeldOutPrompt]:
+    """`n` prompts for one task; difficulty spreads evenly over [0, 1). Base requests are drawn without
+    repeats until the 36 test requests are used up, then reused with other params."""
+    task = get_task(task_id)
+    rng = random.Random(f"heldout:{seed}:{task_id}")
+    test_ids = split_base_requests(SPLIT_SEED)[1]
+    order: list[str] = []
+    while len(order) < n:
+        order += rng.sample(test_ids, len(test_ids))
+    prompts = []
+    for i, base_id in enumerate(order[:n]):
+        difficulty = (i + rng.random()) / n
+        params = task.sample_params(rng, difficulty)
+        messages = prompt_messages(task_id, get_base_request(base_id), params, aid=None)
+        prompts.append(HeldOutPrompt(f"{task_id}:{i}:{base_id}", task_id, base_id, params, round(difficulty, 3),
+                                     messages))
+    return prompts
+
+
+def load_bank(path: str | None) -> ProbeBank:
+    """The bank at `path`, or the trained default bank."""
+    return ProbeBank.load(path)

@@ -1,0 +1,198 @@
+"""`steerer serve` and `steerer client generate|health` (a plug-in of steerer/cli.py).
+
+Nothing heavy is imported at parser-build time: every `steerer` command builds this parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+TOKEN_ENV = "STEERER_AUTH_TOKEN"
+
+
+def add_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="run the gRPC server (health, reflection, /metrics)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0 = any, -1 = off)")
+    serve.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--bank", default=None, help="probe-bank folder (default: the shipped bank)")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests sharing one forward pass")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048)
+    serve.add_argument("--max-new-tokens", type=int, default=1024, help="cap on a request's max_new_tokens")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="when idle, wait this long for more arrivals to prefill together")
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds streams get to finish on shutdown")
+    serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key")
+    serve.add_argument("--auth-token", default=None,
+                       help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV} if set)")
+    serve.set_defaults(handler=cmd_serve)
+
+    client = sub.add_parser("client", help="talk to a running server")
+    csub = client.add_subparsers(dest="client_command", required=True)
+    gen = csub.add_parser("generate", help="generate (optionally streaming) with constraints and steering")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", default=None)
+    gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
+                     help='e.g. word_count:\'{"relation": "at most", "limit": 30}\' (repeatable)')
+    gen.add_argument("--policy", default="off", choices=["off", "constant", "conditional", "proportional"])
+    gen.add_argument("--alpha", type=float, default=0.0, help="steering strength for --policy")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--request-id", default="")
+    gen.add_argument("--experiment-key", default="")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--json", action="store_true", help="print the response (or each stream message) as JSON")
+    gen.set_defaults(handler=cmd_client_generate)
+    check = csub.add_parser("health", help="exit 0 only when the server reports SERVING")
+    check.add_argument("--service", default="", help="service name ('' = the whole server)")
+    check.set_defaults(handler=cmd_client_health)
+    for p in (gen, check):
+        p.add_argument("--target", required=True, metavar="HOST:PORT")
+        p.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV} if set)")
+        p.add_argument("--tls-ca", default=None, help="PEM root certificate: connect with TLS")
+        p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def _usage(message: str) -> Exception:
+    from steerer.cli import UsageError
+
+    return UsageError(message)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from steerer.bank import BankError, ProbeBank
+    from steerer.model import load_model
+    from steerer.service.server import ServerConfig, SteererServer, model_info_line
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host=args.host, port=args.port,
+                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                          max_batch=args.max_batch, max_queue=args.max_queue,
+                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                          batch_wait_ms=args.batch_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    if args.threads is not None and args.threads < 1:
+        raise _usage("--threads must be >= 1")
+    try:
+        bank = ProbeBank.load(args.bank)
+    except BankError as exc:
+        raise _usage(f"{exc}; pass --bank FOLDER") from None
+    lm = load_model(args.model, dtype=args.dtype, threads=args.threads)
+    try:
+        bank.check_model(lm.fingerprint, lm.hidden_size)
+    except BankError as exc:
+        raise _usage(str(exc)) from None
+    try:
+        server = SteererServer(lm, bank, config).start()
+    except OSError as exc:
+        raise _usage(str(exc)) from None
+    print(model_info_line(server), flush=True)
+    server.serve_forever()
+    print("steerer: stopped", flush=True)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from steerer.service.client import SteererClient
+
+    if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
+        raise _usage(f"--tls-ca file not found: {args.tls_ca}")
+    return SteererClient(args.target, token=args.token or os.environ.get(TOKEN_ENV) or None, tls_ca=args.tls_ca)
+
+
+def _rpc_error(exc) -> int:
+    print(f"steerer: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def cmd_client_generate(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from steerer.constraints import Constraint
+    from steerer.service.client import build_request
+
+    constraints = []
+    for text in args.constraint:
+        try:
+            c = Constraint.parse(text)
+        except ValueError as exc:
+            raise _usage(str(exc)) from None
+        constraints.append((c.task, c.params))
+    policy = f"{args.policy}:{args.alpha!r}"
+    try:
+        request = build_request(args.prompt, constraints=constraints, policy=policy, system=args.system,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, request_id=args.request_id,
+                                experiment_key=args.experiment_key)
+    except (ValueError, TypeError) as exc:
+        raise _usage(str(exc)) from None
+
+    def as_json(message) -> str:
+        return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+    with _client(args) as client:
+        try:
+            if not args.stream:
+                reply = client.generate(request, timeout=args.timeout)
+                print(as_json(reply) if args.json else reply.text, flush=True)
+                if not args.json:
+                    _summary(reply)
+                return 0
+            for message in client.stream(request, timeout=args.timeout):
+                if args.json:
+                    print(as_json(message), flush=True)
+                elif message.HasField("token"):
+                    sys.stdout.write(message.token.text)
+                    sys.stdout.flush()
+                    for flag in message.token.flags:
+                        state = "raised" if flag.raised else "cleared"
+                        print(f"[flag {state}: {flag.task} at token {flag.token_index}, risk {flag.risk:.2f}]",
+                              file=sys.stderr, flush=True)
+                else:
+                    print(flush=True)
+                    _summary(message.final)
+            return 0
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+
+
+def _summary(reply) -> None:
+    """Verdicts and usage on stderr, so stdout is just the text."""
+    parts = [f"finish {reply.finish_reason}", f"{reply.usage.completion_tokens} tokens", f"bank {reply.bank_version}"]
+    for v in reply.verdicts:
+        actual = ("satisfied" if v.satisfied else "violated") if v.HasField("satisfied") else "unchecked"
+        predicted = "violation" if v.predicted_violation else "ok"
+        steered = reply.usage.steered_tokens.get(v.task, 0)
+        parts.append(f"{v.task}: predicted {predicted} (p={v.p_satisfied_end:.2f}), {actual}, "
+                     f"{'flagged' if v.flagged else 'not flagged'}, steered {steered}")
+    print("; ".join(parts), file=sys.stderr, flush=True)
+
+
+def cmd_client_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    with _client(args) as client:
+        try:
+            status = client.health(args.service, timeout=args.timeout or 5)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(status)
+    return 0 if status == "SERVING" else 1

@@ -1,0 +1,177 @@
+"""Build and run the gRPC server: the Steerer service, grpc.health.v1, reflection, metrics, TLS, auth.
+
+Shutdown is graceful: health flips to NOT_SERVING, the server stops taking RPCs, streams in flight get
+`grace_s` to finish (the scheduler keeps generating for them), then whatever is left is cancelled.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from steerer.bank import ProbeBank
+from steerer.model import LoadedModel
+from steerer.service.convert import Limits
+from steerer.service.metrics import Metrics
+from steerer.service.proto import SERVICE_NAME, pb2_grpc
+from steerer.service.scheduler import Scheduler
+from steerer.service.servicer import SteererServicer
+
+log = logging.getLogger("steerer.service")
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+AUTH_EXEMPT = (f"/{HEALTH_SERVICE}/",)  # load balancers and orchestrators probe health without a token
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9464  # None: no metrics endpoint
+    max_batch: int = 32
+    max_queue: int = 64
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 1024
+    batch_wait_ms: float = 5.0
+    grace_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535 or (self.metrics_port is not None and not 0 <= self.metrics_port <= 65535):
+            raise ValueError("ports must be in 0..65535")
+        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1")
+        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.grace_s < 0:
+            raise ValueError("max-queue, batch-wait-ms and grace must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file not found: {path}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("the auth token is empty")
+
+
+class _BearerToken(grpc.ServerInterceptor):
+    """Reject RPCs without `authorization: Bearer <token>` (health checks excepted) with UNAUTHENTICATED."""
+
+    def __init__(self, token: str, metrics: Metrics):
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(AUTH_EXEMPT):
+            return continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        self._metrics.request_done(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED)
+
+        def deny(request, context: grpc.ServicerContext):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+        wrap = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[
+            (handler.request_streaming, handler.response_streaming)]
+        return wrap(deny, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+class SteererServer:
+    """A running server around one model and bank. `start()`, then `stop()` (or `serve_forever()`)."""
+
+    def __init__(self, lm: LoadedModel, bank: ProbeBank, config: ServerConfig, metrics: Metrics | None = None):
+        config.validate()
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.scheduler = Scheduler(lm, bank, max_batch=config.max_batch, max_queue=config.max_queue,
+                                   batch_wait_s=config.batch_wait_ms / 1000, metrics=self.metrics)
+        limits = Limits(config.max_prompt_tokens, config.max_new_tokens, min(128, config.max_new_tokens))
+        self.servicer = SteererServicer(self.scheduler, self.metrics, limits)
+        # One thread per RPC in flight: the batch, the queue and some room for quick RPCs and health checks.
+        # Past that gRPC itself answers RESOURCE_EXHAUSTED.
+        workers = config.max_batch + config.max_queue + 16
+        interceptors = [_BearerToken(config.auth_token, self.metrics)] if config.auth_token else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                                  interceptors=interceptors, maximum_concurrent_rpcs=workers,
+                                  options=[("grpc.so_reuseport", 0)])
+        pb2_grpc.add_SteererServicer_to_server(self.servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server)
+        address = f"{_host(config.host)}:{config.port}"
+        if config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> SteererServer:
+        self.scheduler.start()
+        self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new RPCs, give the ones in flight `grace_s`, then stop everything."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.scheduler.stop(drain=False, timeout=30)
+        self.metrics.shutdown()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Block until SIGTERM or SIGINT, then shut down gracefully."""
+        requested = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not requested.wait(0.5):
+                pass
+            log.info("shutting down: draining streams in flight (grace %.0f s)", self.config.grace_s)
+            self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def model_info_line(server: SteererServer) -> str:
+    """The one line `steerer serve` prints once it listens (tests and scripts wait for it)."""
+    c = server.config
+    scheme = "tls" if c.tls_cert else "insecure"
+    metrics = f"http://{_host(c.host)}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off"
+    bank = server.scheduler.bank
+    return (f"steerer: serving {SERVICE_NAME} on {_host(c.host)}:{server.port} ({scheme}), metrics {metrics}, "
+            f"model {server.servicer.lm.name}, bank {bank.version}")
+
+
+
+def _host(host: str) -> str:
+    """An IPv6 literal in brackets, as gRPC and URLs want it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,95 @@
+"""Run a real `steerer serve` in a child process, and make placeholder probe banks (tests, benchmarks).
+
+A placeholder bank has the real task names and layers but zero probe weights, so every probe's
+P(satisfied) is exactly sigmoid(bias): a test can make a task's risk high or low on purpose and know which
+bank produced a token. Directions are random unit vectors, enough to exercise steering.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+READY = re.compile(r"^steerer: serving \S+ on (?P<target>\S+) \((?P<scheme>\w+)\), metrics (?P<metrics>\S+)")
+DEFAULT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26)
+
+
+def placeholder_bank(fingerprint: str, hidden_size: int, version: str, biases: dict[str, float] | None = None,
+                     model: str = "smollm2-135m-instruct", seed: int = 0):
+    """A bank over all nine tasks whose P(satisfied) is sigmoid(bias) per task (default bias 4: low risk)."""
+    import torch
+
+    from probes.tasks import TASKS
+    from steerer.bank import Probe, ProbeBank
+    from steerer.taps import unit_directions
+
+    tasks = list(TASKS)
+    biases = biases or {}
+    g = torch.Generator().manual_seed(seed)
+    probes = [Probe(task=t, layer=DEFAULT_LAYERS[i % len(DEFAULT_LAYERS)]) for i, t in enumerate(tasks)]
+    return ProbeBank(model, fingerprint, hidden_size, probes, torch.zeros(len(tasks), hidden_size),
+                     torch.tensor([float(biases.get(t, 4.0)) for t in tasks]),
+                     unit_directions(torch.randn(len(tasks), hidden_size, generator=g)), version=version)
+
+
+class ServerProcess:
+    """`steerer serve --port 0 --metrics-port 0 ...` in a child process; waits for its ready line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, startup_s: float = 300,
+                 host: str = "127.0.0.1"):
+        fd, self.log_path = tempfile.mkstemp(prefix="steerer-serve-", suffix=".log")
+        cmd = [sys.executable, "-m", "steerer.cli", "serve", "--host", host, "--port", "0", "--metrics-port", "0",
+               *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fd, text=True,
+                                     env={**os.environ, **(env or {})})
+        os.close(fd)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + startup_s
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"steerer serve did not start (exit {self.proc.returncode}):\n{self.stderr()}")
+        match = READY.match(self.lines[0])
+        self.target = match["target"]
+        self.metrics_url = match["metrics"]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if READY.match(line):
+                self._ready.set()
+
+    def stderr(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (graceful), then SIGKILL if it does not exit in time; returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        Path(self.log_path).unlink(missing_ok=True)
