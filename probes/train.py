@@ -207,3 +207,49 @@ def train_all(dataset: Path, tasks: list[str] | None = None, position: str = "eo
         trained[task] = train_task(datas[task], layers, position)
     general = train_general(datas, layers, position)
     return manifest, trained, general, datas
+
+
+# -- probes for live monitoring ----------------------------------------------------------------------
+def token_readings(probe: LinearProbe, data: TaskData, layer: int, layers: list[int], token_layers: list[int],
+                   rows: np.ndarray) -> list[tuple[list[float], list[int]]]:
+    """Per row: the probe's P(satisfied) at the last prompt token and at every generated token (the
+    sequence the live monitor sees), from the stored every-token residuals."""
+    t = token_layers.index(layer)
+    out = []
+    for i in np.flatnonzero(rows):
+        start, end = int(data.offsets[i]), int(data.offsets[i + 1])
+        x = np.concatenate([data.positions[i, 0, layers.index(layer)].numpy()[None],
+                            data.tokens[start:end, t].float().numpy()])
+        out.append((probe.proba(x).tolist(), list(range(-1, end - start))))
+    return out
+
+
+def flag_rate(readings: list[tuple[list[float], list[int]]], threshold: float, config) -> float:
+    from steerer.monitor import first_flag
+
+    if not readings:
+        return float("nan")
+    return float(np.mean([first_flag(p, idx, threshold, config) is not None for p, idx in readings]))
+
+
+def calibrate_flag_threshold(compliant: list[tuple[list[float], list[int]]], target_false_flag_rate: float,
+                             config) -> float:
+    """The highest P(satisfied) threshold whose flags fire on at most the target share of compliant rows:
+    flags during generation are tuned for a false-flag budget, not for EOS accuracy."""
+    grid = np.round(np.linspace(0.02, 0.98, 49), 4)
+    ok = [t for t in grid if flag_rate(compliant, float(t), config) <= target_false_flag_rate]
+    return float(max(ok)) if ok else 0.02
+
+
+def train_token_probe(data: TaskData, layer: int, token_layers: list[int], stride: int = 3) -> LinearProbe:
+    """A probe on every `stride`-th generated token's residual (labelled with the response's final verdict),
+    so it is calibrated for reading mid-generation states, not just the EOS token."""
+    t = token_layers.index(layer)
+    xs, ys, gs = [], [], []
+    for i in np.flatnonzero(data.split == "train"):
+        start, end = int(data.offsets[i]), int(data.offsets[i + 1])
+        chunk = data.tokens[start:end:stride, t].float().numpy()
+        xs.append(chunk)
+        ys.append(np.full(len(chunk), data.labels[i]))
+        gs.append(np.full(len(chunk), data.groups[i]))
+    return train_logreg(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs))

@@ -34,8 +34,9 @@ class Probe:
     layer: int
     position: str = "eos"  # where it was trained: last_prompt | first | body | eos | all_generated
     polarity: str = "satisfied"  # the sigmoid output is P(constraint satisfied)
-    threshold: float = 0.5  # flag a violation when P(satisfied) < threshold (calibrated on validation)
+    threshold: float = 0.5  # predict a violation at EOS when P(satisfied) < threshold (calibrated on validation)
     method: str = "logreg"
+    flag_threshold: float | None = None  # for flags during generation (None: `threshold`); see Monitor
     metrics: dict = field(default_factory=dict)  # test auroc / accuracy / n etc.
 
 
@@ -86,6 +87,11 @@ class ProbeBank:
     @property
     def thresholds(self) -> torch.Tensor:
         return torch.tensor([p.threshold for p in self.probes], dtype=torch.float32)
+
+    @property
+    def flag_thresholds(self) -> torch.Tensor:
+        return torch.tensor([p.threshold if p.flag_threshold is None else p.flag_threshold for p in self.probes],
+                            dtype=torch.float32)
 
     def subset(self, tasks: list[str]) -> ProbeBank:
         picked = [self.index(t) for t in tasks]

@@ -52,7 +52,7 @@ class Monitor:
 
     def __post_init__(self) -> None:
         k = len(self.bank.probes)
-        self.risk_threshold = 1.0 - self.bank.thresholds  # [K]
+        self.risk_threshold = 1.0 - self.bank.flag_thresholds  # [K]
         self.active = torch.zeros(self.capacity, k, dtype=torch.bool)
         self.smoothed = torch.zeros(self.capacity, k)
         self.seen = torch.zeros(self.capacity, dtype=torch.bool)
@@ -119,6 +119,22 @@ class Monitor:
     def trace(self, row: int, task: str) -> list[tuple[int, float]]:
         k = self.bank.index(task)
         return [(index, float(p[k])) for index, p in self.traces.get(row, [])]
+
+
+def first_flag(p_satisfied: list[float], indices: list[int], threshold: float, config: MonitorConfig) -> int | None:
+    """Replay one row's probe readings through the monitor's rule: the token index of the first flag.
+
+    The same arithmetic as `Monitor.after_forward` for a single probe, as a pure function, so flag
+    thresholds can be calibrated offline on stored per-token readings.
+    """
+    smoothed = None
+    risk_threshold = 1.0 - threshold + config.hysteresis
+    for p, index in zip(p_satisfied, indices, strict=True):
+        risk = 1.0 - p
+        smoothed = risk if smoothed is None else config.smoothing * smoothed + (1 - config.smoothing) * risk
+        if index >= config.warmup_tokens and smoothed > risk_threshold:
+            return index
+    return None
 
 
 class BankScorer(Monitor):
