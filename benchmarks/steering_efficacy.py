@@ -209,11 +209,11 @@ def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
         cells = tasks[task]
         base = cells[0]["compliance_baseline"]
         ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="unsteered")
-        for policy, color, marker in (("constant", "tab:blue", "o"), ("conditional", "tab:orange", "s")):
+        for policy, color, marker, style in (("constant", "tab:blue", "o", "-"), ("conditional", "tab:orange", "s", ":")):
             mine = sorted((c for c in cells if c["policy"] == policy), key=lambda c: c["fraction"])
             xs = [0.0] + [c["fraction"] for c in mine]
             ys = [base] + [c["compliance"] for c in mine]
-            ax.plot(xs, ys, color=color, marker=marker, label=policy, markersize=5)
+            ax.plot(xs, ys, color=color, marker=marker, linestyle=style, label=policy, markersize=5)
             costly = [c for c in mine if c["perplexity_ratio"] is not None and c["perplexity_ratio"] > PPL_LIMIT]
             ax.scatter([c["fraction"] for c in costly], [c["compliance"] for c in costly], s=90,
                        facecolors="none", edgecolors="red", linewidths=1.2, zorder=3)

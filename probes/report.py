@@ -21,6 +21,7 @@ from probes.train import (
     _standardise,
     auroc,
     evaluate,
+    fit_like,
     split_at,
 )
 
@@ -41,10 +42,12 @@ def specialist_vs_general(trained: dict, general: dict, datas: dict[str, TaskDat
         rows = datas[task].rows
         out[task] = {
             "kind": TASKS[task].kind,
-            "specialist": {"layer": layer, "auroc": test["auroc"], "accuracy": test["accuracy"],
-                           "balanced_accuracy": test["balanced_accuracy"],
+            "specialist": {"layer": layer, "method": result["by_layer"][layer]["method"], "auroc": test["auroc"],
+                           "accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"],
+                           "logreg_auroc": result["by_layer"][layer]["test_logreg"]["auroc"],
                            "diffmean_auroc": result["by_layer"][layer]["test_diffmean"]["auroc"]},
-            "general": {"layer": g_layer, "auroc": gtest["auroc"], "accuracy": gtest["accuracy"],
+            "general": {"layer": g_layer, "method": general["by_layer"][g_layer]["method"], "auroc": gtest["auroc"],
+                        "accuracy": gtest["accuracy"],
                         "balanced_accuracy": gtest["balanced_accuracy"]},
             "compliance_rate": round(float(np.mean([r["satisfied"] for r in rows])), 4),
             "n_test": test["n"], "n_train": int(sum(r["split"] == "train" for r in rows)),
@@ -66,16 +69,14 @@ def temporal(trained: dict, datas: dict[str, TaskData], layers: list[int]) -> di
     out = {}
     for task, result in trained.items():
         layer = result["best_layer"]
-        c = result["by_layer"][layer]["probe"].c or 0.1
+        specialist = result["by_layer"][layer]["probe"]
         curve = []
         for position in POSITIONS:
             s = split_at(datas[task], position, layers.index(layer))
             if len(set(s.y_train.tolist())) < 2:
                 curve.append(None)
                 continue
-            mean, scale = _standardise(s.x_train)
-            model = _fit_logreg((s.x_train - mean) / scale, s.y_train, c)
-            curve.append(round(auroc(s.y_test, model.predict_proba((s.x_test - mean) / scale)[:, 1]), 4))
+            curve.append(round(auroc(s.y_test, fit_like(specialist, s.x_train, s.y_train).proba(s.x_test)), 4))
         out[task] = {"layer": layer, "positions": list(POSITIONS), "test_auroc": curve}
     return out
 
@@ -102,6 +103,13 @@ def transfer(trained: dict, datas: dict[str, TaskData], layers: list[int]) -> di
 def inlp_projection(x: np.ndarray, y: np.ndarray, c: float, iterations: int = INLP_ITERATIONS) -> np.ndarray:
     """Iterative nullspace projection (Ravfogel et al. 2020): a [d, d] projector removing the directions
     that linearly separate y, one classifier at a time, each trained on the already-projected data."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _inlp(x, y, c, iterations)
+
+
+def _inlp(x: np.ndarray, y: np.ndarray, c: float, iterations: int) -> np.ndarray:
     d = x.shape[1]
     basis = np.zeros((d, 0))
     projector = np.eye(d)
@@ -129,23 +137,17 @@ def inlp_matrix(trained: dict, datas: dict[str, TaskData], layers: list[int]) ->
         layer = trained[target]["best_layer"]
         li = layers.index(layer)
         t = split_at(datas[target], "eos", li)
-        c = trained[target]["by_layer"][layer]["probe"].c or 0.1
-        base[j] = _probe_auroc(t.x_train, t.y_train, t.x_test, t.y_test, c)
+        specialist = trained[target]["by_layer"][layer]["probe"]
+        base[j] = auroc(t.y_test, fit_like(specialist, t.x_train, t.y_train).proba(t.x_test))
         for i, source in enumerate(tasks):
             key = (source, layer)
             if key not in cache:
                 s = split_at(datas[source], "eos", li)
-                cache[key] = inlp_projection(s.x_train, s.y_train, trained[source]["by_layer"][layer]["probe"].c or 0.1)
+                cache[key] = inlp_projection(s.x_train, s.y_train, trained[source]["by_layer"][layer]["probe"].c or 0.01)
             p = cache[key]
-            drop[i, j] = base[j] - _probe_auroc(t.x_train @ p, t.y_train, t.x_test @ p, t.y_test, c)
+            drop[i, j] = base[j] - auroc(t.y_test, fit_like(specialist, t.x_train @ p, t.y_train).proba(t.x_test @ p))
     return {"tasks": tasks, "iterations": INLP_ITERATIONS, "baseline_auroc": _rounded(base[None])[0],
             "auroc_drop": _rounded(drop)}
-
-
-def _probe_auroc(x_train, y_train, x_test, y_test, c) -> float:
-    mean, scale = _standardise(x_train)
-    model = _fit_logreg((x_train - mean) / scale, y_train, c)
-    return auroc(y_test, model.predict_proba((x_test - mean) / scale)[:, 1])
 
 
 def _rounded(a: np.ndarray) -> list:

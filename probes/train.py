@@ -18,13 +18,14 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from probes.dataset import POSITIONS, TaskData, load_task
 from steerer.bank import Probe, ProbeBank, fold_scaler
 from steerer.taps import unit_directions
 
-CS = (0.001, 0.01, 0.1, 1.0)
+CS = (0.0001, 0.001, 0.01, 0.1)
 FOLDS = 3
 
 
@@ -64,7 +65,7 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit_logreg(z: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
-    return LogisticRegression(C=c, max_iter=500, class_weight="balanced").fit(z, y)
+    return LogisticRegression(C=c, max_iter=300, tol=1e-3, class_weight="balanced").fit(z, y)
 
 
 def _folds(y: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -75,29 +76,47 @@ def _folds(y: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarr
     return [(a, b) for a, b in GroupKFold(n_splits=k).split(y, y, groups) if len(set(y[a].tolist())) == 2]
 
 
+def cross_validate(fit, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean per-fold AUROC, out-of-fold P(satisfied)) of `fit(x, y) -> LinearProbe` over grouped folds."""
+    oof = np.full(len(y), np.nan)
+    scores = []
+    for tr, va in _folds(y, groups):
+        probe = fit(x[tr], y[tr])
+        oof[va] = probe.proba(x[va])
+        score = auroc(y[va], oof[va])
+        if not np.isnan(score):
+            scores.append(score)
+    return (float(np.mean(scores)) if scores else float("nan")), oof
+
+
+def _threshold_from(y: np.ndarray, oof: np.ndarray) -> float:
+    seen = ~np.isnan(oof)
+    return best_threshold(y[seen], oof[seen]) if seen.any() else 0.5
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, c: float) -> LinearProbe:
+    """Standardised logistic regression, folded back to raw residual space."""
+    mean, scale = _standardise(x)
+    model = _fit_logreg((x - mean) / scale, y, c)
+    weight, bias = fold_scaler(torch.from_numpy(model.coef_[0]).double(), float(model.intercept_[0]),
+                               torch.from_numpy(mean).double(), torch.from_numpy(scale).double())
+    return LinearProbe(weight.numpy(), bias, 0.5, mean_difference(x, y), c)
+
+
 def train_logreg(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cs: tuple[float, ...] = CS) -> LinearProbe:
     """Standardised logistic regression; C by grouped CV AUROC; threshold from out-of-fold predictions."""
     if len(set(y.tolist())) < 2:
         raise ValueError("a probe needs both labels in its training data")
-    folds = _folds(y, groups)
-    best_c, best_auc, best_oof = cs[len(cs) // 2], float("nan"), None
-    for c in cs if folds else ():
-        oof = np.full(len(y), np.nan)
-        for tr, va in folds:
-            mean, scale = _standardise(x[tr])
-            model = _fit_logreg((x[tr] - mean) / scale, y[tr], c)
-            oof[va] = model.predict_proba((x[va] - mean) / scale)[:, 1]
-        seen = ~np.isnan(oof)
-        score = auroc(y[seen], oof[seen])
-        if np.isnan(best_auc) or score > best_auc:
-            best_c, best_auc, best_oof = c, score, oof
-    mean, scale = _standardise(x)
-    model = _fit_logreg((x - mean) / scale, y, best_c)
-    weight, bias = fold_scaler(torch.from_numpy(model.coef_[0]).double(), float(model.intercept_[0]),
-                               torch.from_numpy(mean).double(), torch.from_numpy(scale).double())
-    seen = ~np.isnan(best_oof) if best_oof is not None else None
-    threshold = best_threshold(y[seen], best_oof[seen]) if seen is not None else 0.5
-    return LinearProbe(weight.numpy(), bias, threshold, mean_difference(x, y), best_c, best_auc)
+    with threadpool_limits(1):
+        best = None
+        for c in cs:
+            score, oof = cross_validate(lambda a, b, c=c: fit_logreg(a, b, c), x, y, groups)
+            if best is None or (not np.isnan(score) and (np.isnan(best[0]) or score > best[0])):
+                best = (score, c, oof)
+        score, c, oof = best
+        probe = fit_logreg(x, y, c)
+    probe.threshold, probe.cv_auroc = _threshold_from(y, oof), score
+    return probe
 
 
 def mean_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -106,15 +125,22 @@ def mean_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return d / (np.linalg.norm(d) + 1e-12)
 
 
-def train_diffmean(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> LinearProbe:
-    """Difference-of-means probe: project on the direction, fit a 1-d logistic calibration."""
+def fit_diffmean(x: np.ndarray, y: np.ndarray) -> LinearProbe:
+    """Project on the difference of class means, then a 1-d logistic calibration of the projection."""
     direction = mean_difference(x, y)
     proj = x @ direction
     mu, sd = proj.mean(), proj.std() + 1e-6
     model = _fit_logreg(((proj - mu) / sd)[:, None], y, 1.0)
     a, b = float(model.coef_[0, 0]) / sd, float(model.intercept_[0]) - float(model.coef_[0, 0]) * mu / sd
-    p = 1 / (1 + np.exp(-(proj * a + b)))
-    return LinearProbe(direction * a, b, best_threshold(y, p), direction, None, float("nan"), "diffmean")
+    return LinearProbe(direction * a, b, 0.5, direction, None, float("nan"), "diffmean")
+
+
+def train_diffmean(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> LinearProbe:
+    with threadpool_limits(1):
+        score, oof = cross_validate(fit_diffmean, x, y, groups)
+        probe = fit_diffmean(x, y)
+    probe.threshold, probe.cv_auroc = _threshold_from(y, oof), score
+    return probe
 
 
 def evaluate(probe: LinearProbe, x: np.ndarray, y: np.ndarray) -> dict:
@@ -147,33 +173,51 @@ def split_at(data: TaskData, position: str | list[str], layer_index: int) -> Spl
                  np.repeat(y[test], rep))
 
 
+def fit_like(probe: LinearProbe, x: np.ndarray, y: np.ndarray) -> LinearProbe:
+    """Refit a probe of the same method (and C) on other data: for the temporal and ablation studies."""
+    with threadpool_limits(1):
+        return fit_diffmean(x, y) if probe.method == "diffmean" else fit_logreg(x, y, probe.c or 0.01)
+
+
+def _pick(logreg: LinearProbe, diffmean: LinearProbe) -> LinearProbe:
+    """The method with the higher cross-validated AUROC (logistic on ties): chosen on training data only."""
+    score = lambda p: -1.0 if np.isnan(p.cv_auroc) else p.cv_auroc  # noqa: E731
+    return diffmean if score(diffmean) > score(logreg) else logreg
+
+
 def train_task(data: TaskData, layers: list[int], position: str | list[str] = "eos",
                progress: bool = False) -> dict:
-    """Every layer's logistic and difference-of-means probe for one task, with the best layer by CV."""
+    """Per layer a logistic and a difference-of-means probe; per layer the better by CV is `probe`, and
+    the best layer is the one whose chosen probe has the highest CV AUROC."""
     by_layer = {}
     for li, layer in enumerate(tqdm(layers, desc="layers", leave=False, disable=not progress)):
         s = split_at(data, position, li)
-        probe = train_logreg(s.x_train, s.y_train, s.g_train)
+        logreg = train_logreg(s.x_train, s.y_train, s.g_train)
         diff = train_diffmean(s.x_train, s.y_train, s.g_train)
-        by_layer[layer] = {"probe": probe, "diffmean": diff, "test": evaluate(probe, s.x_test, s.y_test),
-                           "test_diffmean": evaluate(diff, s.x_test, s.y_test), "cv_auroc": probe.cv_auroc}
-    best = max(by_layer, key=lambda layer: (np.nan_to_num(by_layer[layer]["cv_auroc"], nan=-1), -layer))
-    return {"by_layer": by_layer, "best_layer": best}
+        chosen = _pick(logreg, diff)
+        by_layer[layer] = {"probe": chosen, "test": evaluate(chosen, s.x_test, s.y_test), "cv_auroc": chosen.cv_auroc,
+                           "method": chosen.method, "test_logreg": evaluate(logreg, s.x_test, s.y_test),
+                           "test_diffmean": evaluate(diff, s.x_test, s.y_test),
+                           "cv_logreg": logreg.cv_auroc, "cv_diffmean": diff.cv_auroc}
+    return {"by_layer": by_layer, "best_layer": _best_layer(by_layer)}
+
+
+def _best_layer(by_layer: dict) -> int:
+    return max(by_layer, key=lambda layer: (np.nan_to_num(by_layer[layer]["cv_auroc"], nan=-1), -layer))
 
 
 def train_general(datas: dict[str, TaskData], layers: list[int], position: str = "eos") -> dict:
-    """One probe on all tasks pooled, per layer; best layer by pooled CV AUROC."""
+    """One probe on all tasks pooled, per layer (method by CV as for specialists); best layer by CV."""
     by_layer = {}
-    for li, layer in enumerate(layers):
+    for li, layer in enumerate(tqdm(layers, desc="general probe", leave=False)):
         splits = {t: split_at(d, position, li) for t, d in datas.items()}
         x = np.concatenate([s.x_train for s in splits.values()])
         y = np.concatenate([s.y_train for s in splits.values()])
         g = np.concatenate([np.char.add(f"{t}:", s.g_train.astype(str)) for t, s in splits.items()])
-        probe = train_logreg(x, y, g)
-        by_layer[layer] = {"probe": probe, "cv_auroc": probe.cv_auroc,
-                           "test": {t: evaluate(probe, s.x_test, s.y_test) for t, s in splits.items()}}
-    best = max(by_layer, key=lambda layer: (np.nan_to_num(by_layer[layer]["cv_auroc"], nan=-1), -layer))
-    return {"by_layer": by_layer, "best_layer": best}
+        chosen = _pick(train_logreg(x, y, g), train_diffmean(x, y, g))
+        by_layer[layer] = {"probe": chosen, "cv_auroc": chosen.cv_auroc, "method": chosen.method,
+                           "test": {t: evaluate(chosen, s.x_test, s.y_test) for t, s in splits.items()}}
+    return {"by_layer": by_layer, "best_layer": _best_layer(by_layer)}
 
 
 def make_bank(model: str, fingerprint: str, hidden_size: int, trained: dict[str, dict], position: str,
@@ -184,7 +228,7 @@ def make_bank(model: str, fingerprint: str, hidden_size: int, trained: dict[str,
         entry = result["by_layer"][layer]
         probe: LinearProbe = entry["probe"]
         probes.append(Probe(task=task, layer=layer, position=position, polarity="satisfied",
-                            threshold=round(probe.threshold, 6), method="logreg",
+                            threshold=round(probe.threshold, 6), method=probe.method,
                             metrics={"test_auroc": entry["test"]["auroc"], "test_accuracy": entry["test"]["accuracy"],
                                      "test_balanced_accuracy": entry["test"]["balanced_accuracy"],
                                      "cv_auroc": round(entry["cv_auroc"], 4), "n_test": entry["test"]["n"],

@@ -320,8 +320,11 @@ class SteererLogitsProcessor(LogitsProcessor):
             verdicts.append(Verdict(constraint.task, dict(constraint.params), p_end < self.bank.probes[k].threshold,
                                     p_end, bool(monitor.ever_flagged[b, k]), first if first >= 0 else None,
                                     check_constraint(constraint, text)))
+        traces = None
+        if monitor.record:
+            traces = {task: [p for index, p in monitor.trace(b, task) if index >= 0] for task in row.tasks}
         return Result(row.request_id, text, list(row.tokens), "eos" if row.eos else "length", verdicts,
-                      int(gen.prompt_mask[b].sum()), dict(row.steered), self.bank.version)
+                      int(gen.prompt_mask[b].sum()), dict(row.steered), self.bank.version, traces)
 
 
 @contextmanager

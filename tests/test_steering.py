@@ -41,7 +41,7 @@ def stand_in_bank(lm, seed: int = 0, threshold: float = 0.5, fingerprint: str | 
 def run_steerer(lm, bank, requests: list[Request]) -> tuple[list[Result], dict[str, list[TokenEvent]]]:
     events: dict[str, list[TokenEvent]] = {}
     results = {}
-    with Steerer(lm, bank) as steerer:
+    with Steerer(lm, bank, record=True) as steerer:
         for item in steerer.generate(requests):
             if isinstance(item, TokenEvent):
                 events.setdefault(item.request_id, []).append(item)
@@ -129,7 +129,7 @@ def hf_generate(lm, bank, prompts: list[str], policies: list[SteeringPolicy], to
     encoded = lm.tokenizer.pad([{"input_ids": chat_prompt(lm.tokenizer, p)} for p in prompts],
                                return_tensors="pt", padding_side="left")
     rows = [RowSpec(constraints, policy, id=f"r{i}") for i, policy in enumerate(policies)]
-    with attach_steerer(lm.model, lm.tokenizer, bank, rows=rows) as proc, torch.inference_mode():
+    with attach_steerer(lm.model, lm.tokenizer, bank, rows=rows, record=True) as proc, torch.inference_mode():
         out = lm.model.generate(**encoded, max_new_tokens=tokens, do_sample=False, return_dict_in_generate=True,
                                 logits_processor=LogitsProcessorList([proc]))
         results = proc.finish(out)
@@ -151,6 +151,10 @@ def assert_same_run(ours: Result, ours_events: list[TokenEvent], theirs: Result,
         assert (va.flagged, va.first_flag_token, va.satisfied) == (vb.flagged, vb.first_flag_token, vb.satisfied)
         assert abs(va.p_satisfied_end - vb.p_satisfied_end) <= risk_tol
     assert theirs.steered_tokens == ours.steered_tokens
+    if theirs.traces is not None:  # per-token P(satisfied), the EOS reading included
+        assert theirs.traces.keys() == ours.traces.keys()
+        for task, trace in ours.traces.items():
+            assert theirs.traces[task] == pytest.approx(trace, abs=risk_tol)
 
 
 def test_processor_with_policy_off_matches_steerer_tokens_and_risks(lm, bank):

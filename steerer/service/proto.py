@@ -40,10 +40,10 @@ def _dist_version(name: str) -> str:
         return ""
 
 
-def ensure_generated() -> Path:
-    """Generate the modules if missing or stale; returns the folder that holds them."""
-    proto = PROTO_ROOT / PROTO_FILE
-    out = GEN / "steerer" / "v1"
+def ensure_generated(proto_root: Path = PROTO_ROOT, gen: Path = GEN, package: str = PACKAGE) -> Path:
+    """Generate the modules into `gen` if missing or stale; returns the folder that holds them."""
+    proto = proto_root / PROTO_FILE
+    out = gen / "steerer" / "v1"
     if not proto.is_file():
         if (out / "steerer_pb2.py").is_file():  # a non-editable install: use what was generated
             return out
@@ -51,12 +51,12 @@ def ensure_generated() -> Path:
     stamp = _fingerprint(proto)
     if _fresh(out, stamp):
         return out
-    GEN.mkdir(parents=True, exist_ok=True)
-    with open(GEN / ".lock", "w") as lock:
+    gen.mkdir(parents=True, exist_ok=True)
+    with open(gen / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _fresh(out, stamp):  # another process generated it while we waited
             return out
-        _generate(proto, out, stamp)
+        _generate(proto_root, proto, gen, package, stamp)
     return out
 
 
@@ -68,14 +68,15 @@ def _fresh(out: Path, stamp: str) -> bool:
         return False
 
 
-def _generate(proto: Path, out: Path, stamp: str) -> None:
+def _generate(proto_root: Path, proto: Path, gen: Path, package: str, stamp: str) -> None:
     import grpc_tools
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=GEN))
+    out = gen / "steerer" / "v1"
+    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=gen))
     try:
-        code = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}",
+        code = protoc.main(["grpc_tools.protoc", f"-I{proto_root}", f"-I{well_known}",
                             f"--python_out={tmp}", f"--grpc_python_out={tmp}", str(proto)])
         if code != 0:
             raise RuntimeError(f"protoc failed on {proto} (exit {code})")
@@ -84,10 +85,10 @@ def _generate(proto: Path, out: Path, stamp: str) -> None:
         # package; point it at the generated module's real home.
         grpc_file = made / "steerer_pb2_grpc.py"
         grpc_file.write_text(grpc_file.read_text().replace(
-            "from steerer.v1 import steerer_pb2", f"from {PACKAGE} import steerer_pb2"))
+            "from steerer.v1 import steerer_pb2", f"from {package} import steerer_pb2"))
         (made / STAMP).write_text(stamp)
         out.mkdir(parents=True, exist_ok=True)
-        for folder in (GEN, GEN / "steerer", out):
+        for folder in (gen, gen / "steerer", out):
             init = folder / "__init__.py"
             if not init.exists():
                 init.write_text("")

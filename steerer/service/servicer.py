@@ -130,8 +130,10 @@ class SteererServicer(pb2_grpc.SteererServicer):
         bank = self.scheduler.bank
         out = pb2.ListProbesResponse(bank_version=bank.version, model=bank.model)
         for probe in bank.probes:
+            flag_threshold = getattr(probe, "flag_threshold", None)
             info = out.probes.add(task=probe.task, layer=probe.layer, position=probe.position,
-                                  threshold=probe.threshold, method=probe.method)
+                                  threshold=probe.threshold, method=probe.method,
+                                  flag_threshold=probe.threshold if flag_threshold is None else flag_threshold)
             info.metrics.CopyFrom(convert.dict_to_struct(_jsonable(probe.metrics)))
         return out
 

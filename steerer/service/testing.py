@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,13 @@ def placeholder_bank(fingerprint: str, hidden_size: int, version: str, biases: d
     return ProbeBank(model, fingerprint, hidden_size, probes, torch.zeros(len(tasks), hidden_size),
                      torch.tensor([float(biases.get(t, 4.0)) for t in tasks]),
                      unit_directions(torch.randn(len(tasks), hidden_size, generator=g)), version=version)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (another process may take it later; fine for tests)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 class ServerProcess:

@@ -1,0 +1,137 @@
+"""How early does the monitor flag a response that will violate its constraint, and how often does it cry wolf?
+
+On held-out prompts of every task (test-split base requests, params over a spread of difficulty, no aid),
+unsteered and greedy, each response is generated with its task's constraint (policy off) and compared with
+the checker's final verdict:
+
+* for a violating response, the *violating token* is where the constraint broke (`probes.violations`: the
+  token completing a forbidden word, the first token over an upper length bound, the first capital, the
+  first token no JSON can follow; the EOS, or the last token if cut off, where only the end can tell), and
+  lead = violating token - first flag token (positive = flagged before the violation happened);
+* for a compliant response, any flag at all is a false flag.
+
+Writes benchmarks/results/early_warning.json:
+    {"tasks": {TASK: {"violations", "flagged_at_least_3_early", "lead_tokens", "compliant", "false_flag_rate",
+                      "flagged", "median_lead"}}, ...}
+where flagged_at_least_3_early is the share of *all* violations flagged >= 3 tokens before the violating
+token (never-flagged violations count as not early) and lead_tokens lists the leads of flagged ones.
+
+    .venv/bin/python benchmarks/early_warning.py [--n-per-task 36] [--max-new-tokens 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from heldout import held_out_prompts, load_bank  # benchmarks/heldout.py, beside this script
+from tqdm import tqdm
+
+from probes.tasks import TASKS
+from probes.violations import token_prefixes, violating_token
+from steerer.constraints import Constraint
+from steerer.core import Request, Result, Steerer
+from steerer.generation import SamplingParams
+from steerer.model import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EARLY = 3  # tokens of warning that count as "early"
+
+
+def task_summary(records: list[dict]) -> dict:
+    violations = [r for r in records if not r["satisfied"]]
+    compliant = [r for r in records if r["satisfied"]]
+    leads = [r["lead"] for r in violations if r["lead"] is not None]
+    return {
+        "violations": len(violations),
+        "flagged_at_least_3_early": round(sum(lead >= EARLY for lead in leads) / len(violations), 4) if violations else None,
+        "lead_tokens": leads,
+        "compliant": len(compliant),
+        "false_flag_rate": round(sum(r["flagged"] for r in compliant) / len(compliant), 4) if compliant else None,
+        "flagged": len(leads),
+        "median_lead": statistics.median(leads) if leads else None,
+    }
+
+
+def record(result: Result, decode) -> dict:
+    """One response: the verdict, and for a violation the violating token and the lead."""
+    verdict = result.verdicts[0]
+    out = {"id": result.request_id, "task": verdict.task, "params": verdict.params, "satisfied": bool(verdict.satisfied),
+           "flagged": verdict.flagged, "first_flag_token": verdict.first_flag_token, "tokens": len(result.tokens),
+           "finish_reason": result.finish_reason, "violating_token": None, "lead": None}
+    if not verdict.satisfied:
+        prefixes = token_prefixes(decode, result.tokens)
+        v = violating_token(verdict.task, verdict.params, prefixes, result.finish_reason == "eos")
+        out["violating_token"] = v
+        if verdict.first_flag_token is not None:
+            out["lead"] = v - verdict.first_flag_token
+    return out
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    print(f"{'task':18s} {'viol':>5s} {'flagged':>7s} {'>=3 early':>9s} {'med lead':>8s} {'compl':>5s} {'false flag':>10s}")
+
+    def fmt(x, spec: str) -> str:
+        width = int(spec.split(".")[0])
+        return "-".rjust(width) if x is None else format(x, spec)
+
+    for task, s in summary.items():
+        print(f"{task:18s} {s['violations']:5d} {s['flagged']:7d} {fmt(s['flagged_at_least_3_early'], '9.2f')} "
+              f"{fmt(s['median_lead'], '8.1f')} {s['compliant']:5d} {fmt(s['false_flag_rate'], '10.2f')}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n-per-task", type=int, default=36)
+    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: every task in the bank)")
+    parser.add_argument("--output", default=str(RESULTS / "early_warning.json"))
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    bank = load_bank(args.bank)
+    tasks = [t for t in TASKS if t in bank.tasks] if args.tasks is None else args.tasks.split(",")
+    for task in tasks:
+        if task not in bank.tasks:
+            parser.error(f"the bank has no probe for task {task!r}")
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    requests = [Request(p.messages, (Constraint(p.task, p.params),), sampling=sampling, id=p.id)
+                for t in tasks for p in held_out_prompts(t, args.n_per_task, args.seed)]
+    results: dict[str, Result] = {}
+    with Steerer(lm, bank, capacity=args.max_batch) as steerer, \
+            tqdm(total=len(requests), desc="generate", unit="resp") as bar:
+        for item in steerer.generate(requests, args.max_batch):
+            if isinstance(item, Result):
+                results[item.request_id] = item
+                bar.update(1)
+
+    def decode(ids: list[int]) -> str:
+        return lm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    records = [record(results[r.id], decode) for r in requests]
+    summary = {t: task_summary([r for r in records if r["task"] == t]) for t in tasks}
+    out = {"model": lm.name, "bank_version": bank.version, "n_per_task": args.n_per_task, "tasks": summary,
+           "config": {"max_new_tokens": args.max_new_tokens, "decoding": "greedy", "policy": "off",
+                      "early_means_lead_at_least": EARLY, "seed": args.seed,
+                      "prompts": "test split of split_base_requests(13), params over difficulty, aid=None",
+                      "thresholds": {p.task: p.threshold for p in bank.probes}},
+           "responses": records}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(out, indent=1))
+    print_table(summary)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""A real Prometheus scrapes a live server under traffic; every dashboard panel's query returns data.
+
+Needs the `prometheus` binary (Debian: `apt-get install prometheus`; only the binary is run, on a
+loopback port with a temporary TSDB, never the system service). Skips with that advice when absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from steerer.service.client import SteererClient
+from steerer.service.testing import ServerProcess, free_port, placeholder_bank
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD = REPO / "deploy" / "grafana" / "steerer.json"
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary: apt-get install prometheus")
+# Grafana's built-in interval variables, as Grafana would substitute them for a 1 s scrape interval.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "5m"}
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(name, value)
+            queries.append((f"{panel['title']} [{target['refId']}]", expr))
+    return queries
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def server(lm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bank")
+    # lowercase reads risk ~0.98 (flags, steering, predicted violations); the others ~0.02.
+    placeholder_bank(lm.fingerprint, lm.hidden_size, "p1", {"lowercase": -4.0}).save(folder)
+    with ServerProcess("--bank", str(folder), "--max-batch", "4", "--max-queue", "1") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prometheus")
+    metrics = urllib.parse.urlsplit(server.metrics_url)
+    config = folder / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "steerer", "metrics_path": metrics.path,
+                            "static_configs": [{"targets": [metrics.netloc]}]}]}))
+    port = free_port()
+    log = (folder / "prometheus.log").open("w")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not start:\n{(folder / 'prometheus.log').read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def gauge(server: ServerProcess, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def traffic(server: ServerProcess) -> None:
+    """Streams and unary calls with constraints and steering, a few bad requests, one RESOURCE_EXHAUSTED."""
+    words = ("word_count", {"relation": "at most", "limit": 40})
+    with SteererClient(server.target) as client:
+        def one(stream: bool) -> None:
+            kwargs = dict(constraints=[("lowercase", {}), words, ("json_format", {})], policy="conditional:4",
+                          max_new_tokens=6, ignore_eos=True)
+            if stream:
+                list(client.stream("Name three colors.", **kwargs))
+            else:
+                client.generate("What is the capital of France?", **kwargs)
+
+        threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for bad in (dict(max_new_tokens=0), dict(policy="constant:nan")):
+            with pytest.raises(grpc.RpcError):
+                client.generate("Hi", **bad)
+        # Fill the batch (4) and the queue (1), then one more is refused.
+        held = [client.stream("Count to a hundred.", max_new_tokens=500, ignore_eos=True) for _ in range(5)]
+        try:
+            deadline = time.monotonic() + 60
+            while (gauge(server, "steerer_batch_size"), gauge(server, "steerer_queue_depth")) != (4, 1):
+                assert time.monotonic() < deadline, "the batch and queue did not fill"
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("Hi", max_new_tokens=1)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            for stream in held:
+                stream.cancel()
+
+
+def test_every_dashboard_query_returns_data(server, prometheus):
+    queries = panel_queries()
+    assert len(queries) >= 15
+    # Two waves a few scrapes apart, so every counter increases inside the rate windows.
+    traffic(server)
+    time.sleep(3)
+    traffic(server)
+    time.sleep(4)
+    targets = get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
+    assert [t["health"] for t in targets] == ["up"], targets
+    empty = []
+    for title, expr in queries:
+        reply = get_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert reply["status"] == "success", (title, reply)
+        values = [float(r["value"][1]) for r in reply["data"]["result"]]
+        if not any(math.isfinite(v) for v in values):
+            empty.append((title, expr, values))
+    assert not empty, "panels without data:\n" + "\n".join(map(str, empty))
+
+
+def test_shipped_prometheus_config_is_valid():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool binary")
+    proc = subprocess.run([promtool, "check", "config", str(REPO / "deploy" / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,448 @@
+"""The gRPC service end to end: a real `steerer serve` child process, real clients, the real model.
+
+The server runs a placeholder bank (zero probe weights, so P(satisfied) = sigmoid(bias) exactly): on bank
+v1 the `lowercase` probe always reads risk ~0.98 (it flags and steers), on v2 ~0.02, so a token's risk
+says which bank produced it. Token counts stay small: the machine is a shared 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from steerer.service.client import SteererClient, build_request
+from steerer.service.proto import pb2
+from steerer.service.testing import ServerProcess, free_port, placeholder_bank
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "SERVICE.md"
+PROMPT = "Name three colors."
+WORDS = ("word_count", {"relation": "at most", "limit": 40})
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def banks(lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("banks")
+    paths = {
+        "v1": placeholder_bank(lm.fingerprint, lm.hidden_size, "v1", {"lowercase": -4.0}).save(root / "v1"),
+        "v2": placeholder_bank(lm.fingerprint, lm.hidden_size, "v2", {"lowercase": 4.0}).save(root / "v2"),
+        "other": placeholder_bank("0123456789abcdef", lm.hidden_size, "other").save(root / "other"),
+    }
+    malformed = root / "malformed"
+    malformed.mkdir()
+    (malformed / "manifest.json").write_text("{not json")
+    (malformed / "probes.safetensors").write_bytes(b"")
+    paths["malformed"] = malformed
+    paths["missing"] = root / "does-not-exist"
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def server(banks):
+    with ServerProcess("--bank", banks["v1"], "--max-batch", "2", "--max-queue", "2") as proc:
+        yield proc
+
+
+@pytest.fixture
+def client(server):
+    with SteererClient(server.target) as c:
+        yield c
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The current value of one sample on the server's /metrics (0 if absent)."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(predicate, timeout: float = 30.0, every: float = 0.05) -> float:
+    """Seconds until predicate() held; fails the test on timeout."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(every)
+    return time.monotonic() - start
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steerer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def long_stream(client: SteererClient, tokens: int = 1000, **kwargs):
+    return client.stream(PROMPT, max_new_tokens=tokens, ignore_eos=True, **kwargs)
+
+
+# -- the basics ----------------------------------------------------------------------------------------------
+def test_health_from_another_process(server):
+    ok = cli("client", "health", "--target", server.target, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING", ok.stderr
+    unknown = cli("client", "health", "--target", server.target, "--service", "no.such.Service", timeout=120)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+
+
+def test_health_of_nothing_listening_exits_nonzero(server):
+    down = cli("client", "health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2", timeout=120)
+    assert down.returncode == 1 and ("UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr)
+
+
+def test_reflection_lists_the_services(server):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"steerer.v1.Steerer", "grpc.health.v1.Health"} <= services
+        service = DescriptorPool(database).FindServiceByName("steerer.v1.Steerer")
+        methods = {m.name: m for m in service.methods}
+    assert set(methods) == {"Generate", "GenerateStream", "ListProbes", "GetModelInfo", "ReloadProbeBank"}
+    assert methods["GenerateStream"].server_streaming and not methods["Generate"].server_streaming
+
+
+def test_model_info_and_probes(client, lm):
+    info = client.model_info()
+    assert (info.fingerprint, info.hidden_size, info.num_layers) == (lm.fingerprint, lm.hidden_size, lm.num_layers)
+    assert info.bank_version == "v1" and "lowercase" in info.tasks
+    assert (info.max_batch, info.max_queue, info.max_new_tokens, info.max_prompt_tokens) == (2, 2, 1024, 2048)
+    probes = client.list_probes()
+    assert probes.bank_version == "v1" and {p.task for p in probes.probes} == set(info.tasks)
+
+
+def test_generate_reports_verdicts_flags_and_steering(client):
+    reply = client.generate(PROMPT, constraints=[("lowercase", {}), WORDS], policy="conditional:4",
+                            max_new_tokens=6, ignore_eos=True, request_id="mine-1", experiment_key="arm-b")
+    assert (reply.request_id, reply.experiment_key, reply.bank_version) == ("mine-1", "arm-b", "v1")
+    assert reply.usage.completion_tokens == len(reply.token_ids) == 6 and reply.finish_reason == "length"
+    assert reply.usage.prompt_tokens > 5 and reply.text.strip()
+    verdicts = {v.task: v for v in reply.verdicts}
+    assert set(verdicts) == {"lowercase", "word_count"}
+    low, words = verdicts["lowercase"], verdicts["word_count"]
+    # bias -4: P(satisfied) = sigmoid(-4) at every token, so the flag rises on reading token 2 (the end of
+    # the 2-token warm-up), in the pass that picks token 3; the conditional policy steers the passes after
+    # it, which pick tokens 4 and 5. Bias +4 never flags nor steers.
+    assert low.predicted_violation and low.flagged and low.first_flag_token == 2
+    assert math.isclose(low.p_satisfied_end, 1 / (1 + math.exp(4)), rel_tol=1e-3)
+    assert not words.predicted_violation and not words.flagged and not words.HasField("first_flag_token")
+    assert words.satisfied  # six tokens are at most 40 words: the checker ran on the final text
+    assert dict(reply.usage.steered_tokens) == {"lowercase": 2, "word_count": 0}
+
+
+def test_stream_from_another_process(server):
+    proc = cli("client", "generate", "--target", server.target, "--prompt", PROMPT, "--stream", "--json",
+               "--max-new-tokens", "5", "--constraint", "lowercase", "--policy", "constant", "--alpha", "2")
+    assert proc.returncode == 0, proc.stderr
+    messages = [json.loads(line) for line in proc.stdout.splitlines()]
+    tokens, final = [m["token"] for m in messages[:-1]], messages[-1]["final"]
+    assert all("token" in m for m in messages[:-1]) and tokens
+    assert "".join(t.get("text", "") for t in tokens) == final["text"]
+    assert [t.get("index", 0) for t in tokens] == list(range(len(tokens)))
+    assert all(t["risk"]["lowercase"] > 0.9 for t in tokens)
+    assert all(t["steering"]["lowercase"] == 2.0 for t in tokens[1:])  # constant from the first generated token
+    raised = [f for t in tokens for f in t.get("flags", []) if f.get("raised")]
+    assert [f["task"] for f in raised] == ["lowercase"]
+    assert final["bank_version"] == "v1" and final["verdicts"][0]["task"] == "lowercase"
+
+
+def test_stream_cli_prints_text_and_a_summary(server):
+    proc = cli("client", "generate", "--target", server.target, "--prompt", PROMPT, "--stream",
+               "--max-new-tokens", "4", "--constraint", 'word_count:{"relation": "at most", "limit": 40}')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "word_count: predicted ok" in proc.stderr and "bank v1" in proc.stderr
+
+
+# -- flow control --------------------------------------------------------------------------------------------
+def test_cancelled_stream_frees_its_slot_at_once(client, server):
+    cancelled = metric(server, "steerer_requests_total", method="GenerateStream", code="CANCELLED")
+    stream = long_stream(client)
+    for i, _ in enumerate(stream):
+        if i == 1:
+            break
+    assert metric(server, "steerer_batch_size") == 1
+    stream.cancel()
+    assert wait_for(lambda: metric(server, "steerer_batch_size") == 0, timeout=5) < 5
+    wait_for(lambda: metric(server, "steerer_requests_total", method="GenerateStream", code="CANCELLED")
+             == cancelled + 1, timeout=5)
+    assert client.generate(PROMPT, max_new_tokens=2).usage.completion_tokens >= 1
+
+
+def test_deadline_exceeded_ends_the_request(client, server):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(PROMPT, max_new_tokens=1000, ignore_eos=True, timeout=1.5)
+    status, message = documented_cases()["deadline"]
+    assert err.value.code().name == status and message in err.value.details()
+    wait_for(lambda: metric(server, "steerer_batch_size") == 0, timeout=5)
+    wait_for(lambda: metric(server, "steerer_requests_total", method="Generate", code="DEADLINE_EXCEEDED") >= 1,
+             timeout=5)
+
+
+def test_queue_full_is_resource_exhausted(client, server):
+    streams = [long_stream(client) for _ in range(4)]  # two in the batch, two queued
+    try:
+        wait_for(lambda: metric(server, "steerer_batch_size") == 2 and metric(server, "steerer_queue_depth") == 2,
+                 timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(PROMPT, max_new_tokens=2)
+        status, message = documented_cases()["queue-full"]
+        assert err.value.code().name == status and message in err.value.details()
+    finally:
+        for stream in streams:
+            stream.cancel()
+    wait_for(lambda: metric(server, "steerer_batch_size") == 0 and metric(server, "steerer_queue_depth") == 0,
+             timeout=10)
+    assert client.health() == "SERVING"
+
+
+def test_requests_share_forward_passes(client, server):
+    """Two concurrent requests run as one batch of two: the step-batch histogram sees rows of 2."""
+    before = metric(server, "steerer_step_batch_size_bucket", le="1.0"), metric(server, "steerer_step_batch_size_count")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        client.generate(PROMPT, max_new_tokens=6, ignore_eos=True))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    ones = metric(server, "steerer_step_batch_size_bucket", le="1.0") - before[0]
+    steps = metric(server, "steerer_step_batch_size_count") - before[1]
+    assert steps - ones >= 3, (steps, ones)  # most decode passes carried both rows
+
+
+def test_reload_under_load_is_atomic(client, server, banks):
+    """Requests in flight finish on v1, later ones run on v2; no response mixes the two."""
+    def run(out: list, **kwargs) -> None:
+        messages = list(client.stream(PROMPT, constraints=["lowercase"], ignore_eos=True, **kwargs))
+        out.append(messages)
+
+    early: list = []
+    first = [threading.Thread(target=run, args=(early,), kwargs={"max_new_tokens": 10}) for _ in range(2)]
+    for t in first:
+        t.start()
+    wait_for(lambda: metric(server, "steerer_batch_size") == 2, timeout=60)
+    reply = {}
+    reloader = threading.Thread(target=lambda: reply.update(r=client.reload_bank(banks["v2"])))
+    reloader.start()
+    late: list = []
+    second = [threading.Thread(target=run, args=(late,), kwargs={"max_new_tokens": 4}) for _ in range(2)]
+    time.sleep(0.3)
+    for t in second:
+        t.start()
+    for t in (*first, reloader, *second):
+        t.join(300)
+    try:
+        assert (reply["r"].previous_version, reply["r"].bank_version) == ("v1", "v2")
+        assert len(early) == len(late) == 2
+        for messages, version in [(m, "v1") for m in early] + [(m, "v2") for m in late]:
+            final = messages[-1].final
+            risks = [m.token.risk["lowercase"] for m in messages[:-1]]
+            assert final.bank_version == version and risks
+            assert all((r > 0.5) == (version == "v1") for r in risks), (version, risks)
+        assert client.model_info().bank_version == "v2"
+    finally:
+        client.reload_bank(banks["v1"])
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+def _with(**sampling) -> pb2.GenerateRequest:
+    request = build_request(PROMPT)
+    for key, value in sampling.items():
+        setattr(request.sampling, key, value)
+    return request
+
+
+def _messages(*pairs: tuple[str, str]) -> pb2.GenerateRequest:
+    return build_request([{"role": r, "content": c} for r, c in pairs])
+
+
+def _no_input() -> pb2.GenerateRequest:
+    return pb2.GenerateRequest(sampling=pb2.SamplingParams(max_new_tokens=2))
+
+
+def _empty_messages() -> pb2.GenerateRequest:
+    request = pb2.GenerateRequest()
+    request.messages.SetInParent()
+    return request
+
+
+def _policy(kind: int, alpha: float) -> pb2.GenerateRequest:
+    request = build_request(PROMPT, constraints=["lowercase"])
+    request.policy.kind, request.policy.alpha = kind, alpha
+    return request
+
+
+def _task_policy(alpha: float) -> pb2.GenerateRequest:
+    return build_request(PROMPT, constraints=[("lowercase", {}, f"constant:{alpha}")])
+
+
+GEN = "generate"
+BAD_INPUT = {  # case (as in docs/SERVICE.md) -> (RPC, request or bank name)
+    "empty-prompt": (GEN, build_request("")),
+    "blank-prompt": (GEN, build_request("  \n\t ")),
+    "no-input": (GEN, _no_input()),
+    "empty-messages": (GEN, _empty_messages()),
+    "bad-role": (GEN, _messages(("robot", "hi"))),
+    "blank-messages": (GEN, _messages(("user", "  "))),
+    "long-prompt-tokens": (GEN, build_request("hello " * 2500)),
+    "long-prompt-chars": (GEN, build_request("x" * 40000)),
+    "unknown-task": (GEN, build_request(PROMPT, constraints=["no_such_task"])),
+    "empty-task": (GEN, build_request(PROMPT, constraints=[""])),
+    "duplicate-task": (GEN, build_request(PROMPT, constraints=["lowercase", "lowercase"])),
+    "bad-params-type": (GEN, build_request(PROMPT, constraints=[("word_count", {"relation": "at most",
+                                                                                "limit": "ten"})])),
+    "bad-params-fraction": (GEN, build_request(PROMPT, constraints=[("word_count", {"relation": "at most",
+                                                                                    "limit": 2.5})])),
+    "bad-params-keys": (GEN, build_request(PROMPT, constraints=[("word_count", {"limit": 3})])),
+    "alpha-nan": (GEN, _policy(pb2.POLICY_KIND_CONSTANT, float("nan"))),
+    "alpha-inf": (GEN, _policy(pb2.POLICY_KIND_CONDITIONAL, float("inf"))),
+    "alpha-huge": (GEN, _policy(pb2.POLICY_KIND_PROPORTIONAL, 1e6)),
+    "task-alpha-inf": (GEN, _task_policy(float("-inf"))),
+    "unknown-policy-kind": (GEN, _policy(99, 1.0)),
+    "max-tokens-zero": (GEN, _with(max_new_tokens=0)),
+    "max-tokens-negative": (GEN, _with(max_new_tokens=-5)),
+    "max-tokens-huge": (GEN, _with(max_new_tokens=10**12)),
+    "temperature-nan": (GEN, _with(temperature=float("nan"))),
+    "temperature-negative": (GEN, _with(temperature=-1.0)),
+    "top-p-zero": (GEN, _with(top_p=0.0)),
+    "request-id-too-long": (GEN, build_request(PROMPT, request_id="r" * 200)),
+    "reload-other-model": ("reload", "other"),
+    "reload-missing": ("reload", "missing"),
+    "reload-malformed": ("reload", "malformed"),
+    "reload-empty-path": ("reload", ""),
+}
+# Rows of the table that need a situation rather than a request; each has its own test.
+DEDICATED = {"queue-full": "test_queue_full_is_resource_exhausted", "deadline": "test_deadline_exceeded_ends_the_request",
+             "bad-token": "test_auth_token_is_required"}
+
+
+def documented_cases() -> dict[str, tuple[str, str]]:
+    """case -> (status, message) from the bad-input table in docs/SERVICE.md."""
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        m = re.match(r"^\|\s*`([a-z0-9-]+)`\s*\|[^|]*\|\s*`?([A-Z_]+)`?\s*\|\s*(.*?)\s*\|\s*$", line)
+        if m:
+            rows[m[1]] = (m[2], m[3].strip("`").strip())
+    return rows
+
+
+def test_every_documented_case_has_a_test():
+    assert set(documented_cases()) == set(BAD_INPUT) | set(DEDICATED)
+    assert all(callable(globals().get(name)) for name in DEDICATED.values())
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input(case, client, banks):
+    status, message = documented_cases()[case]
+    kind, what = BAD_INPUT[case]
+    with pytest.raises(grpc.RpcError) as err:
+        if kind == GEN:
+            client.generate(what, timeout=60)
+        else:
+            client.reload_bank(banks.get(what, what), timeout=60)
+    assert err.value.code().name == status, err.value.details()
+    assert message in err.value.details()
+
+
+def test_bad_input_on_the_stream_too(client):
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream(_policy(pb2.POLICY_KIND_CONSTANT, float("nan"))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_healthy_after_bad_input(client, server):
+    assert client.health() == "SERVING"
+    assert metric(server, "steerer_requests_total", method="Generate", code="INVALID_ARGUMENT") >= 20
+    assert client.model_info().bank_version == "v1"
+    assert client.generate(PROMPT, max_new_tokens=3).usage.completion_tokens >= 1
+
+
+# -- TLS, auth, shutdown ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_auth_token_is_required(banks, tls):
+    cert, key = tls
+    status, message = documented_cases()["bad-token"]
+    with ServerProcess("--bank", banks["v1"], "--tls-cert", cert, "--tls-key", key,
+                       env={"STEERER_AUTH_TOKEN": "s3cret"}) as server:
+        with SteererClient(server.target, tls_ca=cert) as anonymous:
+            assert anonymous.health() == "SERVING"  # health is exempt: orchestrators probe without a token
+            with pytest.raises(grpc.RpcError) as err:
+                anonymous.generate(PROMPT, max_new_tokens=2)
+            assert err.value.code().name == status and message in err.value.details()
+        with SteererClient(server.target, tls_ca=cert, token="wrong") as wrong, pytest.raises(grpc.RpcError) as err:
+            wrong.model_info()
+        assert err.value.code().name == status
+        with SteererClient(server.target, tls_ca=cert, token="s3cret") as good:
+            assert good.generate(PROMPT, max_new_tokens=2).bank_version == "v1"
+        with SteererClient(server.target) as plaintext, pytest.raises(grpc.RpcError) as err:
+            plaintext.health(timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        ok = cli("client", "health", "--target", server.target, "--tls-ca", cert, timeout=120)
+        assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+        proc = cli("client", "generate", "--target", server.target, "--tls-ca", cert, "--prompt", PROMPT,
+                   "--max-new-tokens", "2", timeout=120)
+        assert proc.returncode == 1 and "UNAUTHENTICATED" in proc.stderr
+        assert metric(server, "steerer_requests_total", method="Generate", code="UNAUTHENTICATED") == 2
+
+
+def test_sigterm_drains_streams_in_flight(banks):
+    with ServerProcess("--bank", banks["v1"], "--grace", "120") as server, SteererClient(server.target) as client:
+        stream = client.stream(PROMPT, max_new_tokens=8, ignore_eos=True)
+        first = next(stream)
+        server.signal()
+        rest = list(stream)
+        assert server.proc.wait(120) == 0
+    assert first.HasField("token") and rest[-1].HasField("final")
+    assert rest[-1].final.usage.completion_tokens == 8 and len(rest) == 8  # 7 more tokens, then the final
+    assert "steerer: stopped" in server.lines
+
+
+# -- generated code --------------------------------------------------------------------------------------------
+def test_generated_code_is_not_committed_and_follows_the_proto(tmp_path):
+    from steerer.service import proto
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "steerer/service/_gen/steerer/v1/steerer_pb2.py"],
+                             cwd=REPO)
+    assert ignored.returncode == 0
+    root = tmp_path / "proto"
+    (root / "steerer" / "v1").mkdir(parents=True)
+    source = (proto.PROTO_ROOT / proto.PROTO_FILE).read_text()
+    (root / proto.PROTO_FILE).write_text(source)
+    gen = tmp_path / "gen"
+    # Four processes race to generate the same modules; the lock makes one write, the rest reuse.
+    code = ("import sys; from pathlib import Path; from steerer.service.proto import ensure_generated; "
+            "ensure_generated(Path(sys.argv[1]), Path(sys.argv[2]), 'gen.steerer.v1')")
+    racers = [subprocess.Popen([sys.executable, "-c", code, str(root), str(gen)]) for _ in range(4)]
+    assert [p.wait(120) for p in racers] == [0] * 4
+    out = gen / "steerer" / "v1"
+    stamp = (out / ".stamp").read_text()
+    assert "from gen.steerer.v1 import steerer_pb2" in (out / "steerer_pb2_grpc.py").read_text()
+    assert not [p for p in gen.iterdir() if p.name.startswith(".gen-")]  # no temp folders left behind
+    (root / proto.PROTO_FILE).write_text(source.replace("message Usage {", "message Usage {\n  int32 regenerated_marker = 99;"))
+    proto.ensure_generated(root, gen, "gen.steerer.v1")
+    assert (out / ".stamp").read_text() != stamp and "regenerated_marker" in (out / "steerer_pb2.py").read_text()
