@@ -22,7 +22,8 @@ def add_commands(sub) -> None:
     build.add_argument("--tasks", default=None, help="comma-separated task ids (default: all nine)")
     build.add_argument("--prompts-per-task", type=int, default=120)
     build.add_argument("--samples", type=int, default=2, help="sampled responses per prompt")
-    build.add_argument("--max-new-tokens", type=int, default=160)
+    build.add_argument("--max-new-tokens", type=int, default=160, help="token budget of the length tasks")
+    build.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
     build.add_argument("--layers", default=None, help="comma-separated layers to store (default: all)")
     build.add_argument("--token-layers", default=None, help="layers stored at every token (default: every 3rd)")
     build.add_argument("--batch-size", type=int, default=48)
@@ -92,6 +93,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(tasks=tuple(_tasks(args.tasks) or TASKS), prompts_per_task=args.prompts_per_task,
                          samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                         max_new_tokens_other=args.max_new_tokens_other,
                          layers=_ints(args.layers, "--layers"), token_layers=_ints(args.token_layers, "--token-layers"),
                          batch_size=args.batch_size, seed=args.seed)
     manifest = build(load_model(args.model), Path(args.out), config)

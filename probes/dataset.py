@@ -40,7 +40,8 @@ class BuildConfig:
     tasks: tuple[str, ...] = tuple(TASKS)
     prompts_per_task: int = 120  # base requests per task (all of them at most)
     samples_per_prompt: int = 2
-    max_new_tokens: int = 120
+    max_new_tokens: int = 160  # for the length tasks, whose labels need the whole response
+    max_new_tokens_other: int | None = 112  # enough to judge format, words and tone; None = max_new_tokens
     temperature: float = 0.7
     aid_fraction: float = 0.5
     layers: tuple[int, ...] | None = None  # None = every layer
@@ -71,6 +72,15 @@ def plan_rows(config: BuildConfig) -> dict[str, list[dict]]:
                              "messages": prompt_messages(task_id, base, params, aid)})
         plan[task_id] = rows
     return plan
+
+
+LENGTH_TASKS = ("char_count", "word_count")
+
+
+def token_budget(config: BuildConfig, task_id: str) -> int:
+    if task_id in LENGTH_TASKS or config.max_new_tokens_other is None:
+        return config.max_new_tokens
+    return config.max_new_tokens_other
 
 
 class ResidualRecorder:
@@ -126,7 +136,7 @@ def _build_chunk(lm: LoadedModel, chunk: Path, rows: list[dict], layers: tuple[i
     with LayerHooks(lm.model, tap_layers=tap) as hooks:
         batch = RunningBatch(HFEngine(lm, hooks), recorder, tap_eos=True)
         prompts = [chat_prompt(lm.tokenizer, r["messages"]) for r in rows]
-        params = [SamplingParams(config.max_new_tokens, config.temperature, 1.0, r["seed"]) for r in rows]
+        params = [SamplingParams(token_budget(config, r["task"]), config.temperature, 1.0, r["seed"]) for r in rows]
         done = batch.add(list(range(len(rows))), prompts, params)
         while len(batch):
             done += batch.step()
