@@ -33,7 +33,8 @@ def add_commands(sub) -> None:
     train = psub.add_parser("train", help="train specialist + general probes and write a probe bank")
     train.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
     train.add_argument("--out", default=None, help="bank folder (default: the shipped default bank)")
-    train.add_argument("--position", default="eos", help="position the bank's probes are trained at")
+    train.add_argument("--position", default="eos", choices=["eos", "tokens"],
+                       help="train the bank's probes on the EOS residual, or on every 3rd generated token")
     train.add_argument("--tasks", default=None)
     train.add_argument("--report", default=None, help="also write the paper's experiments to this folder")
     train.set_defaults(handler=cmd_train)
@@ -107,16 +108,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from probes.train import make_bank, train_all
     from steerer.bank import DEFAULT_BANK
 
-    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks), args.position)
+    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks))
     version = f"{manifest['fingerprint']}-{args.position}-{len(trained)}t"
-    bank = make_bank(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], trained, args.position,
-                     version, manifest["layers"])
+    bank = make_bank(manifest, trained, datas, args.position, version)
     bank.extra = {"dataset": {k: manifest[k] for k in ("config", "split_seed")},
                   "general_probe_layer": general["best_layer"]}
     out = bank.save(args.out or DEFAULT_BANK)
     for probe in bank.probes:
-        print(f"{probe.task:18s} layer {probe.layer:2d} threshold {probe.threshold:.3f} "
-              f"test AUROC {probe.metrics['test_auroc']:.3f} acc {probe.metrics['test_accuracy']:.3f}")
+        m = probe.metrics
+        print(f"{probe.task:18s} layer {probe.layer:2d} {probe.method:8s} threshold {probe.threshold:.3f} "
+              f"flag {probe.flag_threshold:.3f}  test AUROC {m['test_auroc']:.3f} acc {m['test_accuracy']:.3f}  "
+              f"false flags {m['test_false_flag_rate']:.2f} violations flagged {m['test_violations_flagged']:.2f}")
     print(f"wrote {out}")
     if args.report:
         from probes.report import write_report

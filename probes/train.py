@@ -220,36 +220,65 @@ def train_general(datas: dict[str, TaskData], layers: list[int], position: str =
     return {"by_layer": by_layer, "best_layer": _best_layer(by_layer)}
 
 
-def make_bank(model: str, fingerprint: str, hidden_size: int, trained: dict[str, dict], position: str,
-              version: str, layers: list[int]) -> ProbeBank:
-    probes, weights, biases, directions = [], [], [], []
-    for task, result in trained.items():
-        layer = result["best_layer"]
-        entry = result["by_layer"][layer]
-        probe: LinearProbe = entry["probe"]
-        probes.append(Probe(task=task, layer=layer, position=position, polarity="satisfied",
-                            threshold=round(probe.threshold, 6), method=probe.method,
-                            metrics={"test_auroc": entry["test"]["auroc"], "test_accuracy": entry["test"]["accuracy"],
-                                     "test_balanced_accuracy": entry["test"]["balanced_accuracy"],
-                                     "cv_auroc": round(entry["cv_auroc"], 4), "n_test": entry["test"]["n"],
-                                     "C": probe.c}))
+TARGET_FALSE_FLAG_RATE = 0.15
+
+
+def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], token_layers: list[int],
+                  position: str, config) -> tuple[Probe, LinearProbe]:
+    """The bank's probe for one task: at the best layer among those stored at every token (so its flag
+    threshold can be calibrated on the readings the live monitor will see), trained at `position`
+    ("eos" or "tokens": every 3rd generated token), with an EOS threshold for verdicts and a flag threshold
+    that keeps false flags on compliant training responses under TARGET_FALSE_FLAG_RATE."""
+    candidates = {layer: result["by_layer"][layer] for layer in token_layers if layer in result["by_layer"]}
+    if not candidates:
+        raise ValueError("the bank needs a layer stored at every token: make --token-layers a subset of --layers")
+    layer = _best_layer(candidates)
+    entry = candidates[layer]
+    probe: LinearProbe = entry["probe"] if position == "eos" else train_token_probe(data, layer, token_layers)
+    s = split_at(data, "eos", layers.index(layer))
+    eos_threshold = probe.threshold if position == "eos" else best_threshold(s.y_train, probe.proba(s.x_train))
+    probe.threshold = eos_threshold
+    train_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "train") & (data.labels == 1))
+    flag_threshold = calibrate_flag_threshold(train_ok, TARGET_FALSE_FLAG_RATE, config)
+    test = evaluate(probe, s.x_test, s.y_test)
+    test_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 1))
+    test_bad = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 0))
+    metrics = {"test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
+               "test_balanced_accuracy": test["balanced_accuracy"], "cv_auroc": round(float(probe.cv_auroc), 4),
+               "n_test": test["n"], "C": probe.c,
+               "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
+               "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
+    record = Probe(task=task, layer=layer, position=position, polarity="satisfied", threshold=round(eos_threshold, 6),
+                   method=probe.method, metrics=metrics, flag_threshold=round(flag_threshold, 6))
+    return record, probe
+
+
+def make_bank(manifest: dict, trained: dict[str, dict], datas: dict[str, TaskData], position: str,
+              version: str) -> ProbeBank:
+    from steerer.monitor import MonitorConfig
+
+    records, weights, biases, directions = [], [], [], []
+    for task, result in tqdm(trained.items(), desc="bank probes", leave=False):
+        record, probe = monitor_probe(task, result, datas[task], manifest["layers"], manifest["token_layers"],
+                                      position, MonitorConfig())
+        records.append(record)
         weights.append(torch.from_numpy(probe.weight).float())
         biases.append(probe.bias)
         directions.append(torch.from_numpy(probe.direction).float())
-    return ProbeBank(model, fingerprint, hidden_size, probes, torch.stack(weights),
-                     torch.tensor(biases, dtype=torch.float32), unit_directions(torch.stack(directions)), version)
+    return ProbeBank(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], records,
+                     torch.stack(weights), torch.tensor(biases, dtype=torch.float32),
+                     unit_directions(torch.stack(directions)), version)
 
 
-def train_all(dataset: Path, tasks: list[str] | None = None, position: str = "eos",
-              progress: bool = True) -> tuple[dict, dict, dict, dict[str, TaskData]]:
+def train_all(dataset: Path, tasks: list[str] | None = None, progress: bool = True) -> tuple[dict, dict, dict, dict[str, TaskData]]:
     manifest = json.loads((dataset / "manifest.json").read_text())
     tasks = tasks or list(manifest["tasks"])
     layers = manifest["layers"]
     datas = {t: load_task(dataset, t) for t in tasks}
     trained = {}
     for task in tqdm(tasks, desc="specialist probes", disable=not progress):
-        trained[task] = train_task(datas[task], layers, position)
-    general = train_general(datas, layers, position)
+        trained[task] = train_task(datas[task], layers, "eos")
+    general = train_general(datas, layers, "eos")
     return manifest, trained, general, datas
 
 

@@ -247,19 +247,8 @@ class Steerer:
         slot = generation.row
         live = self._live[slot]
         text = self.lm.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-        verdicts = []
-        for constraint, k in zip(live.request.constraints, live.columns.tolist(), strict=True):
-            p_end = float(self.monitor.eos_p[slot, k])
-            if p_end != p_end:  # no EOS pass (length limit): the last token's reading stands in
-                p_end = float(self.monitor.last_p[slot, k])
-            first = int(self.monitor.first_flag[slot, k])
-            verdicts.append(Verdict(constraint.task, dict(constraint.params),
-                                    p_end < self.bank.probes[k].threshold, p_end,
-                                    bool(self.monitor.ever_flagged[slot, k]), first if first >= 0 else None,
-                                    check_constraint(constraint, text)))
-        traces = None
-        if self.monitor.record:
-            traces = {task: [p for index, p in self.monitor.trace(slot, task) if index >= 0] for task in live.tasks}
+        verdicts = build_verdicts(self.monitor, slot, live.request.constraints, live.columns, text)
+        traces = self.monitor.traces_for(slot, live.tasks)
         result = Result(live.request_id, text, generation.tokens, generation.finish_reason, verdicts,
                         generation.prompt_tokens, live.steered, self.bank.version, traces)
         self._release(slot)
@@ -268,6 +257,22 @@ class Steerer:
     def _release(self, slot: int) -> None:
         self._live.pop(slot, None)
         self._free.append(slot)
+
+
+def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ...], columns: torch.Tensor,
+                   text: str) -> list[Verdict]:
+    """Per constraint: the probe's reading at the end (EOS pass, else the last token), flag history and
+    the checker's verdict on the final text."""
+    verdicts = []
+    for constraint, k in zip(constraints, columns.tolist(), strict=True):
+        p_end = float(monitor.eos_p[row, k])
+        if p_end != p_end:  # no EOS pass (length limit): the last token's reading stands in
+            p_end = float(monitor.last_p[row, k])
+        first = int(monitor.first_flag[row, k])
+        verdicts.append(Verdict(constraint.task, dict(constraint.params), p_end < monitor.bank.probes[k].threshold,
+                                p_end, bool(monitor.ever_flagged[row, k]), first if first >= 0 else None,
+                                check_constraint(constraint, text)))
+    return verdicts
 
 
 def results_as_dict(result: Result) -> dict[str, Any]:

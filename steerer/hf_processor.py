@@ -39,8 +39,8 @@ import torch
 from transformers import LogitsProcessor
 
 from steerer.bank import ProbeBank
-from steerer.constraints import Constraint, check_constraint
-from steerer.core import Result, TokenEvent, Verdict
+from steerer.constraints import Constraint
+from steerer.core import Result, TokenEvent, build_verdicts
 from steerer.generation import StepView
 from steerer.model import model_fingerprint
 from steerer.monitor import FlagEvent, Monitor, MonitorConfig
@@ -311,18 +311,8 @@ class SteererLogitsProcessor(LogitsProcessor):
         row = gen.rows[b]
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         monitor = gen.monitor
-        verdicts = []
-        for constraint, k in zip(row.spec.constraints, row.columns.tolist(), strict=True):
-            p_end = float(monitor.eos_p[b, k])
-            if p_end != p_end:  # no EOS pass: the last token's reading stands in
-                p_end = float(monitor.last_p[b, k])
-            first = int(monitor.first_flag[b, k])
-            verdicts.append(Verdict(constraint.task, dict(constraint.params), p_end < self.bank.probes[k].threshold,
-                                    p_end, bool(monitor.ever_flagged[b, k]), first if first >= 0 else None,
-                                    check_constraint(constraint, text)))
-        traces = None
-        if monitor.record:
-            traces = {task: [p for index, p in monitor.trace(b, task) if index >= 0] for task in row.tasks}
+        verdicts = build_verdicts(monitor, b, tuple(row.spec.constraints), row.columns, text)
+        traces = monitor.traces_for(b, row.tasks)
         return Result(row.request_id, text, list(row.tokens), "eos" if row.eos else "length", verdicts,
                       int(gen.prompt_mask[b].sum()), dict(row.steered), self.bank.version, traces)
 

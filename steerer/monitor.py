@@ -116,6 +116,12 @@ class Monitor:
         events, self.events = self.events, []
         return events
 
+    def traces_for(self, row: int, tasks: list[str]) -> dict[str, list[float]] | None:
+        """Per task, P(satisfied) at each generated token (record=True), else None."""
+        if not self.record:
+            return None
+        return {task: [p for index, p in self.trace(row, task) if index >= 0] for task in tasks}
+
     def trace(self, row: int, task: str) -> list[tuple[int, float]]:
         k = self.bank.index(task)
         return [(index, float(p[k])) for index, p in self.traces.get(row, [])]

@@ -1,11 +1,11 @@
 """Continuous batching for the server: one thread owns the `Steerer`; RPC threads only talk to queues.
 
 The `Steerer` is not thread-safe, so a single scheduler thread drives it. RPC threads `submit()` a
-request (a bounded FIFO: past `max_queue` waiting requests the caller gets `QueueFull`, which the servicer
-turns into RESOURCE_EXHAUSTED) and then read their ticket's output queue: `TokenEvent`s, then one
-`Result` or one `Failure`. Between two forward passes the scheduler admits as many waiting requests as
-there are free slots, in one shared prefill, and they join the running batch: concurrent clients share
-forward passes instead of queuing behind each other.
+request to a bounded FIFO (once the batch is full and `max_queue` more wait, `QueueFull`: the servicer's
+RESOURCE_EXHAUSTED) and read their ticket's output queue: `TokenEvent`s, then one `Result` or `Failure`.
+Between two forward passes the scheduler admits as many waiting requests as there are free slots, in one
+shared prefill, and they join the running batch: concurrent clients share forward passes instead of
+queuing behind each other.
 
 Cancellation (the client went away, or its deadline passed) frees the request's slot before the next
 pass. A probe-bank swap stops admission, lets the requests in flight finish on the old bank, then
@@ -118,8 +118,11 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise SchedulerError("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"server busy: {len(self._queue)} requests already wait for a slot; retry later")
+            # Requests the next step boundary will admit into free slots do not count against the queue.
+            free = max(0, self.max_batch - len(self._live)) if self._swap is None else 0
+            if len(self._queue) >= self.max_queue + free:
+                raise QueueFull(f"server busy: {len(self._queue)} requests wait for a slot (at most {self.max_queue} "
+                                f"beyond a full batch of {self.max_batch}); retry later")
             ticket = Ticket(replace(request, id=f"q{next(self._ids)}"), arrived or time.monotonic(), deadline)
             self._queue.append(ticket)
             self.metrics.queue_depth.set(len(self._queue))
