@@ -33,8 +33,9 @@ def add_commands(sub) -> None:
     train = psub.add_parser("train", help="train specialist + general probes and write a probe bank")
     train.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
     train.add_argument("--out", default=None, help="bank folder (default: the shipped default bank)")
-    train.add_argument("--position", default="eos", choices=["eos", "tokens"],
-                       help="train the bank's probes on the EOS residual, or on every 3rd generated token")
+    train.add_argument("--position", default="auto", choices=["auto", "eos", "tokens"],
+                       help="bank probes trained on the EOS residual, on every 3rd generated token, or per task "
+                            "whichever flags more training violations at the false-flag budget (auto)")
     train.add_argument("--tasks", default=None)
     train.add_argument("--report", default=None, help="also write the paper's experiments to this folder")
     train.set_defaults(handler=cmd_train)

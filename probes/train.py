@@ -227,28 +227,37 @@ def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], to
                   position: str, config) -> tuple[Probe, LinearProbe]:
     """The bank's probe for one task: at the best layer among those stored at every token (so its flag
     threshold can be calibrated on the readings the live monitor will see), trained at `position`
-    ("eos" or "tokens": every 3rd generated token), with an EOS threshold for verdicts and a flag threshold
-    that keeps false flags on compliant training responses under TARGET_FALSE_FLAG_RATE."""
+    ("eos", "tokens" = every 3rd generated token, or "auto" = whichever flags more training violations at
+    the calibrated false-flag budget), with an EOS threshold for verdicts and a flag threshold that keeps
+    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE."""
     candidates = {layer: result["by_layer"][layer] for layer in token_layers if layer in result["by_layer"]}
     if not candidates:
         raise ValueError("the bank needs a layer stored at every token: make --token-layers a subset of --layers")
     layer = _best_layer(candidates)
     entry = candidates[layer]
-    probe: LinearProbe = entry["probe"] if position == "eos" else train_token_probe(data, layer, token_layers)
     s = split_at(data, "eos", layers.index(layer))
-    eos_threshold = probe.threshold if position == "eos" else best_threshold(s.y_train, probe.proba(s.x_train))
-    probe.threshold = eos_threshold
-    train_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "train") & (data.labels == 1))
-    flag_threshold = calibrate_flag_threshold(train_ok, TARGET_FALSE_FLAG_RATE, config)
+    train = data.split == "train"
+    options = {}
+    for kind in (("eos", "tokens") if position == "auto" else (position,)):
+        probe = entry["probe"] if kind == "eos" else train_token_probe(data, layer, token_layers)
+        if kind == "tokens":
+            probe.threshold = best_threshold(s.y_train, probe.proba(s.x_train))
+        ok = token_readings(probe, data, layer, layers, token_layers, train & (data.labels == 1))
+        bad = token_readings(probe, data, layer, layers, token_layers, train & (data.labels == 0))
+        flag_threshold = calibrate_flag_threshold(ok, TARGET_FALSE_FLAG_RATE, config)
+        options[kind] = (flag_rate(bad, flag_threshold, config), probe, flag_threshold)
+    kind = max(options, key=lambda k: (np.nan_to_num(options[k][0], nan=-1), k == "eos"))
+    _, probe, flag_threshold = options[kind]
     test = evaluate(probe, s.x_test, s.y_test)
     test_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 1))
     test_bad = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 0))
     metrics = {"test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
                "test_balanced_accuracy": test["balanced_accuracy"], "cv_auroc": round(float(probe.cv_auroc), 4),
                "n_test": test["n"], "C": probe.c,
+               "train_violations_flagged": {k: round(v[0], 4) for k, v in options.items()},
                "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
                "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
-    record = Probe(task=task, layer=layer, position=position, polarity="satisfied", threshold=round(eos_threshold, 6),
+    record = Probe(task=task, layer=layer, position=kind, polarity="satisfied", threshold=round(probe.threshold, 6),
                    method=probe.method, metrics=metrics, flag_threshold=round(flag_threshold, 6))
     return record, probe
 
