@@ -21,7 +21,8 @@ def add_commands(sub) -> None:
     build.add_argument("--model", default=None)
     build.add_argument("--tasks", default=None, help="comma-separated task ids (default: all nine)")
     build.add_argument("--prompts-per-task", type=int, default=120)
-    build.add_argument("--samples", type=int, default=2, help="sampled responses per prompt")
+    build.add_argument("--samples", type=int, default=None,
+                       help="sampled responses per prompt (default: 2 for structural tasks, 1 for the others)")
     build.add_argument("--max-new-tokens", type=int, default=160, help="token budget of the length tasks")
     build.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
     build.add_argument("--layers", default=None, help="comma-separated layers to store (default: all)")

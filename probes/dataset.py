@@ -39,7 +39,7 @@ SPLIT_SEED = 13
 class BuildConfig:
     tasks: tuple[str, ...] = tuple(TASKS)
     prompts_per_task: int = 120  # base requests per task (all of them at most)
-    samples_per_prompt: int = 2
+    samples_per_prompt: int | None = None  # None: 2 for structural tasks, 1 for lexical and semantic ones
     max_new_tokens: int = 160  # for the length tasks, whose labels need the whole response
     max_new_tokens_other: int | None = 112  # enough to judge format, words and tone; None = max_new_tokens
     temperature: float = 0.7
@@ -65,7 +65,7 @@ def plan_rows(config: BuildConfig) -> dict[str, list[dict]]:
             difficulty = (p + rng.random()) / config.prompts_per_task
             params = task.sample_params(rng, difficulty)
             aid = rng.choice(sorted(AIDS)) if rng.random() < config.aid_fraction else None
-            for s in range(config.samples_per_prompt):
+            for s in range(samples_for(config, task_id)):
                 rows.append({"id": f"{task_id}:{base.id}:{s}", "task": task_id, "base_id": base.id,
                              "split": split_of[base.id], "params": params, "aid": aid, "sample": s,
                              "seed": rng.randrange(2**31), "difficulty": round(difficulty, 3),
@@ -75,6 +75,14 @@ def plan_rows(config: BuildConfig) -> dict[str, list[dict]]:
 
 
 LENGTH_TASKS = ("char_count", "word_count")
+
+
+def samples_for(config: BuildConfig, task_id: str) -> int:
+    """Resampling is where the small model's rare structural compliance (lowercase, JSON) comes from;
+    lexical and semantic labels already vary across prompts, so one sample each buys more prompts."""
+    if config.samples_per_prompt is not None:
+        return config.samples_per_prompt
+    return 2 if TASKS[task_id].kind == "structural" else 1
 
 
 def token_budget(config: BuildConfig, task_id: str) -> int:
