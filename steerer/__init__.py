@@ -1,11 +1,19 @@
-"""steerer: generation-time probe monitoring and activation steering for LLM inference."""
+"""steerer: generation-time probe monitoring and activation steering for LLM inference.
 
-from steerer.bank import ProbeBank
-from steerer.constraints import Constraint
-from steerer.core import Request, Result, Steerer, TokenEvent, Verdict
-from steerer.generation import SamplingParams
-from steerer.model import load_model
-from steerer.policy import SteeringPolicy
+Names load on first use, so light entry points (the gRPC client, `steerer --help`) do not import torch.
+"""
 
-__all__ = ["Constraint", "ProbeBank", "Request", "Result", "SamplingParams", "Steerer", "SteeringPolicy",
-           "TokenEvent", "Verdict", "load_model"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Constraint": "steerer.constraints", "ProbeBank": "steerer.bank", "Request": "steerer.core",
+    "Result": "steerer.core", "Steerer": "steerer.core", "TokenEvent": "steerer.core", "Verdict": "steerer.core",
+    "SamplingParams": "steerer.generation", "load_model": "steerer.model", "SteeringPolicy": "steerer.policy",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'steerer' has no attribute {name!r}")

@@ -253,4 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so exception classes that plug-ins import are the same objects.
+    from steerer.cli import main as _main
+
+    sys.exit(_main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -233,7 +234,7 @@ def test_reload_under_load_is_atomic(client, server, banks):
         out.append(messages)
 
     early: list = []
-    first = [threading.Thread(target=run, args=(early,), kwargs={"max_new_tokens": 10}) for _ in range(2)]
+    first = [threading.Thread(target=run, args=(early,), kwargs={"max_new_tokens": 48}) for _ in range(2)]
     for t in first:
         t.start()
     wait_for(lambda: metric(server, "steerer_batch_size") == 2, timeout=60)
@@ -412,14 +413,33 @@ def test_auth_token_is_required(banks, tls):
 
 def test_sigterm_drains_streams_in_flight(banks):
     with ServerProcess("--bank", banks["v1"], "--grace", "120") as server, SteererClient(server.target) as client:
-        stream = client.stream(PROMPT, max_new_tokens=8, ignore_eos=True)
+        stream = client.stream(PROMPT, max_new_tokens=24, ignore_eos=True)
         first = next(stream)
         server.signal()
         rest = list(stream)
         assert server.proc.wait(120) == 0
     assert first.HasField("token") and rest[-1].HasField("final")
-    assert rest[-1].final.usage.completion_tokens == 8 and len(rest) == 8  # 7 more tokens, then the final
+    assert rest[-1].final.usage.completion_tokens == 24 and len(rest) == 24  # 23 more tokens, then the final
     assert "steerer: stopped" in server.lines
+
+
+def test_serve_refuses_bad_setups_with_one_line(banks):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["--bank", banks["other"]], "the loaded model's fingerprint is"),
+            (["--bank", banks["missing"]], "no probe bank at"),
+            (["--bank", banks["v1"], "--tls-cert", banks["v1"]], "--tls-cert and --tls-key go together"),
+            (["--bank", banks["v1"], "--max-batch", "0"], "max-batch must be >= 1"),
+            (["--bank", banks["v1"], "--port", port, "--metrics-port", "-1"], f"cannot listen on 127.0.0.1:{port}"),
+            (["--bank", banks["v1"], "--port", "0", "--metrics-port", port], "cannot serve metrics"),
+        ]
+        for args, needle in cases:
+            proc = cli("serve", "--host", "127.0.0.1", *args)
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("steerer: error:")]
+            assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], (args, proc.stderr)
 
 
 # -- generated code --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Nothing heavy is imported at parser-build time: every `steerer` command builds t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -63,10 +64,17 @@ def add_commands(sub) -> None:
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
-def _usage(message: str) -> Exception:
+@functools.cache
+def _usage_error() -> type[Exception]:
     from steerer.cli import UsageError
 
-    return UsageError(message)
+    # Also a ValueError: under `python -m steerer.cli` the running module is __main__, whose UsageError is
+    # a different class from steerer.cli.UsageError, but its main() prints ValueErrors the same way.
+    return type("ServiceUsageError", (UsageError, ValueError), {})
+
+
+def _usage(message: str) -> Exception:
+    return _usage_error()(message)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import grpc
+import torch
 
 from steerer.bank import ProbeBank
 from steerer.core import Request, Result, Steerer, TokenEvent
@@ -82,7 +83,7 @@ class _Swap:
 class Scheduler:
     def __init__(self, lm: LoadedModel, bank: ProbeBank, *, max_batch: int = 32, max_queue: int = 64,
                  batch_wait_s: float = 0.005, metrics: Metrics | None = None,
-                 monitor_config: MonitorConfig | None = None):
+                 monitor_config: MonitorConfig | None = None, threads: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.lm = lm
@@ -91,6 +92,9 @@ class Scheduler:
         self.batch_wait_s = batch_wait_s
         self.metrics = metrics or Metrics()
         self.monitor_config = monitor_config
+        # torch's intra-op thread count is per OS thread: the scheduler thread must set it itself, or it
+        # runs with whatever a fresh thread gets instead of what the process was configured with.
+        self.threads = threads or torch.get_num_threads()
         self._steerer = Steerer(lm, bank, monitor_config, capacity=max_batch)
         self.bank = bank  # the bank new requests will run on; replaced when a swap completes
         self._queue: deque[Ticket] = deque()
@@ -171,7 +175,9 @@ class Scheduler:
             self._stopping = True
             self._abort = self._abort or not drain
             self._cv.notify()
-        if self._thread.is_alive():
+        if self._thread.ident is None:  # never started: nothing to drain, just take the hooks off the model
+            self._steerer.close()
+        elif self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
@@ -184,6 +190,7 @@ class Scheduler:
 
     # -- the scheduler thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             while self._cycle():
                 pass

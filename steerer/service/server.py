@@ -116,22 +116,31 @@ class SteererServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server)
         address = f"{_host(config.host)}:{config.port}"
-        if config.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's way of saying the bind failed
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            self.scheduler.stop(drain=False)
+            raise OSError(f"cannot listen on {address} (address in use or not available)")
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
     def start(self) -> SteererServer:
+        if self.config.metrics_port is not None:  # first: the likeliest to fail (port in use)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            except OSError as exc:
+                self.scheduler.stop(drain=False)
+                raise OSError(f"cannot serve metrics on {_host(self.config.host)}:{self.config.metrics_port}: "
+                              f"{exc.strerror or exc}") from None
         self.scheduler.start()
         self.server.start()
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self
