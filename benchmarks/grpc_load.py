@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from heldout import GENERIC_PROMPTS as PROMPTS  # benchmarks/heldout.py, beside this script
 
 from steerer.service.client import build_request
 from steerer.service.proto import pb2_grpc
@@ -38,14 +39,6 @@ from steerer.service.testing import ServerProcess, placeholder_bank
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-PROMPTS = [
-    "Describe how a bicycle works.", "Give me a recipe for pancakes.", "Explain photosynthesis simply.",
-    "What should I pack for a beach trip?", "Write a short poem about autumn.", "How do vaccines work?",
-    "Summarise the plot of Romeo and Juliet.", "What is a black hole?", "Tips for learning a new language?",
-    "Explain how a credit card works.", "Why is the sky blue?", "Describe a typical day of a nurse.",
-    "How do I start running?", "What is machine learning?", "Explain the rules of chess briefly.",
-    "Write a thank-you note to a teacher.",
-]
 CONSTRAINTS = [("word_count", {"relation": "at most", "limit": 60}), ("lowercase", {}), ("json_format", {})]
 POLICY = "conditional:4"
 

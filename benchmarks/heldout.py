@@ -15,6 +15,16 @@ from probes.tasks import get_task
 from probes.templates import get_base_request, prompt_messages, split_base_requests
 from steerer.bank import ProbeBank
 
+# Plain requests with no constraint, for the throughput benchmarks (overhead_hf, grpc_load).
+GENERIC_PROMPTS = [
+    "Describe how a bicycle works.", "Give me a recipe for pancakes.", "Explain photosynthesis simply.",
+    "What should I pack for a beach trip?", "Write a short poem about autumn.", "How do vaccines work?",
+    "Summarise the plot of Romeo and Juliet.", "What is a black hole?", "Tips for learning a new language?",
+    "Explain how a credit card works.", "Why is the sky blue?", "Describe a typical day of a nurse.",
+    "How do I start running?", "What is machine learning?", "Explain the rules of chess briefly.",
+    "Write a thank-you note to a teacher.",
+]
+
 
 @dataclass(frozen=True)
 class HeldOutPrompt:

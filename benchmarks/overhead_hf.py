@@ -17,23 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from heldout import GENERIC_PROMPTS as PROMPTS  # benchmarks/heldout.py, beside this script
 
 from steerer.bank import Probe, ProbeBank
 from steerer.engine.hf import HFEngine
 from steerer.generation import SamplingParams, generate
-from steerer.model import chat_prompt, load_model
+from steerer.model import DEFAULT_MODEL, chat_prompt, load_model
 from steerer.monitor import BankScorer
 from steerer.taps import FixedSteering, LayerHooks, LayerSteering, Where, unit_directions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPTS = [
-    "Describe how a bicycle works.", "Give me a recipe for pancakes.", "Explain photosynthesis simply.",
-    "What should I pack for a beach trip?", "Write a short poem about autumn.", "How do vaccines work?",
-    "Summarise the plot of Romeo and Juliet.", "What is a black hole?", "Tips for learning a new language?",
-    "Explain how a credit card works.", "Why is the sky blue?", "Describe a typical day of a nurse.",
-    "How do I start running?", "What is machine learning?", "Explain the rules of chess briefly.",
-    "Write a thank-you note to a teacher.",
-]
 PROBE_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26)
 
 
@@ -109,7 +102,7 @@ def main() -> None:
                 print(f"{dtype:9s} batch {batch:3d} {mode:8s} {case['tokens_per_s']:8.1f} tok/s  plain "
                       f"{case['plain_tokens_per_s']:8.1f}  ratio {case['ratio']:.4f}  hf.generate "
                       f"{case['hf_generate_tokens_per_s']:8.1f}  plain/hf {case['plain_vs_hf_generate']:.3f}", flush=True)
-    out = {"model": load_model.__module__ and (args.model or "smollm2-135m-instruct"),
+    out = {"model": args.model or DEFAULT_MODEL,
            "machine": "CPU, 2 cores (AVX2), torch.set_num_threads(2)",
            "probe_layers": list(PROBE_LAYERS), "steer_layer": 14, "cases": cases}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
