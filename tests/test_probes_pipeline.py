@@ -65,8 +65,11 @@ def test_bank_is_data_with_a_manifest_and_refuses_other_models(tiny, lm):
     assert manifest["format_version"] == 1 and manifest["fingerprint"] == lm.fingerprint
     assert {p["task"] for p in manifest["probes"]} == set(TASKS.split(","))
     for probe in manifest["probes"]:
-        assert probe["layer"] in (3, 20) and 0 < probe["threshold"] < 1 and probe["position"] == "eos"
-        assert "test_auroc" in probe["metrics"]
+        # The bank's layer is one stored at every token (3 here), so its flag threshold is calibrated on
+        # the per-token readings the live monitor sees.
+        assert probe["layer"] == 3 and 0 < probe["threshold"] < 1 and 0 < probe["flag_threshold"] < 1
+        assert probe["position"] in ("eos", "tokens")
+        assert {"test_auroc", "test_false_flag_rate", "test_violations_flagged"} <= set(probe["metrics"])
     bank = ProbeBank.load(bank_dir)
     bank.check_model(lm.fingerprint, lm.hidden_size)
     with pytest.raises(BankError, match="fingerprint"):
