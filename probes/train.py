@@ -229,21 +229,19 @@ def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], to
     threshold can be calibrated on the readings the live monitor will see), trained at `position`
     ("eos", "tokens" = every 3rd generated token, or "auto" = whichever flags more training violations at
     the calibrated false-flag budget), with an EOS threshold for verdicts and a flag threshold that keeps
-    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE."""
+    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE (both measured out of fold)."""
     candidates = {layer: result["by_layer"][layer] for layer in token_layers if layer in result["by_layer"]}
     if not candidates:
         raise ValueError("the bank needs a layer stored at every token: make --token-layers a subset of --layers")
     layer = _best_layer(candidates)
     entry = candidates[layer]
     s = split_at(data, "eos", layers.index(layer))
-    train = data.split == "train"
     options = {}
     for kind in (("eos", "tokens") if position == "auto" else (position,)):
         probe = entry["probe"] if kind == "eos" else train_token_probe(data, layer, token_layers)
         if kind == "tokens":
             probe.threshold = best_threshold(s.y_train, probe.proba(s.x_train))
-        ok = token_readings(probe, data, layer, layers, token_layers, train & (data.labels == 1))
-        bad = token_readings(probe, data, layer, layers, token_layers, train & (data.labels == 0))
+        ok, bad = out_of_fold_readings(probe, kind, data, layer, layers, token_layers)
         flag_threshold = calibrate_flag_threshold(ok, TARGET_FALSE_FLAG_RATE, config)
         options[kind] = (flag_rate(bad, flag_threshold, config), probe, flag_threshold)
     kind = max(options, key=lambda k: (np.nan_to_num(options[k][0], nan=-1), k == "eos"))
@@ -254,7 +252,7 @@ def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], to
     metrics = {"test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
                "test_balanced_accuracy": test["balanced_accuracy"], "cv_auroc": round(float(probe.cv_auroc), 4),
                "n_test": test["n"], "C": probe.c,
-               "train_violations_flagged": {k: round(v[0], 4) for k, v in options.items()},
+               "oof_violations_flagged": {k: round(v[0], 4) for k, v in options.items()},
                "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
                "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
     record = Probe(task=task, layer=layer, position=kind, polarity="satisfied", threshold=round(probe.threshold, 6),
@@ -323,15 +321,44 @@ def calibrate_flag_threshold(compliant: list[tuple[list[float], list[int]]], tar
     return float(max(ok)) if ok else 0.02
 
 
-def train_token_probe(data: TaskData, layer: int, token_layers: list[int], stride: int = 3) -> LinearProbe:
-    """A probe on every `stride`-th generated token's residual (labelled with the response's final verdict),
-    so it is calibrated for reading mid-generation states, not just the EOS token."""
+def token_matrix(data: TaskData, layer: int, token_layers: list[int], rows: np.ndarray,
+                 stride: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every `stride`-th generated token's residual of the given rows, labelled with the response's verdict."""
     t = token_layers.index(layer)
     xs, ys, gs = [], [], []
-    for i in np.flatnonzero(data.split == "train"):
+    for i in np.flatnonzero(rows):
         start, end = int(data.offsets[i]), int(data.offsets[i + 1])
         chunk = data.tokens[start:end:stride, t].float().numpy()
         xs.append(chunk)
         ys.append(np.full(len(chunk), data.labels[i]))
         gs.append(np.full(len(chunk), data.groups[i]))
-    return train_logreg(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+
+
+def train_token_probe(data: TaskData, layer: int, token_layers: list[int]) -> LinearProbe:
+    """A probe on generated tokens' residuals (labelled with the final verdict), so it is calibrated for
+    reading mid-generation states, not just the EOS token."""
+    return train_logreg(*token_matrix(data, layer, token_layers, data.split == "train"))
+
+
+def out_of_fold_readings(probe: LinearProbe, position: str, data: TaskData, layer: int, layers: list[int],
+                         token_layers: list[int]) -> tuple[list, list]:
+    """Per-token readings of training responses, each from a probe fitted without that response's base
+    request (grouped folds): (compliant, violating). In-sample readings are overconfident, and flag
+    thresholds calibrated on them fire far more often on new responses."""
+    train = np.flatnonzero(data.split == "train")
+    x_eos = data.positions[:, POSITIONS.index("eos"), layers.index(layer)].numpy()
+    ok, bad = [], []
+    for tr, va in _folds(data.labels[train], data.groups[train]):
+        fit_rows = np.zeros(len(data.rows), dtype=bool)
+        fit_rows[train[tr]] = True
+        if position == "eos":
+            fold_probe = fit_like(probe, x_eos[fit_rows], data.labels[fit_rows])
+        else:
+            with threadpool_limits(1):
+                fold_probe = fit_logreg(*token_matrix(data, layer, token_layers, fit_rows)[:2], probe.c or 0.01)
+        val = np.zeros(len(data.rows), dtype=bool)
+        val[train[va]] = True
+        ok += token_readings(fold_probe, data, layer, layers, token_layers, val & (data.labels == 1))
+        bad += token_readings(fold_probe, data, layer, layers, token_layers, val & (data.labels == 0))
+    return ok, bad
