@@ -196,11 +196,13 @@ def _plots(out: Path, svg, curves, temp, trans, inlp) -> None:
     fig.savefig(out / "specialist_vs_general.png", dpi=110)
     plt.close(fig)
 
-    colors = {"structural": "tab:blue", "lexical": "tab:green", "semantic": "tab:red"}
+    styles = {"structural": "-", "lexical": "--", "semantic": ":"}
+    palette = plt.get_cmap("tab10")
+    colour = {task: palette(i % 10) for i, task in enumerate(tasks)}
     fig, ax = plt.subplots(figsize=(9, 5))
     for task, c in curves.items():
-        ax.plot(c["layers"], c["cv_auroc"], label=f"{task} ({TASKS[task].kind})", color=colors[TASKS[task].kind],
-                alpha=0.8, marker="o", ms=2)
+        ax.plot(c["layers"], c["cv_auroc"], label=f"{task} ({TASKS[task].kind})", color=colour[task],
+                ls=styles[TASKS[task].kind], alpha=0.9, marker="o", ms=2)
     ax.set_xlabel("layer")
     ax.set_ylabel("cross-validated AUROC (train split, EOS)")
     ax.legend(fontsize=7)
@@ -212,7 +214,8 @@ def _plots(out: Path, svg, curves, temp, trans, inlp) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for task, c in temp.items():
         ax.plot(range(len(c["positions"])), [np.nan if v is None else v for v in c["test_auroc"]],
-                label=task, color=colors[TASKS[task].kind], alpha=0.8, marker="o", ms=3)
+                label=f"{task} ({TASKS[task].kind})", color=colour[task], ls=styles[TASKS[task].kind], alpha=0.9,
+                marker="o", ms=3)
     ax.set_xticks(range(len(POSITIONS)), ["prompt", "first", *[f"b{i}" for i in range(10)], "EOS"], rotation=45)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_ylabel("test AUROC")
