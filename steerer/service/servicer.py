@@ -10,6 +10,7 @@ UNAVAILABLE while shutting down, INTERNAL for a failed forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -47,6 +48,29 @@ def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
         else grpc.StatusCode.CANCELLED
 
 
+@contextlib.contextmanager
+def _outcome(servicer: SteererServicer, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Map what ended an RPC to its gRPC status, and record it in the metrics exactly once."""
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except StatusError as exc:
+        code = exc.code
+        context.abort(exc.code, exc.message)
+    except GeneratorExit:  # the client went away mid-stream
+        code = _ended_code(context)
+        raise
+    except Exception:
+        if not context.is_active():
+            code = _ended_code(context)
+            raise
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", method)
+        context.abort(code, "internal error")
+    finally:
+        servicer.metrics.request_done(method, code)
+
+
 def _rpc(method: str, streaming: bool = False) -> Callable:
     """Record the outcome of an RPC in the metrics and turn StatusError into the gRPC status."""
 
@@ -54,44 +78,15 @@ def _rpc(method: str, streaming: bool = False) -> Callable:
         if streaming:
             @functools.wraps(fn)
             def stream(self: SteererServicer, request, context: grpc.ServicerContext) -> Iterator:
-                code = grpc.StatusCode.OK
-                try:
+                with _outcome(self, method, context):
                     yield from fn(self, request, context)
-                except StatusError as exc:
-                    code = exc.code
-                    context.abort(exc.code, exc.message)
-                except GeneratorExit:  # the client went away mid-stream
-                    code = _ended_code(context)
-                    raise
-                except Exception:
-                    if not context.is_active():
-                        code = _ended_code(context)
-                        raise
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("%s failed", method)
-                    context.abort(code, "internal error")
-                finally:
-                    self.metrics.request_done(method, code)
 
             return stream
 
         @functools.wraps(fn)
         def unary(self: SteererServicer, request, context: grpc.ServicerContext):
-            code = grpc.StatusCode.OK
-            try:
+            with _outcome(self, method, context):
                 return fn(self, request, context)
-            except StatusError as exc:
-                code = exc.code
-                context.abort(exc.code, exc.message)
-            except Exception:
-                if not context.is_active():
-                    code = _ended_code(context)
-                    raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", method)
-                context.abort(code, "internal error")
-            finally:
-                self.metrics.request_done(method, code)
 
         return unary
 
