@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     requests = [Request(p.messages, (Constraint(p.task, p.params),), sampling=sampling, id=p.id)
                 for t in tasks for p in held_out_prompts(t, args.n_per_task, args.seed)]
     results: dict[str, Result] = {}
-    with Steerer(lm, bank, capacity=args.max_batch) as steerer, \
+    with Steerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer, \
             tqdm(total=len(requests), desc="generate", unit="resp") as bar:
         for item in steerer.generate(requests, args.max_batch):
             if isinstance(item, Result):

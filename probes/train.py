@@ -4,7 +4,8 @@ Methods are pure functions over (X, y): standardised logistic regression with re
 grouped cross-validation (groups = base requests, so no prompt text is shared between folds), and a
 difference-of-means direction as the second method. The best layer per task is picked on the
 cross-validated AUROC of the training split; thresholds are calibrated on out-of-fold predictions; the
-test split (held-out base requests) is only used for the reported figures.
+test split (held-out base requests) is only used for the reported figures, and for each bank probe's
+reliability: a 95% bootstrap interval of its test AUROC, `reliable` only when the interval clears 0.5.
 """
 
 from __future__ import annotations
@@ -47,6 +48,38 @@ class LinearProbe:
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else float("nan")
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def auroc_ci(y: np.ndarray, score: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+             seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the AUROC: [low, high], rounded to 4 places (NaN without both labels).
+
+    Test rows are resampled with replacement within each class (stratified: every resample has both
+    labels, so every resample has an AUROC), with a fixed seed so a bank's figures are reproducible. Each
+    resample's AUROC is exact (the Mann-Whitney form, ties count half), from one matrix of pairwise
+    comparisons and per-row draw counts, so 2000 resamples cost milliseconds.
+    """
+    y, score = np.asarray(y), np.asarray(score, dtype=float)
+    pos, neg = score[y == 1], score[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan"), float("nan")
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])  # [P, N]
+    rng = np.random.default_rng(seed)
+    count_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=resamples)  # [R, P]
+    count_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=resamples)  # [R, N]
+    aurocs = np.einsum("rp,pn,rn->r", count_pos, wins, count_neg) / (len(pos) * len(neg))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(aurocs, [tail, 100 - tail])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def is_reliable(ci: tuple[float, float]) -> bool:
+    """A probe is reliable when its AUROC interval lies wholly above chance (0.5); NaN is not reliable."""
+    return bool(ci[0] > 0.5)
 
 
 def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -229,7 +262,9 @@ def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], to
     threshold can be calibrated on the readings the live monitor will see), trained at `position`
     ("eos", "tokens" = every 3rd generated token, or "auto" = whichever flags more training violations at
     the calibrated false-flag budget), with an EOS threshold for verdicts and a flag threshold that keeps
-    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE (both measured out of fold)."""
+    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE (both measured out of fold).
+    Its reliability is measured on the test split at EOS: `reliable` only if the AUROC's 95% bootstrap
+    interval lies above chance, so a probe no better than a coin is never served as if it meant something."""
     candidates = {layer: result["by_layer"][layer] for layer in token_layers if layer in result["by_layer"]}
     if not candidates:
         raise ValueError("the bank needs a layer stored at every token: make --token-layers a subset of --layers")
@@ -247,16 +282,19 @@ def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], to
     kind = max(options, key=lambda k: (np.nan_to_num(options[k][0], nan=-1), k == "eos"))
     _, probe, flag_threshold = options[kind]
     test = evaluate(probe, s.x_test, s.y_test)
+    ci = auroc_ci(s.y_test, probe.proba(s.x_test))
     test_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 1))
     test_bad = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 0))
-    metrics = {"test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
+    metrics = {"test_auroc": test["auroc"], "test_auroc_ci": None if np.isnan(ci[0]) else [ci[0], ci[1]],
+               "test_accuracy": test["accuracy"],
                "test_balanced_accuracy": test["balanced_accuracy"], "cv_auroc": round(float(probe.cv_auroc), 4),
                "n_test": test["n"], "C": probe.c,
                "oof_violations_flagged": {k: round(v[0], 4) for k, v in options.items()},
                "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
                "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
     record = Probe(task=task, layer=layer, position=kind, polarity="satisfied", threshold=round(probe.threshold, 6),
-                   method=probe.method, metrics=metrics, flag_threshold=round(flag_threshold, 6))
+                   method=probe.method, metrics=metrics, flag_threshold=round(flag_threshold, 6),
+                   reliable=is_reliable(ci))
     return record, probe
 
 

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--policy", default="off", choices=["off", "constant", "conditional", "proportional"],
                      help="steering policy for every constraint (needs --constraint)")
     gen.add_argument("--bank", default=None, help="probe bank folder (default: the shipped bank)")
+    gen.add_argument("--use-unreliable-probes", action="store_true",
+                     help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance")
     import importlib
 
     for name in PLUGINS:
@@ -194,7 +196,13 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     bank = ProbeBank.load(args.bank)
     request = Request(args.prompt, constraints, policy, sampling=sampling, id="cli")
     lm = load_model(args.model, dtype=args.dtype)
-    with Steerer(lm, bank) as steerer:
+    if not args.use_unreliable_probes:
+        for constraint in constraints:
+            probe = bank.probes[bank.index(constraint.task)]
+            if not probe.reliable:
+                print(f"steerer: warning: the {probe.task} probe is muted, no flags or steering "
+                      f"({probe.unreliable_reason()}); --use-unreliable-probes to use it", file=sys.stderr)
+    with Steerer(lm, bank, use_unreliable_probes=args.use_unreliable_probes) as steerer:
         steerer.validate(request)
         result = None
         for item in steerer.generate([request]):
@@ -215,8 +223,10 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     print()
     for v in result.verdicts:
         actual = {None: "not checkable", True: "satisfied", False: "violated"}[v.satisfied]
-        print(f"[{v.task}: predicted {'violation' if v.predicted_violation else 'ok'} "
-              f"(P(satisfied) at end {v.p_satisfied_end:.2f}), checker: {actual}; "
+        p_end = "no reading" if v.p_satisfied_end is None else f"P(satisfied) at end {v.p_satisfied_end:.2f}"
+        predicted = "probe unreliable (muted)" if v.probe_muted else \
+            f"predicted {'violation' if v.predicted_violation else 'ok'}{'' if v.probe_reliable else ' (probe unreliable)'}"
+        print(f"[{v.task}: {predicted} ({p_end}), checker: {actual}; "
               f"steered {result.steered_tokens[v.task]} tokens]", file=sys.stderr)
     return 0
 

@@ -38,6 +38,13 @@ class Constraint:
         return cls(task.strip(), parsed)
 
 
+def known_tasks() -> tuple[str, ...]:
+    """Every task id a constraint may name."""
+    from probes.tasks import TASKS
+
+    return tuple(TASKS)
+
+
 def check_constraint(constraint: Constraint, text: str) -> bool | None:
     """The checker's verdict on a final response, or None where the task has no checker."""
     from probes.tasks import TASKS

@@ -10,6 +10,7 @@ forward with taps and steering -> probe scores -> risk, flags -> token events.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,13 @@ class TokenEvent:
 class Verdict:
     task: str
     params: dict
-    predicted_violation: bool  # from the probe at the end of the response (EOS residual)
-    p_satisfied_end: float
-    flagged: bool  # a flag was raised at some point during generation
+    predicted_violation: bool  # from the probe at the end of the response (EOS residual); False if muted
+    p_satisfied_end: float | None  # the probe's reading there (None if it is not a finite number)
+    flagged: bool  # a flag was raised at some point during generation (never for a muted probe)
     first_flag_token: int | None
     satisfied: bool | None  # the checker's verdict on the final text (None if not checkable)
+    probe_reliable: bool = True  # the bank marks the probe reliable (its AUROC interval clears chance)
+    probe_muted: bool = False  # unreliable and not overridden: no prediction, no flags, no steering
 
 
 @dataclass
@@ -91,14 +94,19 @@ class Steerer:
 
     def __init__(self, lm: LoadedModel, bank: ProbeBank, monitor_config: MonitorConfig | None = None,
                  capacity: int = 128, where: Where = Where.GENERATED, record: bool = False,
-                 check_bank: bool = True):
+                 check_bank: bool = True, check: bool = True, use_unreliable_probes: bool = False):
         if check_bank:
             bank.check_model(lm.fingerprint, lm.hidden_size)
         self.lm = lm
         self.bank = bank
+        # check=False leaves Verdict.satisfied None for the caller to fill with `check_verdicts`: the server
+        # runs checkers (a MiniLM embedder for topic) off the thread that drives the model.
+        self.check = check
         self.capacity = capacity
-        self.monitor = Monitor(bank, monitor_config or MonitorConfig(), capacity, record=record)
-        self.policies = PolicyTable(bank, capacity, where)
+        # Probes whose measured reliability does not clear chance neither flag nor steer, unless overridden.
+        self.muted = bank.muted(use_unreliable_probes)
+        self.monitor = Monitor(bank, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted)
+        self.policies = PolicyTable(bank, capacity, where, muted=self.muted)
         self.hooks = LayerHooks(lm.model, tap_layers=bank.layers, steering=self.policies.steering).attach()
         self.engine = HFEngine(lm, self.hooks)
         self.batch = RunningBatch(self.engine, self, tap_eos=True)
@@ -247,7 +255,7 @@ class Steerer:
         slot = generation.row
         live = self._live[slot]
         text = self.lm.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-        verdicts = build_verdicts(self.monitor, slot, live.request.constraints, live.columns, text)
+        verdicts = build_verdicts(self.monitor, slot, live.request.constraints, live.columns, text, self.check)
         traces = self.monitor.traces_for(slot, live.tasks)
         result = Result(live.request_id, text, generation.tokens, generation.finish_reason, verdicts,
                         generation.prompt_tokens, live.steered, self.bank.version, traces)
@@ -260,19 +268,29 @@ class Steerer:
 
 
 def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ...], columns: torch.Tensor,
-                   text: str) -> list[Verdict]:
+                   text: str, check: bool = True) -> list[Verdict]:
     """Per constraint: the probe's reading at the end (EOS pass, else the last token), flag history and
-    the checker's verdict on the final text."""
+    (check=True) the checker's verdict on the final text."""
     verdicts = []
     for constraint, k in zip(constraints, columns.tolist(), strict=True):
         p_end = float(monitor.eos_p[row, k])
         if p_end != p_end:  # no EOS pass (length limit): the last token's reading stands in
             p_end = float(monitor.last_p[row, k])
         first = int(monitor.first_flag[row, k])
-        verdicts.append(Verdict(constraint.task, dict(constraint.params), p_end < monitor.bank.probes[k].threshold,
-                                p_end, bool(monitor.ever_flagged[row, k]), first if first >= 0 else None,
-                                check_constraint(constraint, text)))
+        probe, muted = monitor.bank.probes[k], bool(monitor.muted[k])
+        finite = math.isfinite(p_end)
+        verdicts.append(Verdict(constraint.task, dict(constraint.params),
+                                not muted and finite and p_end < probe.threshold, p_end if finite else None,
+                                bool(monitor.ever_flagged[row, k]), first if first >= 0 else None,
+                                check_constraint(constraint, text) if check else None, bool(probe.reliable), muted))
     return verdicts
+
+
+def check_verdicts(result: Result) -> Result:
+    """Fill in the checker's verdict on the final text for every constraint of a result (in place)."""
+    for verdict in result.verdicts:
+        verdict.satisfied = check_constraint(Constraint(verdict.task, verdict.params), result.text)
+    return result
 
 
 def results_as_dict(result: Result) -> dict[str, Any]:

@@ -20,8 +20,11 @@ from steerer.sampling import select_tokens
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per-request sampling. A temperature in [0, `sampling.MIN_TEMPERATURE`) (1e-4) is greedy: smaller
+    ones would overflow the scaled logits, and sampling at them is greedy in all but name anyway."""
+
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)

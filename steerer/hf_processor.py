@@ -96,7 +96,8 @@ class SteererLogitsProcessor(LogitsProcessor):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, bank: ProbeBank, rows: RowSpec | Sequence[RowSpec],
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED,
-                 capacity: int = 256, record: bool = False, check_bank: bool = True):
+                 capacity: int = 256, record: bool = False, check_bank: bool = True,
+                 use_unreliable_probes: bool = False):
         if check_bank:
             bank.check_model(model_fingerprint(model), int(model.config.hidden_size))
         self.model = model
@@ -107,7 +108,8 @@ class SteererLogitsProcessor(LogitsProcessor):
             _validate(spec, bank)
         self.monitor_config = monitor_config or MonitorConfig()
         self.record = record
-        self.policies = PolicyTable(bank, capacity, where)
+        self.muted = bank.muted(use_unreliable_probes)  # as in Steerer: unreliable probes neither flag nor steer
+        self.policies = PolicyTable(bank, capacity, where, muted=self.muted)
         self.hooks = LayerHooks(model, tap_layers=bank.layers, steering=self.policies.steering)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._applied = torch.zeros(capacity, len(bank.probes))  # coefficients of the pass about to run
@@ -161,7 +163,7 @@ class SteererLogitsProcessor(LogitsProcessor):
             raise ValueError(f"the processor was given {len(specs)} row specs for a batch of {batch} rows")
         if batch > self.policies.capacity:
             raise ValueError(f"batch of {batch} rows exceeds the processor's capacity {self.policies.capacity}")
-        monitor = Monitor(self.bank, self.monitor_config, batch, record=self.record)
+        monitor = Monitor(self.bank, self.monitor_config, batch, record=self.record, muted=self.muted)
         rows = []
         for b, spec in enumerate(specs):
             tasks = [c.task for c in spec.constraints]
@@ -322,7 +324,8 @@ def attach_steerer(model: torch.nn.Module, tokenizer: Any, bank: ProbeBank,
                    constraints: Sequence[Constraint] = (), policy: SteeringPolicy = OFF,
                    policies: dict[str, SteeringPolicy] | None = None, rows: Sequence[RowSpec] | None = None,
                    monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED,
-                   record: bool = False, check_bank: bool = True) -> Iterator[SteererLogitsProcessor]:
+                   record: bool = False, check_bank: bool = True,
+                   use_unreliable_probes: bool = False) -> Iterator[SteererLogitsProcessor]:
     """Hooks attached for the `with` block; the processor goes in `generate(logits_processor=...)`.
 
     `constraints`/`policy`/`policies` apply to every batch row; pass `rows` (one `RowSpec` per row) instead
@@ -331,7 +334,7 @@ def attach_steerer(model: torch.nn.Module, tokenizer: Any, bank: ProbeBank,
     spec: RowSpec | list[RowSpec] = list(rows) if rows is not None else \
         RowSpec(tuple(constraints), policy, dict(policies or {}))
     processor = SteererLogitsProcessor(model, tokenizer, bank, spec, monitor_config, where, record=record,
-                                       check_bank=check_bank)
+                                       check_bank=check_bank, use_unreliable_probes=use_unreliable_probes)
     with processor:
         yield processor
 

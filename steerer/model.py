@@ -119,6 +119,14 @@ class LoadedModel:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The context the model was trained for (prompt + response tokens); None if its config does not say.
+
+        Past it a RoPE model does not fail, it produces garbage, so the server refuses longer requests."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
 
 def load_model(name: str | None = None, dtype: str = "float32", threads: int | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad needed)."""

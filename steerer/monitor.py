@@ -41,7 +41,9 @@ class Monitor:
     """Step hooks that score every probe of the bank at every pass, for the rows registered with it.
 
     Rows are integer slots in [0, capacity). `risk` is 1 - P(satisfied); a row only gets flags for
-    the tasks it registered. `record=True` keeps each row's per-token P(satisfied) trace.
+    the tasks it registered, and never for a muted probe (`muted`, [K] bool: probes not trusted to flag,
+    see `ProbeBank.muted`; their risk is still computed and reported). `record=True` keeps each row's
+    per-token P(satisfied) trace.
     """
 
     bank: ProbeBank
@@ -49,9 +51,11 @@ class Monitor:
     capacity: int = 256
     record: bool = False
     events: list[FlagEvent] = field(default_factory=list)
+    muted: torch.Tensor | None = None  # [K] bool; None = none muted
 
     def __post_init__(self) -> None:
         k = len(self.bank.probes)
+        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool()
         self.risk_threshold = 1.0 - self.bank.flag_thresholds  # [K]
         self.active = torch.zeros(self.capacity, k, dtype=torch.bool)
         self.smoothed = torch.zeros(self.capacity, k)
@@ -67,8 +71,9 @@ class Monitor:
         if not 0 <= row < self.capacity:
             raise ValueError(f"row slot {row} outside the monitor's capacity {self.capacity}")
         self.active[row] = False
-        for task in tasks:
-            self.active[row, self.bank.index(task)] = True
+        for task in tasks:  # a muted probe is never active: the flag rule then costs nothing extra per token
+            k = self.bank.index(task)
+            self.active[row, k] = not bool(self.muted[k])
         for table in (self.smoothed, self.last_p):
             table[row] = 0
         self.seen[row] = False

@@ -59,14 +59,19 @@ OFF = SteeringPolicy()
 
 @dataclass
 class PolicyTable:
-    """Per-row, per-probe policy kinds and strengths, and the bank's steering hooks they drive."""
+    """Per-row, per-probe policy kinds and strengths, and the bank's steering hooks they drive.
+
+    A muted probe (`muted`, [K] bool, see `ProbeBank.muted`) never steers: its policy stays `off`.
+    """
 
     bank: ProbeBank
     capacity: int = 256
     where: Where = Where.GENERATED
+    muted: torch.Tensor | None = None  # [K] bool; None = none muted
 
     def __post_init__(self) -> None:
         k = len(self.bank.probes)
+        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool()
         self.kinds = torch.zeros(self.capacity, k, dtype=torch.long)
         self.alphas = torch.zeros(self.capacity, k)
         self.layer_columns: dict[int, torch.Tensor] = {}
@@ -81,6 +86,8 @@ class PolicyTable:
         self.alphas[row] = 0
         for task, policy in policies.items():
             k = self.bank.index(task)
+            if self.muted[k]:
+                continue
             self.kinds[row, k] = policy.code
             self.alphas[row, k] = policy.alpha
 

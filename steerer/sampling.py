@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+# Temperatures below this are greedy. Far below it logits / temperature overflow float32 (at 1e-40 every
+# sampled row chose token 0), and already at it the Gumbel noise decides only between near-exact ties.
+MIN_TEMPERATURE = 1e-4
 
 
 def _to_signed(value: int) -> int:
@@ -39,9 +42,10 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 def select_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                   seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Greedy where temperature == 0, else top-p Gumbel-max sampling at that temperature. [B] ids."""
+    """Greedy where temperature < MIN_TEMPERATURE (0 included), else top-p Gumbel-max sampling at that
+    temperature. [B] ids."""
     greedy = logits.argmax(dim=-1)
-    sampled_rows = temperature > 0
+    sampled_rows = temperature >= MIN_TEMPERATURE
     if not bool(sampled_rows.any()):
         return greedy
     idx = sampled_rows.nonzero().squeeze(1)

@@ -7,7 +7,8 @@ residual for the caller. Recording keeps a view, never a copy, so monitoring cos
 Alpha is absolute: directions are unit vectors in the residual space of their layer, so `alpha` is the
 L2 norm of the vector added to each token's residual. (SmolLM2-135M's residual norms grow from about 30 at
 layer 0 to about 130 at layer 10 and 650 at layer 28; `steerer generate --json` prints them.) A row whose coefficients are
-all zero gets an exact zero added, so its output is bit-identical to an unsteered run.
+all zero gets an exact zero added (masked, not multiplied, so not even a NaN direction reaches it), so its
+output is bit-identical to an unsteered run.
 """
 
 from __future__ import annotations
@@ -57,13 +58,18 @@ class LayerSteering:
     where: Where = Where.GENERATED
     coeffs: torch.Tensor | None = None  # [B, K]; None or all-zero means nothing is added
     active: bool = False  # False skips the add entirely (cheaper than adding zeros)
+    steered: torch.Tensor | None = None  # [B] bool: rows with a non-zero coefficient
 
     def set_coeffs(self, coeffs: torch.Tensor) -> None:
         self.coeffs = coeffs
-        self.active = bool(torch.count_nonzero(coeffs))
+        self.steered = (coeffs != 0).any(dim=1)
+        self.active = bool(self.steered.any())
 
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.coeffs.to(dtype) @ self.directions.to(dtype))[:, None, :]
+        """[B, 1, d] vectors to add. Rows with all-zero coefficients get an exact zero whatever the
+        directions hold: with a NaN in a direction, 0 * NaN would otherwise be NaN in every row."""
+        delta = self.coeffs.to(dtype) @ self.directions.to(dtype)
+        return torch.where(self.steered[:, None], delta, 0.0)[:, None, :]
 
 
 def unit_directions(directions: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,8 @@ BAD_PARAMS = [
     ("term_exclusion", {"terms": "ocean"}, "list"),
     ("term_exclusion", {"terms": [1]}, "string"),
     ("keyword_inclusion", {"terms": ["  "]}, "blank"),
+    ("term_exclusion", {"terms": [f"w{i}" for i in range(65)]}, "at most 64 terms"),
+    ("keyword_inclusion", {"terms": ["x" * 65]}, "at most 64 characters"),
     ("keyword_inclusion", {}, "missing"),
     ("sentiment", {"polarity": "neutral"}, "unknown polarity"),
     ("sentiment", {"polarity": None}, "unknown polarity"),
@@ -250,6 +252,24 @@ def test_register_plain_text_satisfies_neither() -> None:
     text = "You can make cold brew by mixing ground coffee with cold water and leaving it overnight."
     assert not checkers.register(text, {"register": "formal"})
     assert not checkers.register(text, {"register": "informal"})
+
+
+def test_semantic_checkers_write_nothing_to_stderr(capfd, caplog, monkeypatch) -> None:
+    """At INFO (as under `steerer serve`) sentence-transformers drew a progress bar per request."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(checkers, "_embedder", None)  # the first use loads MiniLM: no bar there either
+    monkeypatch.setattr(checkers, "_topic_cache", {})
+    text = "The telescope shows the rings of Saturn and the moons of Jupiter on a clear night."
+    capfd.readouterr()
+    assert checkers.topic(text, {"topic": "astronomy"})
+    first = capfd.readouterr().err
+    assert "it/s" not in first and "\r" not in first, first
+    for _ in range(2):
+        checkers.topic(text, {"topic": "astronomy"})
+        checkers.sentiment("What a wonderful, lovely day!", {"polarity": "positive"})
+    assert capfd.readouterr().err == ""
 
 
 def test_topic_accepts_any_named_topic() -> None:

@@ -33,6 +33,18 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_company(lm, pr
     assert other_seed.tokens != alone
 
 
+def test_temperatures_below_the_floor_are_greedy(lm, prompts):
+    """1e-40 used to overflow the scaled logits (every token id 0); below MIN_TEMPERATURE is greedy."""
+    from steerer.sampling import MIN_TEMPERATURE
+
+    engine = HFEngine(lm)
+    greedy = generate(engine, prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].tokens
+    for temperature in (1e-40, 1e-30, MIN_TEMPERATURE / 2):
+        params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=3, ignore_eos=True)
+        assert generate(engine, prompts[:1], params)[0].tokens == greedy, temperature
+    assert set(greedy) != {0}
+
+
 def test_a_row_joining_a_running_batch_decodes_as_it_would_alone(lm, prompts):
     engine = HFEngine(lm)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)

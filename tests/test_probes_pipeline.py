@@ -69,7 +69,9 @@ def test_bank_is_data_with_a_manifest_and_refuses_other_models(tiny, lm):
         # the per-token readings the live monitor sees.
         assert probe["layer"] == 3 and 0 < probe["threshold"] < 1 and 0 < probe["flag_threshold"] < 1
         assert probe["position"] in ("eos", "tokens")
-        assert {"test_auroc", "test_false_flag_rate", "test_violations_flagged"} <= set(probe["metrics"])
+        assert {"test_auroc", "test_auroc_ci", "test_false_flag_rate", "test_violations_flagged"} <= set(probe["metrics"])
+        ci = probe["metrics"]["test_auroc_ci"]  # None when the tiny test split lacks a class
+        assert probe["reliable"] is (ci is not None and ci[0] > 0.5)
     bank = ProbeBank.load(bank_dir)
     bank.check_model(lm.fingerprint, lm.hidden_size)
     with pytest.raises(BankError, match="fingerprint"):
@@ -91,11 +93,13 @@ def test_score_writes_one_row_per_input_and_errors_for_bad_rows(tiny, tmp_path):
              "params": {"relation": "at least", "limit": 10}}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    steerer_cli("probes", "score", "--input", str(inp), "--output", str(out), "--bank", str(bank_dir),
-                "--max-new-tokens", "12")
+    proc = steerer_cli("probes", "score", "--input", str(inp), "--output", str(out), "--bank", str(bank_dir),
+                       "--max-new-tokens", "12")
+    assert "score: 100%" in proc.stderr and "2/2" in proc.stderr  # a progress bar over the scorable rows
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g.get("id") for g in got] == ["a", "b", "c", None]
     assert "unknown task" in got[1]["error"] and "error" in got[3]
-    for g in (got[0], got[2]):
+    for g, row in ((got[0], rows[0]), (got[2], rows[2])):
+        assert (g["task"], g["params"]) == (row["task"], row["params"])  # rows stand alone, no join needed
         assert isinstance(g["satisfied"], bool) and 0 <= g["score_eos"] <= 1
         assert 1 <= len(g["scores"]) <= 13 and all(0 <= s <= 1 for s in g["scores"])

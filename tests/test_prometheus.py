@@ -134,24 +134,55 @@ def traffic(server: ServerProcess) -> None:
                 stream.cancel()
 
 
+def query(prometheus: str, expr: str) -> list[float]:
+    reply = get_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert reply["status"] == "success", (expr, reply)
+    return [float(r["value"][1]) for r in reply["data"]["result"]]
+
+
+def served_requests(server: ServerProcess) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "steerer_requests_total")
+
+
+def wait_until(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.25)
+
+
+def scraped_up_to_now(server: ServerProcess, prometheus: str) -> None:
+    """Wait until Prometheus holds a sample of the server's request counter at least as high as it is now."""
+    now = served_requests(server)
+    wait_until(lambda: (v := query(prometheus, "sum(steerer_requests_total)")) and v[0] >= now,
+               f"prometheus scraped steerer_requests_total >= {now}")
+
+
 def test_every_dashboard_query_returns_data(server, prometheus):
     queries = panel_queries()
     assert len(queries) >= 15
-    # Two waves a few scrapes apart, so every counter increases inside the rate windows.
+    # Every step waits for a condition, never a fixed time: Prometheus's first scrape comes some seconds
+    # after /-/ready, and a wave that ends before it leaves no increase inside any rate window.
+    wait_until(lambda: query(prometheus, 'up{job="steerer"}') == [1.0], "prometheus scraped the target")
+    scraped_up_to_now(server, prometheus)
     traffic(server)
-    time.sleep(3)
+    scraped_up_to_now(server, prometheus)
     traffic(server)
-    time.sleep(4)
+    scraped_up_to_now(server, prometheus)
     targets = get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
     assert [t["health"] for t in targets] == ["up"], targets
-    empty = []
-    for title, expr in queries:
-        reply = get_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        assert reply["status"] == "success", (title, reply)
-        values = [float(r["value"][1]) for r in reply["data"]["result"]]
-        if not any(math.isfinite(v) for v in values):
-            empty.append((title, expr, values))
-    assert not empty, "panels without data:\n" + "\n".join(map(str, empty))
+
+    def empty() -> list:
+        answers = [(title, expr, query(prometheus, expr)) for title, expr in queries]
+        return [a for a in answers if not any(math.isfinite(v) for v in a[2])]
+
+    # Recording happens at scrape time; rule-free queries see it at once, but allow a few evaluations.
+    deadline = time.monotonic() + 30
+    while (missing := empty()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not missing, "panels without data:\n" + "\n".join(map(str, missing))
 
 
 def test_shipped_prometheus_config_is_valid():

@@ -33,7 +33,7 @@ def stand_in_bank(lm, seed: int = 0, threshold: float = 0.5, fingerprint: str | 
     """Random probes for the real task names, one per layer; weights scaled so logits are O(1)."""
     g = torch.Generator().manual_seed(seed)
     k, d = len(TASKS), lm.hidden_size
-    probes = [Probe(task=t, layer=layer, threshold=threshold) for t, layer in zip(TASKS, LAYERS, strict=True)]
+    probes = [Probe(task=t, layer=layer, threshold=threshold, reliable=True) for t, layer in zip(TASKS, LAYERS, strict=True)]
     return ProbeBank("dev", fingerprint or lm.fingerprint, d, probes, torch.randn(k, d, generator=g) / 100,
                      torch.zeros(k), unit_directions(torch.randn(k, d, generator=g)), version="dev")
 

@@ -22,12 +22,19 @@ def add_commands(sub) -> None:
     serve.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument("--bank", default=None, help="probe-bank folder (default: the shipped bank)")
+    serve.add_argument("--use-unreliable-probes", action="store_true",
+                       help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance "
+                            "(default: they are muted; their risk is still reported)")
     serve.add_argument("--max-batch", type=int, default=32, help="requests sharing one forward pass")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
     serve.add_argument("--max-prompt-tokens", type=int, default=2048)
     serve.add_argument("--max-new-tokens", type=int, default=1024, help="cap on a request's max_new_tokens")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="when idle, wait this long for more arrivals to prefill together")
+    serve.add_argument("--prefill-chunk", type=int, default=8,
+                       help="while rows decode, admit at most this many requests per step (one prefill)")
+    serve.add_argument("--admit-wait-ms", type=float, default=50.0,
+                       help="while rows decode, a partial chunk waits this long for more arrivals")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds streams get to finish on shutdown")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
@@ -80,7 +87,7 @@ def _usage(message: str) -> Exception:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from steerer.bank import BankError, ProbeBank
+    from steerer.bank import BankError, ProbeBank, muted_notice
     from steerer.model import load_model
     from steerer.service.server import ServerConfig, SteererServer, model_info_line
 
@@ -89,8 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                          batch_wait_ms=args.batch_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None)
+                          batch_wait_ms=args.batch_wait_ms, prefill_chunk=args.prefill_chunk,
+                          admit_wait_ms=args.admit_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, auth_token=_serve_token(args.auth_token),
+                          use_unreliable_probes=args.use_unreliable_probes)
     try:
         config.validate()
     except ValueError as exc:
@@ -100,12 +109,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         bank = ProbeBank.load(args.bank)
     except BankError as exc:
-        raise _usage(f"{exc}; pass --bank FOLDER") from None
+        raise _usage(f"{exc}{'' if args.bank else '; pass --bank FOLDER'}") from None
     lm = load_model(args.model, dtype=args.dtype, threads=args.threads)
     try:
         bank.check_model(lm.fingerprint, lm.hidden_size)
-    except BankError as exc:
+        config.check_context(lm.max_positions)
+    except (BankError, ValueError) as exc:
         raise _usage(str(exc)) from None
+    notice = None if args.use_unreliable_probes else muted_notice(bank)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     try:
         server = SteererServer(lm, bank, config).start()
     except OSError as exc:
@@ -114,6 +127,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.serve_forever()
     print("steerer: stopped", flush=True)
     return 0
+
+
+def _serve_token(flag: str | None) -> str | None:
+    """The flag, else the environment; an empty value given either way stays empty (and is refused), so
+    `--auth-token ""` cannot turn authentication off unnoticed."""
+    return flag if flag is not None else os.environ.get(TOKEN_ENV)
 
 
 def _client(args: argparse.Namespace):
@@ -186,9 +205,14 @@ def _summary(reply) -> None:
     parts = [f"finish {reply.finish_reason}", f"{reply.usage.completion_tokens} tokens", f"bank {reply.bank_version}"]
     for v in reply.verdicts:
         actual = ("satisfied" if v.satisfied else "violated") if v.HasField("satisfied") else "unchecked"
-        predicted = "violation" if v.predicted_violation else "ok"
+        p = f"p={v.p_satisfied_end:.2f}" if v.HasField("p_satisfied_end") else "no reading"
         steered = reply.usage.steered_tokens.get(v.task, 0)
-        parts.append(f"{v.task}: predicted {predicted} (p={v.p_satisfied_end:.2f}), {actual}, "
+        if v.probe_muted:
+            parts.append(f"{v.task}: probe unreliable (muted, {p}), {actual}")
+            continue
+        predicted = "violation" if v.predicted_violation else "ok"
+        note = "" if v.probe_reliable else " [probe unreliable]"
+        parts.append(f"{v.task}: predicted {predicted} ({p}){note}, {actual}, "
                      f"{'flagged' if v.flagged else 'not flagged'}, steered {steered}")
     print("; ".join(parts), file=sys.stderr, flush=True)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from steerer.constraints import Constraint
+from steerer.constraints import Constraint, known_tasks
 from steerer.core import Request, Result, TokenEvent
 from steerer.generation import SamplingParams
 from steerer.policy import SteeringPolicy
@@ -22,6 +22,10 @@ from steerer.service.proto import pb2
 ROLES = ("system", "user", "assistant")
 MAX_ID_CHARS = 128
 CHARS_PER_TOKEN_BOUND = 16  # a prompt this many characters per allowed token is too long without tokenizing
+# Bounds checked on the protobuf message itself (C code, no Python loop over its contents), so that an
+# oversized request is refused in microseconds instead of holding the GIL while it is converted.
+MAX_PARAMS_BYTES = 8192  # a constraint's serialized params; the nine tasks need well under 1 KiB
+MAX_PARAMS_DEPTH = 4  # objects and lists inside params ({"terms": [...]} is 2)
 POLICY_KINDS = {pb2.POLICY_KIND_UNSPECIFIED: "off", pb2.POLICY_KIND_OFF: "off",
                 pb2.POLICY_KIND_CONSTANT: "constant", pb2.POLICY_KIND_CONDITIONAL: "conditional",
                 pb2.POLICY_KIND_PROPORTIONAL: "proportional"}
@@ -39,6 +43,25 @@ class Limits:
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain JSON values; whole numbers become ints (Struct stores every number as a double)."""
     return _ints(json_format.MessageToDict(struct))
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def params_from_pb(struct: struct_pb2.Struct, where: str) -> dict[str, Any]:
+    """A constraint's params, refused when too large or too deeply nested before any Python walks them."""
+    size = struct.ByteSize()
+    if size > MAX_PARAMS_BYTES:
+        raise ValueError(f"{where} is too large: {size} bytes serialized; at most {MAX_PARAMS_BYTES}")
+    params = struct_to_dict(struct)
+    if _depth(params) > MAX_PARAMS_DEPTH:
+        raise ValueError(f"{where} is nested too deeply: at most {MAX_PARAMS_DEPTH} levels of objects and lists")
+    return params
 
 
 def _ints(value: Any) -> Any:
@@ -80,7 +103,7 @@ def sampling_from_pb(message: pb2.SamplingParams, limits: Limits) -> SamplingPar
     return params.validate()
 
 
-def prompt_from_pb(message: pb2.GenerateRequest) -> str | list[dict]:
+def prompt_from_pb(message: pb2.GenerateRequest, max_messages: int = 2048) -> str | list[dict]:
     which = message.WhichOneof("input")
     if which is None:
         raise ValueError("prompt is empty: set prompt or messages")
@@ -88,6 +111,8 @@ def prompt_from_pb(message: pb2.GenerateRequest) -> str | list[dict]:
         if not message.prompt.strip():
             raise ValueError("prompt is empty")
         return message.prompt
+    if len(message.messages.messages) > max_messages:  # before the loop below walks them
+        raise ValueError(f"prompt is too long: {len(message.messages.messages)} messages; at most {max_messages}")
     chat = [{"role": m.role, "content": m.content} for m in message.messages.messages]
     if not chat:
         raise ValueError("prompt is empty: messages has no message")
@@ -101,7 +126,7 @@ def prompt_from_pb(message: pb2.GenerateRequest) -> str | list[dict]:
 
 def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     """The library request for a GenerateRequest (the prompt's token count is checked separately)."""
-    prompt = prompt_from_pb(message)
+    prompt = prompt_from_pb(message, limits.max_prompt_tokens)  # each message costs tokens of its own
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     chars += len(message.system)
     if chars > limits.max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
@@ -110,11 +135,14 @@ def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     for name, value in (("request_id", message.request_id), ("experiment_key", message.experiment_key)):
         if len(value) > MAX_ID_CHARS or not value.isprintable():
             raise ValueError(f"{name} must be at most {MAX_ID_CHARS} printable characters")
+    known = known_tasks()
+    if len(message.constraints) > len(known):  # each task at most once
+        raise ValueError(f"too many constraints: {len(message.constraints)}; at most {len(known)}, one per task")
     constraints, policies = [], {}
     for i, c in enumerate(message.constraints):
         if not c.task:
             raise ValueError(f"constraints[{i}].task is empty")
-        constraint = Constraint(c.task, struct_to_dict(c.params))
+        constraint = Constraint(c.task, params_from_pb(c.params, f"constraints[{i}].params"))
         try:
             constraint.validate()
         except (ValueError, KeyError) as exc:  # probes.tasks raises a KeyError subclass for unknown tasks
@@ -144,8 +172,10 @@ def result_to_pb(result: Result, request_id: str, experiment_key: str, model: st
                                finish_reason=result.finish_reason, bank_version=result.bank_version,
                                experiment_key=experiment_key, model=model)
     for v in result.verdicts:
-        verdict = out.verdicts.add(task=v.task, predicted_violation=v.predicted_violation,
-                                   p_satisfied_end=_finite(v.p_satisfied_end), flagged=v.flagged)
+        verdict = out.verdicts.add(task=v.task, predicted_violation=v.predicted_violation, flagged=v.flagged,
+                                   probe_reliable=v.probe_reliable, probe_muted=v.probe_muted)
+        if v.p_satisfied_end is not None and math.isfinite(v.p_satisfied_end):  # unset, not a made-up 0.0
+            verdict.p_satisfied_end = v.p_satisfied_end
         verdict.params.CopyFrom(dict_to_struct(v.params))
         if v.first_flag_token is not None:
             verdict.first_flag_token = v.first_flag_token
@@ -156,6 +186,3 @@ def result_to_pb(result: Result, request_id: str, experiment_key: str, model: st
     out.usage.steered_tokens.update({k: int(n) for k, n in result.steered_tokens.items()})
     return out
 
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0

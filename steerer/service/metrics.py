@@ -34,6 +34,8 @@ class Metrics:
         self.queue_depth = Gauge("steerer_queue_depth", "Requests waiting for a slot in the batch", registry=r)
         self.step_batch = Histogram("steerer_step_batch_size", "Rows per forward pass", buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.prefill_rows = Histogram("steerer_prefill_rows", "Requests admitted per prefill (admission chunk)",
+                                      buckets=BATCH_BUCKETS, registry=r)
         self.risk = Histogram("steerer_probe_risk", "Smoothed probe risk (1 - P(satisfied)) per token, by task",
                               ["task"], buckets=RISK_BUCKETS, registry=r)
         self.flags = Counter("steerer_flags_raised", "Violation flags raised during generation, by task",
@@ -45,6 +47,9 @@ class Metrics:
         self.steered = Counter("steerer_steered_tokens", "Tokens generated with non-zero steering, by task",
                                ["task"], registry=r)
         self.reloads = Counter("steerer_bank_reloads", "Probe-bank reloads by result", ["result"], registry=r)
+        self.reload_pending = Gauge("steerer_bank_reload_pending",
+                                    "1 while a probe-bank reload waits for the requests in flight to finish",
+                                    registry=r)
         self.bank = Info("steerer_bank", "The probe bank in use", registry=r)
         self._server = None
 

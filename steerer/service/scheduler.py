@@ -3,9 +3,13 @@
 The `Steerer` is not thread-safe, so a single scheduler thread drives it. RPC threads `submit()` a
 request to a bounded FIFO (once the batch is full and `max_queue` more wait, `QueueFull`: the servicer's
 RESOURCE_EXHAUSTED) and read their ticket's output queue: `TokenEvent`s, then one `Result` or `Failure`.
-Between two forward passes the scheduler admits as many waiting requests as there are free slots, in one
-shared prefill, and they join the running batch: concurrent clients share forward passes instead of
-queuing behind each other.
+Between two forward passes the scheduler admits waiting requests into free slots in one shared prefill,
+and they join the running batch: concurrent clients share forward passes instead of queuing behind each
+other. While rows decode, a prefill stalls them, so admissions come in chunks (`admission_size`).
+
+Checkers (the verdict on the final text; topic runs a MiniLM embedder) do not run on the scheduler thread:
+a finished `Result` goes to one checker thread, which fills in `Verdict.satisfied` and only then puts it on
+the ticket's queue, so a slow check delays its own response, never the next forward pass.
 
 Cancellation (the client went away, or its deadline passed) frees the request's slot before the next
 pass. A probe-bank swap stops admission, lets the requests in flight finish on the old bank, then
@@ -20,13 +24,14 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
 
 from steerer.bank import ProbeBank
-from steerer.core import Request, Result, Steerer, TokenEvent
+from steerer.core import Request, Result, Steerer, TokenEvent, check_verdicts
 from steerer.model import LoadedModel
 from steerer.monitor import MonitorConfig
 from steerer.service.metrics import Metrics
@@ -82,21 +87,32 @@ class _Swap:
 
 class Scheduler:
     def __init__(self, lm: LoadedModel, bank: ProbeBank, *, max_batch: int = 32, max_queue: int = 64,
-                 batch_wait_s: float = 0.005, metrics: Metrics | None = None,
-                 monitor_config: MonitorConfig | None = None, threads: int | None = None):
+                 batch_wait_s: float = 0.005, prefill_chunk: int = 8, admit_wait_s: float = 0.05,
+                 metrics: Metrics | None = None,
+                 monitor_config: MonitorConfig | None = None, threads: int | None = None,
+                 use_unreliable_probes: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.lm = lm
         self.max_batch = max_batch
         self.max_queue = max_queue
+        if prefill_chunk < 1 or admit_wait_s < 0:
+            raise ValueError("prefill_chunk must be >= 1 and admit_wait_s >= 0")
         self.batch_wait_s = batch_wait_s
+        self.prefill_chunk = prefill_chunk
+        self.admit_wait_s = admit_wait_s
         self.metrics = metrics or Metrics()
         self.monitor_config = monitor_config
+        self.use_unreliable_probes = use_unreliable_probes  # else probes not marked reliable neither flag nor steer
         # torch's intra-op thread count is per OS thread: the scheduler thread must set it itself, or it
         # runs with whatever a fresh thread gets instead of what the process was configured with.
         self.threads = threads or torch.get_num_threads()
-        self._steerer = Steerer(lm, bank, monitor_config, capacity=max_batch)
+        self._steerer = self._new_steerer(bank)
         self.bank = bank  # the bank new requests will run on; replaced when a swap completes
+        # One thread: checks are short next to a generation, and MiniLM's tokenizer must not run on two
+        # threads at once. One torch thread there, so it does not take the model's cores.
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerer-checker",
+                                           initializer=torch.set_num_threads, initargs=(1,))
         self._queue: deque[Ticket] = deque()
         self._live: dict[str, Ticket] = {}
         self._cancels: list[Ticket] = []
@@ -161,6 +177,7 @@ class Scheduler:
             if self._swap is not None:
                 raise SchedulerError("another probe-bank reload is in progress", grpc.StatusCode.ABORTED)
             self._swap = swap
+            self.metrics.reload_pending.set(1)
             self._cv.notify()
         if not swap.finished.wait(timeout):
             raise SchedulerError("the reload waits for requests in flight to finish; it will complete later",
@@ -177,6 +194,7 @@ class Scheduler:
             self._cv.notify()
         if self._thread.ident is None:  # never started: nothing to drain, just take the hooks off the model
             self._steerer.close()
+            self._checker.shutdown()
         elif self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -205,6 +223,7 @@ class Scheduler:
                 self._fail(ticket, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             self._live.clear()
             self._steerer.close()
+            self._checker.shutdown(wait=True)  # results being checked still reach their tickets
             self._gauges()
 
     def _cycle(self) -> bool:
@@ -257,8 +276,12 @@ class Scheduler:
                     if left <= 0:
                         break
                     self._cv.wait(left)
-            picked = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            take = admission_size(len(self._queue), room, bool(self._live), self.prefill_chunk,
+                                  time.monotonic() - self._queue[0].arrived, self.admit_wait_s)
+            picked = [self._queue.popleft() for _ in range(take)]
             self.metrics.queue_depth.set(len(self._queue))
+        if not picked:
+            return
         now = time.monotonic()
         ready = []
         for ticket in picked:
@@ -275,6 +298,7 @@ class Scheduler:
             ready.append(ticket)
         if not ready:
             return
+        self.metrics.prefill_rows.observe(len(ready))
         try:
             results = self._steerer.admit([t.request for t in ready])
         except Exception as exc:
@@ -291,8 +315,20 @@ class Scheduler:
         for result in results:
             ticket = live.pop(result.request_id, None)
             if ticket is not None:
-                ticket.done = True
-                ticket.out.put(result)
+                ticket.done = True  # nothing else reaches the ticket: the checker thread delivers the result
+                if result.verdicts:
+                    self._checker.submit(self._deliver, ticket, result)
+                else:  # nothing to check: not behind someone else's check
+                    ticket.out.put(result)
+
+    def _deliver(self, ticket: Ticket, result: Result) -> None:
+        """On the checker thread: the checkers' verdicts, then the result to the waiting RPC."""
+        try:
+            check_verdicts(result)
+        except Exception:  # a checker bug must not lose the response; its verdicts stay unknown
+            log.exception("checking the result of %s failed", ticket.id)
+        finally:
+            ticket.out.put(result)
 
     def _fail(self, ticket: Ticket, code: grpc.StatusCode, message: str) -> None:
         if not ticket.done:
@@ -307,16 +343,16 @@ class Scheduler:
         self._live.clear()
         bank = self._steerer.bank
         self._steerer.close()
-        self._steerer = Steerer(self.lm, bank, self.monitor_config, capacity=self.max_batch)
+        self._steerer = self._new_steerer(bank)
 
     def _do_swap(self, swap: _Swap) -> None:
         old = self._steerer
         old.close()  # its hooks must be off the model before the new Steerer attaches its own
         try:
-            self._steerer = Steerer(self.lm, swap.bank, self.monitor_config, capacity=self.max_batch)
+            self._steerer = self._new_steerer(swap.bank)
         except Exception as exc:
             swap.error = exc
-            self._steerer = Steerer(self.lm, old.bank, self.monitor_config, capacity=self.max_batch)
+            self._steerer = self._new_steerer(old.bank)
             self.metrics.reloads.labels("error").inc()
         else:
             swap.previous = old.bank.version
@@ -326,8 +362,32 @@ class Scheduler:
             log.info("probe bank %s -> %s", old.bank.version, swap.bank.version)
         with self._cv:
             self._swap = None
+            self.metrics.reload_pending.set(0)
         swap.finished.set()
+
+    def _new_steerer(self, bank: ProbeBank) -> Steerer:
+        return Steerer(self.lm, bank, self.monitor_config, capacity=self.max_batch, check=False,
+                       use_unreliable_probes=self.use_unreliable_probes)
 
     def _gauges(self) -> None:
         self.metrics.batch_size.set(len(self._live))
         self.metrics.queue_depth.set(len(self._queue))
+
+
+def admission_size(waiting: int, room: int, decoding: bool, chunk: int, oldest_wait_s: float,
+                   admit_wait_s: float) -> int:
+    """How many waiting requests join the batch at this step boundary.
+
+    Idle, a whole wave joins in one prefill: nobody is stalled by it. While rows decode, each prefill
+    stalls them for its length, so at most `chunk` join per boundary; and a partial chunk waits until its
+    oldest request has waited `admit_wait_s`, so a wave of resubmissions arriving over a few milliseconds
+    joins as one prefill (one cache merge) instead of a prefill per step, which keeps rows in step.
+    """
+    if waiting <= 0 or room <= 0:
+        return 0
+    if not decoding:
+        return min(room, waiting)
+    take = min(room, waiting, chunk)
+    if take < min(room, chunk) and oldest_wait_s < admit_wait_s:
+        return 0
+    return take

@@ -24,11 +24,12 @@ from steerer.service.convert import Limits
 from steerer.service.metrics import Metrics
 from steerer.service.proto import SERVICE_NAME, pb2_grpc
 from steerer.service.scheduler import Scheduler
-from steerer.service.servicer import SteererServicer
+from steerer.service.servicer import SteererServicer, Undecodable
 
 log = logging.getLogger("steerer.service")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 AUTH_EXEMPT = (f"/{HEALTH_SERVICE}/",)  # load balancers and orchestrators probe health without a token
+STEERER = f"/{SERVICE_NAME}/"
 
 
 @dataclass
@@ -41,10 +42,13 @@ class ServerConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
     batch_wait_ms: float = 5.0
+    prefill_chunk: int = 8
+    admit_wait_ms: float = 50.0
     grace_s: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None
+    use_unreliable_probes: bool = False  # flag and steer with probes whose measured AUROC reaches chance too
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or (self.metrics_port is not None and not 0 <= self.metrics_port <= 65535):
@@ -52,7 +56,9 @@ class ServerConfig:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
-        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.grace_s < 0:
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill-chunk must be >= 1")
+        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.admit_wait_ms < 0 or self.grace_s < 0:
             raise ValueError("max-queue, batch-wait-ms and grace must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
@@ -60,7 +66,20 @@ class ServerConfig:
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file not found: {path}")
         if self.auth_token is not None and not self.auth_token.strip():
-            raise ValueError("the auth token is empty")
+            raise ValueError("the auth token is empty (--auth-token or $STEERER_AUTH_TOKEN); give a token, or "
+                             "leave both unset to serve without authentication")
+
+    def check_context(self, max_positions: int | None) -> None:
+        """Refuse limits the model cannot serve: past its context a model produces garbage, not errors.
+
+        Each limit alone must leave room for at least one token of the other; whether a request's prompt
+        plus its max_new_tokens fit is checked per request (INVALID_ARGUMENT)."""
+        if max_positions is None:
+            return
+        for name in ("max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) >= max_positions:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} does not fit the model's context "
+                                 f"of {max_positions} positions (prompt + response); at most {max_positions - 1}")
 
 
 class _BearerToken(grpc.ServerInterceptor):
@@ -93,21 +112,48 @@ class _BearerToken(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+class _DecodeGuard(grpc.ServerInterceptor):
+    """Hand a request that does not parse to the servicer as `Undecodable`, which refuses it with
+    INVALID_ARGUMENT and counts it; gRPC itself would answer INTERNAL, log a traceback and count nothing."""
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None or not details.method.startswith(STEERER):
+            return handler  # only the Steerer servicer knows what to do with `Undecodable`
+        deserialize = handler.request_deserializer
+
+        def guarded(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as exc:  # DecodeError: bad UTF-8, nesting past protobuf's limit, truncation
+                return Undecodable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+        kind = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
+                (True, True): "stream_stream"}[(handler.request_streaming, handler.response_streaming)]
+        return getattr(grpc, f"{kind}_rpc_method_handler")(getattr(handler, kind), request_deserializer=guarded,
+                                                            response_serializer=handler.response_serializer)
+
+
 class SteererServer:
     """A running server around one model and bank. `start()`, then `stop()` (or `serve_forever()`)."""
 
     def __init__(self, lm: LoadedModel, bank: ProbeBank, config: ServerConfig, metrics: Metrics | None = None):
         config.validate()
+        config.check_context(lm.max_positions)
         self.config = config
         self.metrics = metrics or Metrics()
         self.scheduler = Scheduler(lm, bank, max_batch=config.max_batch, max_queue=config.max_queue,
-                                   batch_wait_s=config.batch_wait_ms / 1000, metrics=self.metrics)
+                                   batch_wait_s=config.batch_wait_ms / 1000,
+                                   prefill_chunk=config.prefill_chunk, admit_wait_s=config.admit_wait_ms / 1000,
+                                   metrics=self.metrics,
+                                   use_unreliable_probes=config.use_unreliable_probes)
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, min(128, config.max_new_tokens))
         self.servicer = SteererServicer(self.scheduler, self.metrics, limits)
         # One thread per RPC in flight: the batch, the queue and some room for quick RPCs and health checks.
         # Past that gRPC itself answers RESOURCE_EXHAUSTED.
         workers = config.max_batch + config.max_queue + 16
         interceptors = [_BearerToken(config.auth_token, self.metrics)] if config.auth_token else []
+        interceptors.append(_DecodeGuard())  # inside the token check, whose deny handlers then decode safely too
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                   interceptors=interceptors, maximum_concurrent_rpcs=workers,
                                   options=[("grpc.so_reuseport", 0)])

@@ -4,14 +4,16 @@ Each RPC runs on a server thread, turns the request into a library `Request` (ba
 it queues, with INVALID_ARGUMENT), submits it to the `Scheduler` and relays the ticket's output. Status
 codes: INVALID_ARGUMENT for bad input, RESOURCE_EXHAUSTED when the admission queue is full,
 DEADLINE_EXCEEDED / CANCELLED when the client's deadline passes or it goes away (its slot is freed at
-once), NOT_FOUND / FAILED_PRECONDITION for a missing bank or one made for another model,
-UNAVAILABLE while shutting down, INTERNAL for a failed forward pass.
+once), NOT_FOUND / FAILED_PRECONDITION for a missing bank or one made for another model (any other problem
+with a bank's files or content is INVALID_ARGUMENT), UNAVAILABLE while shutting down, INTERNAL for a failed
+forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import queue
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from steerer.bank import MANIFEST, BankError, ProbeBank
+from steerer.bank import MANIFEST, BankError, ProbeBank, muted_notice
 from steerer.core import Request, Result, TokenEvent
 from steerer.model import chat_prompt
 from steerer.service import convert
@@ -39,6 +41,20 @@ class StatusError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Undecodable:
+    """What an RPC method receives instead of a request whose bytes did not parse (invalid UTF-8 in a string,
+    nesting past protobuf's depth limit). gRPC would answer INTERNAL before the servicer ran, uncounted; the
+    server's deserializers return this instead (see `server._DecodeGuard`) and `_rpc` refuses it."""
+
+    reason: str
+
+
+def _refuse_undecodable(request) -> None:
+    if isinstance(request, Undecodable):
+        raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"the request cannot be decoded: {request.reason}")
 
 
 def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -79,6 +95,7 @@ def _rpc(method: str, streaming: bool = False) -> Callable:
             @functools.wraps(fn)
             def stream(self: SteererServicer, request, context: grpc.ServicerContext) -> Iterator:
                 with _outcome(self, method, context):
+                    _refuse_undecodable(request)
                     yield from fn(self, request, context)
 
             return stream
@@ -86,6 +103,7 @@ def _rpc(method: str, streaming: bool = False) -> Callable:
         @functools.wraps(fn)
         def unary(self: SteererServicer, request, context: grpc.ServicerContext):
             with _outcome(self, method, context):
+                _refuse_undecodable(request)
                 return fn(self, request, context)
 
         return unary
@@ -124,11 +142,13 @@ class SteererServicer(pb2_grpc.SteererServicer):
     def ListProbes(self, request: pb2.ListProbesRequest, context: grpc.ServicerContext) -> pb2.ListProbesResponse:
         bank = self.scheduler.bank
         out = pb2.ListProbesResponse(bank_version=bank.version, model=bank.model)
-        for probe in bank.probes:
+        muted = bank.muted(self.scheduler.use_unreliable_probes).tolist()
+        for probe, mute in zip(bank.probes, muted, strict=True):
             flag_threshold = getattr(probe, "flag_threshold", None)
             info = out.probes.add(task=probe.task, layer=probe.layer, position=probe.position,
                                   threshold=probe.threshold, method=probe.method,
-                                  flag_threshold=probe.threshold if flag_threshold is None else flag_threshold)
+                                  flag_threshold=probe.threshold if flag_threshold is None else flag_threshold,
+                                  reliable=bool(probe.reliable), muted=mute)
             info.metrics.CopyFrom(convert.dict_to_struct(_jsonable(probe.metrics)))
         return out
 
@@ -155,6 +175,9 @@ class SteererServicer(pb2_grpc.SteererServicer):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         except SchedulerError as exc:
             raise StatusError(exc.code, str(exc)) from None
+        notice = None if self.scheduler.use_unreliable_probes else muted_notice(bank)
+        if notice:
+            log.warning("bank %s: %s", bank.version, notice.removeprefix("steerer: "))
         return pb2.ReloadProbeBankResponse(previous_version=previous, bank_version=bank.version,
                                            probes=len(bank.probes))
 
@@ -166,8 +189,8 @@ class SteererServicer(pb2_grpc.SteererServicer):
         if not (folder / MANIFEST).is_file():
             raise StatusError(grpc.StatusCode.NOT_FOUND, f"no probe bank at {path} (no {MANIFEST})")
         try:
-            bank = ProbeBank.load(folder)
-        except (BankError, ValueError, KeyError, TypeError, OSError) as exc:
+            bank = ProbeBank.load(folder)  # validates the files and their content; any problem is a BankError
+        except (BankError, OSError) as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load the probe bank at {path}: {exc}") \
                 from None
         return bank  # check_model (FAILED_PRECONDITION) happens in Scheduler.reload
@@ -183,6 +206,11 @@ class SteererServicer(pb2_grpc.SteererServicer):
         if n > self.limits.max_prompt_tokens:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt is too long: {n} tokens; this server "
                               f"accepts at most {self.limits.max_prompt_tokens}")
+        context = self.lm.max_positions
+        if context is not None and n + request.sampling.max_new_tokens > context:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt and response exceed the model's "
+                              f"context: {n} prompt tokens + max_new_tokens {request.sampling.max_new_tokens} > "
+                              f"{context} positions; ask for at most {max(context - n, 0)} new tokens")
         return request
 
     def _run(self, message: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
@@ -248,8 +276,9 @@ class SteererServicer(pb2_grpc.SteererServicer):
         m.tokens.inc(len(result.tokens))
         for v in result.verdicts:
             violation = "unknown" if v.satisfied is None else ("no" if v.satisfied else "yes")
-            m.verdicts.labels(v.task, "yes" if v.predicted_violation else "no", violation,
-                              "yes" if v.flagged else "no").inc()
+            # A muted probe made no prediction: "muted", so it never reads as "predicted OK" on a dashboard.
+            predicted = "muted" if v.probe_muted else ("yes" if v.predicted_violation else "no")
+            m.verdicts.labels(v.task, predicted, violation, "yes" if v.flagged else "no").inc()
         for task, n in result.steered_tokens.items():
             if n:
                 m.steered.labels(task).inc(n)

@@ -34,10 +34,43 @@ def placeholder_bank(fingerprint: str, hidden_size: int, version: str, biases: d
     tasks = list(TASKS)
     biases = biases or {}
     g = torch.Generator().manual_seed(seed)
-    probes = [Probe(task=t, layer=DEFAULT_LAYERS[i % len(DEFAULT_LAYERS)]) for i, t in enumerate(tasks)]
+    # Fixtures with known behaviour, so marked reliable: the server flags and steers with them by default.
+    probes = [Probe(task=t, layer=DEFAULT_LAYERS[i % len(DEFAULT_LAYERS)], reliable=True) for i, t in enumerate(tasks)]
     return ProbeBank(model, fingerprint, hidden_size, probes, torch.zeros(len(tasks), hidden_size),
                      torch.tensor([float(biases.get(t, 4.0)) for t in tasks]),
                      unit_directions(torch.randn(len(tasks), hidden_size, generator=g)), version=version)
+
+
+BROKEN = ("manifest-list", "truncated", "nan-directions", "nan-weights", "not-unit")
+
+
+def broken_bank(source: str | Path, dest: str | Path, how: str) -> Path:
+    """A copy of the bank at `source` damaged one way (see BROKEN), written without validation: what a
+    bad deploy or a partial copy leaves behind, for tests that the loader refuses it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from steerer.bank import MANIFEST, TENSORS
+
+    source, dest = Path(source), Path(dest)
+    shutil.copytree(source, dest)
+    if how == "manifest-list":
+        (dest / MANIFEST).write_text("[]")
+    elif how == "truncated":
+        data = (source / TENSORS).read_bytes()
+        (dest / TENSORS).write_bytes(data[: len(data) // 2])
+    elif how in ("nan-directions", "nan-weights", "not-unit"):
+        tensors = load_file(str(source / TENSORS))
+        name = "weights" if how == "nan-weights" else "directions"
+        if how == "not-unit":
+            tensors[name][0] *= 2
+        else:
+            tensors[name][0, 0] = float("nan")
+        save_file(tensors, str(dest / TENSORS), metadata={"format_version": "1"})
+    else:
+        raise ValueError(f"unknown damage {how!r}; one of {', '.join(BROKEN)}")
+    return dest
 
 
 def free_port(host: str = "127.0.0.1") -> int:

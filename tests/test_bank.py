@@ -1,0 +1,278 @@
+"""Probe banks as untrusted data: validation on every load, row isolation against bad directions, and
+probe reliability (bootstrap AUROC intervals, muting). No model here: synthetic tensors only."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from probes.train import auroc_ci, is_reliable
+from steerer.bank import DEFAULT_BANK, MANIFEST, TENSORS, BankError, Probe, ProbeBank, muted_notice
+from steerer.generation import StepView
+from steerer.monitor import Monitor, MonitorConfig
+from steerer.policy import PolicyTable, SteeringPolicy
+from steerer.service.testing import broken_bank, placeholder_bank
+from steerer.taps import LayerSteering
+
+D = 16
+FINGERPRINT = "f" * 16
+
+
+def small_bank(**probe_fields) -> ProbeBank:
+    """Two reliable probes on coordinates 0 and 1 (layers 1 and 2); `probe_fields` override the first."""
+    weights = torch.zeros(2, D)
+    weights[0, 0] = weights[1, 1] = 1.0
+    probes = [replace(Probe("word_count", 1, reliable=True), **probe_fields), Probe("lowercase", 2, reliable=True)]
+    return ProbeBank("synthetic", FINGERPRINT, D, probes, weights, torch.zeros(2), torch.eye(D)[:2], version="s")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return small_bank().save(tmp_path / "good")
+
+
+def edit_manifest(folder, edit) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps(edit(manifest)))
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def test_a_saved_bank_loads_back_with_its_reliability(saved):
+    bank = ProbeBank.load(saved)
+    assert [p.reliable for p in bank.probes] == [True, True] and bank.version == "s"
+    manifest = json.loads((saved / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["probes"][0]["reliable"] is True
+
+
+def test_an_old_manifest_without_reliability_loads_as_unknown(saved):
+    def strip(m):
+        for p in m["probes"]:
+            del p["reliable"]
+        return m
+
+    edit_manifest(saved, strip)
+    bank = ProbeBank.load(saved)
+    assert [p.reliable for p in bank.probes] == [None, None] and bank.unreliable == ["word_count", "lowercase"]
+
+
+def test_the_shipped_bank_loads_and_never_marks_a_chance_probe_reliable():
+    bank = ProbeBank.load(DEFAULT_BANK)
+    assert len(bank.probes) == 9
+    for probe in bank.probes:
+        ci = probe.metrics.get("test_auroc_ci")
+        if ci is not None:
+            assert probe.reliable is (ci[0] > 0.5), probe.task
+        else:
+            assert not probe.reliable, probe.task
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("manifest-list", "expected a JSON object, got list"),
+    ("truncated", "probes.safetensors: not a readable safetensors file"),
+    ("nan-directions", "bank directions has non-finite values (NaN or inf) for probe(s) word_count"),
+    ("nan-weights", "bank weights has non-finite values (NaN or inf) for probe(s) word_count"),
+    ("not-unit", "bank directions must be unit vectors; word_count has norm 2"),
+])
+def test_damaged_banks_are_refused_with_the_reason(saved, tmp_path, how, message):
+    with pytest.raises(BankError) as err:
+        ProbeBank.load(broken_bank(saved, tmp_path / how, how))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _set(path: str, value):
+    def edit(m):
+        *parents, last = path.split(".")
+        node = m
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value is KeyError:
+            del node[key]
+        else:
+            node[key] = value
+        return m
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set("format_version", 2), "bank format 2, this steerer reads 1"),
+    (_set("model", KeyError), "missing key 'model'"),
+    (_set("hidden_size", "16"), "hidden_size must be an integer"),
+    (_set("hidden_size", True), "hidden_size must be an integer"),
+    (_set("hidden_size", 8), "bank weights has shape (2, 16), expected (2, 8)"),
+    (_set("probes", {}), "probes must be a list"),
+    (_set("probes", []), "bank has no probes"),
+    (_set("version", [1]), "version must be a string"),
+    (_set("probes.0", "word_count"), "probes[0] must be an object"),
+    (_set("probes.0.colour", "red"), "probes[0] has unknown field(s) colour"),
+    (_set("probes.0.layer", KeyError), "probes[0] is missing layer"),
+    (_set("probes.0.layer", "1"), "probes[0].layer must be an integer"),
+    (_set("probes.0.layer", -1), "probes[0].layer must be >= 0"),
+    (_set("probes.0.threshold", 1.5), "probes[0].threshold must be a probability in [0, 1]"),
+    (_set("probes.0.threshold", None), "probes[0].threshold must be a finite number"),
+    (_set("probes.0.flag_threshold", "high"), "probes[0].flag_threshold must be a finite number or null"),
+    (_set("probes.0.reliable", "yes"), "probes[0].reliable must be true or false or null"),
+    (_set("probes.0.metrics", None), "probes[0].metrics must be an object"),
+    (_set("probes.0.polarity", "violated"), "probes[0].polarity must be 'satisfied'"),
+    (_set("probes.1.task", "word_count"), "several probes for one task: word_count"),
+    (_set("probes.0.metrics", {"test_auroc_ci": [0.2]}), "test_auroc_ci must be [low, high]"),
+    (_set("probes.0.metrics", {"test_auroc_ci": [0.45, 0.8]}), "is marked reliable but its AUROC interval"),
+])
+def test_malformed_manifests_are_refused_with_the_reason(saved, edit, message):
+    edit_manifest(saved, edit)
+    with pytest.raises(BankError) as err:
+        ProbeBank.load(saved)
+    assert message in str(err.value)
+
+
+def test_unreadable_manifest_and_missing_tensors(saved, tmp_path):
+    from safetensors.torch import save_file
+
+    other = small_bank().save(tmp_path / "other")
+    (saved / MANIFEST).write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(BankError, match="not valid JSON"):
+        ProbeBank.load(saved)
+    save_file({"weights": torch.zeros(2, D)}, str(other / TENSORS))
+    with pytest.raises(BankError, match=r"missing tensor\(s\) biases, directions"):
+        ProbeBank.load(other)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda b: {"weights": b.weights.long()}, "bank weights has dtype torch.int64, expected a floating-point"),
+    (lambda b: {"biases": torch.tensor([0.0, math.inf])}, "bank biases has non-finite values (NaN or inf) for probe(s) lowercase"),
+    (lambda b: {"directions": b.directions[:1]}, "bank directions has shape (1, 16), expected (2, 16)"),
+    (lambda b: {"directions": b.directions.tolist()}, "bank directions is a list, expected a tensor"),
+    (lambda b: {"directions": torch.full((2, D), 1e300, dtype=torch.float64)}, "non-finite values"),  # inf as fp32
+    (lambda b: {"probes": []}, "bank has no probes"),
+])
+def test_the_constructor_validates_too(change, message):
+    bank = small_bank()
+    with pytest.raises(BankError) as err:
+        replace(bank, **change(bank))
+    assert message in str(err.value)
+
+
+def test_bfloat16_tensors_are_accepted_as_float32():
+    bank = small_bank()
+    again = replace(bank, weights=bank.weights.bfloat16(), directions=bank.directions.bfloat16())
+    assert again.weights.dtype == again.directions.dtype == torch.float32
+
+
+# -- row isolation in the steering path -------------------------------------------------------------------
+def test_a_nan_direction_cannot_reach_rows_that_are_not_steered():
+    directions = torch.eye(2, D)
+    directions[1, 3] = float("nan")
+    steer = LayerSteering(directions)
+    steer.set_coeffs(torch.tensor([[0.0, 0.0], [0.0, 5.0], [2.0, 0.0]]))
+    delta = steer.delta(torch.float32)[:, 0]
+    assert torch.equal(delta[0], torch.zeros(D))  # unsteered: an exact zero, not 0 * NaN
+    assert torch.isnan(delta[1]).any()  # the row steered along the bad direction is its own problem
+    assert torch.isnan(delta[2]).any()  # (0 * NaN in its own sum; nothing crosses rows)
+    steer.set_coeffs(torch.zeros(3, 2))
+    assert not steer.active
+    steer.active = True  # the forced add of a mixed batch still adds exact zeros
+    assert torch.equal(steer.delta(torch.bfloat16), torch.zeros(3, 1, D, dtype=torch.bfloat16))
+
+
+# -- reliability ---------------------------------------------------------------------------------------------
+def test_auroc_ci_of_perfect_separation_is_one():
+    y = np.array([0] * 20 + [1] * 20)
+    assert auroc_ci(y, y + 0.1 * np.arange(40) / 40) == (1.0, 1.0)
+    assert auroc_ci(y, -y.astype(float)) == (0.0, 0.0)
+
+
+def test_auroc_ci_of_random_scores_contains_chance_and_is_not_reliable():
+    rng = np.random.default_rng(1)
+    y, score = rng.integers(0, 2, 60), rng.random(60)
+    low, high = auroc_ci(y, score)
+    assert low < 0.5 < high and high - low > 0.15
+    assert not is_reliable((low, high))
+
+
+def test_auroc_ci_contains_the_point_estimate_is_seeded_and_rounded():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 50)
+    score = y + rng.normal(0, 0.8, 50)
+    low, high = auroc_ci(y, score)
+    assert low < roc_auc_score(y, score) < high and low > 0.5
+    assert is_reliable((low, high))
+    assert auroc_ci(y, score) == (low, high)  # fixed seed: the same bank gets the same figures
+    assert auroc_ci(y, score, seed=7) != (low, high)
+    assert round(low, 4) == low and round(high, 4) == high
+
+
+def test_auroc_ci_resamples_are_exact_aurocs_with_ties_counting_half():
+    y = np.array([0, 0, 1, 1, 1])
+    score = np.array([0.2, 0.5, 0.5, 0.9, 0.1])
+    # every resample of a 1-row class is that row: with one row per class the interval is one value
+    assert auroc_ci(np.array([0, 1]), np.array([0.5, 0.5])) == (0.5, 0.5)
+    low, high = auroc_ci(y, score, resamples=5000)
+    assert 0 <= low <= roc_auc_score(y, score) <= high <= 1
+
+
+def test_auroc_ci_without_both_labels_is_nan_and_unreliable():
+    ci = auroc_ci(np.ones(10), np.arange(10.0))
+    assert all(math.isnan(x) for x in ci) and not is_reliable(ci)
+
+
+def test_muting_follows_reliability_unless_overridden():
+    bank = small_bank(reliable=False, metrics={"test_auroc": 0.4, "test_auroc_ci": [0.21, 0.52]})
+    assert bank.muted().tolist() == [True, False] and bank.muted(use_unreliable=True).tolist() == [False, False]
+    notice = muted_notice(bank)
+    assert notice == ("steerer: muted probes, no flags or steering: word_count (95% AUROC interval [0.21, 0.52] "
+                      "reaches chance); --use-unreliable-probes to use them")
+    unknown = small_bank(reliable=None)
+    assert "word_count (no measured reliability)" in muted_notice(unknown)
+    assert muted_notice(small_bank()) is None
+
+
+def view(rows: list[int], index: int, x: torch.Tensor) -> StepView:
+    n = len(rows)
+    return StepView(rows, torch.full((n,), index), torch.zeros(n, dtype=torch.long), {1: x, 2: x},
+                    torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
+
+
+def test_a_muted_probe_reports_risk_but_never_flags_or_steers():
+    bank = small_bank(reliable=False)
+    muted = bank.muted()
+    monitor = Monitor(bank, MonitorConfig(warmup_tokens=0), capacity=2, muted=muted)
+    monitor.register(0, ["word_count", "lowercase"])
+    x = torch.full((1, D), -5.0)  # P(satisfied) ~ 0.007 for both probes
+    for index in range(3):
+        monitor.after_forward(view([0], index, x))
+    assert monitor.smoothed[0].tolist() == pytest.approx([0.993, 0.993], abs=1e-3)  # risk is still computed
+    assert monitor.flags[0].tolist() == [False, True]
+    assert {e.task for e in monitor.drain_events()} == {"lowercase"}
+    table = PolicyTable(bank, capacity=2, muted=muted)
+    table.set(0, {"word_count": SteeringPolicy("constant", 9.0), "lowercase": SteeringPolicy("constant", 3.0)})
+    coeffs = table.coefficients(torch.tensor([0]), monitor.flags[:1], monitor.smoothed[:1])
+    assert coeffs.tolist() == [[0.0, 3.0]]
+
+
+def test_the_placeholder_bank_is_reliable_and_valid():
+    bank = placeholder_bank(FINGERPRINT, D, "p")
+    assert all(p.reliable for p in bank.probes) and not bool(bank.muted().any())
+
+
+def test_the_client_summary_says_when_a_probe_is_muted_or_has_no_reading(capsys):
+    from steerer.service.cli import _summary
+    from steerer.service.proto import pb2
+
+    reply = pb2.GenerateResponse(finish_reason="eos", bank_version="b")
+    reply.verdicts.add(task="topic", probe_muted=True, satisfied=True)
+    reply.verdicts.add(task="lowercase", predicted_violation=True, flagged=True, probe_reliable=True,
+                       p_satisfied_end=0.1)
+    reply.verdicts.add(task="sentiment", flagged=False)
+    reply.usage.steered_tokens["lowercase"] = 3
+    _summary(reply)
+    err = capsys.readouterr().err
+    assert "topic: probe unreliable (muted, no reading), satisfied;" in err
+    assert "lowercase: predicted violation (p=0.10), unchecked, flagged, steered 3" in err
+    assert "sentiment: predicted ok (no reading) [probe unreliable], unchecked, not flagged, steered 0" in err
