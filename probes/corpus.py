@@ -40,6 +40,7 @@ from probes import checkers, phrasings
 from probes.requests import ALL_REQUESTS, base_splits
 from probes.tasks import EXCLUSION_TIERS, INCLUSION_TIERS, SPECIFIC_TOPICS, TASKS
 from probes.templates import AIDS, DEMO_REQUEST, SYSTEM_TEMPLATE, demo_response
+from steerer.tasks import TOKEN_BUDGET
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO / "probes" / "corpora"
@@ -225,7 +226,9 @@ def plan_round(task_id: str, round_index: int, state: TaskState, config: CorpusC
     rng = random.Random(f"{config.seed}:{task_id}:{round_index}")
     strategy = choose_strategy(state, config)
     splits = base_splits()
-    budget = config.max_new_tokens if task_id in ("char_count", "word_count") else config.max_new_tokens_other
+    # Tasks whose label needs the whole response (a long `Task.token_budget`: the length tasks) get the long one.
+    long = TASKS[task_id].token_budget > TOKEN_BUDGET
+    budget = config.max_new_tokens if long else config.max_new_tokens_other
     fams = phrasings.families(task_id)
     rows = []
     for i in range(size or config.round_size):

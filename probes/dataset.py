@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from probes.tasks import TASKS
 from probes.templates import AIDS, BASE_REQUESTS, prompt_messages, split_base_requests
 from steerer.engine.hf import HFEngine
 from steerer.generation import RunningBatch, SamplingParams, StepView
 from steerer.model import LoadedModel, chat_prompt
 from steerer.taps import LayerHooks
+from steerer.tasks import LONG_TOKEN_BUDGET, TASKS, TOKEN_BUDGET
 
 POSITIONS = ("last_prompt", "first", *(f"body{i}" for i in range(10)), "eos")
 SPLIT_SEED = 13
@@ -40,8 +40,8 @@ class BuildConfig:
     tasks: tuple[str, ...] = tuple(TASKS)
     prompts_per_task: int = 120  # base requests per task (all of them at most)
     samples_per_prompt: int | None = None  # None: 2 for structural tasks, 1 for lexical and semantic ones
-    max_new_tokens: int = 160  # for the length tasks, whose labels need the whole response
-    max_new_tokens_other: int | None = 112  # enough to judge format, words and tone; None = max_new_tokens
+    max_new_tokens: int = LONG_TOKEN_BUDGET  # for tasks whose labels need the whole response (length)
+    max_new_tokens_other: int | None = TOKEN_BUDGET  # enough to judge format, words and tone; None = max_new_tokens
     temperature: float = 0.7
     aid_fraction: float = 0.5
     layers: tuple[int, ...] | None = None  # None = every layer
@@ -74,7 +74,8 @@ def plan_rows(config: BuildConfig) -> dict[str, list[dict]]:
     return plan
 
 
-LENGTH_TASKS = ("char_count", "word_count")
+# Tasks whose labels need the whole response (their `Task.token_budget` is the long one): the length tasks.
+LENGTH_TASKS = tuple(t for t, task in TASKS.items() if task.token_budget > TOKEN_BUDGET)
 
 
 def samples_for(config: BuildConfig, task_id: str) -> int:
@@ -86,7 +87,9 @@ def samples_for(config: BuildConfig, task_id: str) -> int:
 
 
 def token_budget(config: BuildConfig, task_id: str) -> int:
-    if task_id in LENGTH_TASKS or config.max_new_tokens_other is None:
+    """New tokens for a task's responses: `Task.token_budget` says whether its label needs the whole response
+    (`config.max_new_tokens`) or not (`config.max_new_tokens_other`); the config sets the two numbers."""
+    if TASKS[task_id].token_budget > TOKEN_BUDGET or config.max_new_tokens_other is None:
         return config.max_new_tokens
     return config.max_new_tokens_other
 

@@ -13,15 +13,13 @@ one-shot demonstration of a compliant answer to a different request.
 
 from __future__ import annotations
 
-import functools
-import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from probes import checkers
-from probes.tasks import get_task
+from steerer.tasks import get_task
+from steerer.tasks.common import DEMO_REQUEST
 
 
 @dataclass(frozen=True)
@@ -288,7 +286,7 @@ SYSTEM_TEMPLATE = (
     "You are a helpful assistant that always follows the user's formatting and style rules exactly. "
     "Rule for this answer: {instruction}"
 )
-DEMO_REQUEST = "Describe what a public library is."
+# DEMO_REQUEST (the one-shot aid's request) comes with the tasks, whose demonstrations answer it.
 
 
 def _check_aid(aid: str | None) -> None:
@@ -326,101 +324,10 @@ def prompt_messages(task_id: str, base_request: str | BaseRequest, params: Mappi
 
 
 # --------------------------------------------------------------------------------------------------
-# one-shot demonstrations (answers to DEMO_REQUEST that satisfy the constraint)
+# one-shot demonstrations (answers to DEMO_REQUEST that satisfy the constraint): `Task.demo`
 # --------------------------------------------------------------------------------------------------
-
-_DEMO_SENTENCES: tuple[str, ...] = (
-    "A public library is a place where anyone can borrow books for free.",
-    "Libraries lend novels, comics, films and music.",
-    "Librarians help visitors find information.",
-    "Most libraries offer quiet rooms for reading and study.",
-    "Many also provide computers, printers and free internet access.",
-    "Children can join story hours and reading clubs.",
-    "Adults can attend talks, language classes and workshops.",
-    "A library card is usually free for local residents.",
-    "Borrowed items must be returned by a due date.",
-    "Some libraries keep rare maps, old newspapers and local archives.",
-    "Digital collections let members read e-books at home.",
-    "Libraries are paid for by local governments and serve everyone equally.",
-)
-# For short forbidden-word cases: no articles, no "is", no "and", no "it".
-_DEMO_PLAIN = ("Libraries lend books.", "Librarians help visitors.", "Members borrow novels, films, music.")
-_DEMO_POSITIVE = (
-    "A public library is a wonderful place! It is full of amazing books, friendly librarians and cozy, "
-    "peaceful corners. Visiting one is always a joy, and everything is free for everyone."
-)
-_DEMO_NEGATIVE = (
-    "A public library can be a dreary, frustrating place. The books are old and damaged, the rooms are cold "
-    "and gloomy, and the strict rules are annoying. Waiting in line for a broken computer is miserable."
-)
-_DEMO_FORMAL = (
-    "A public library is an institution that provides access to books, periodicals and digital resources. "
-    "Furthermore, it facilitates independent research and supports lifelong education within the community."
-)
-_DEMO_INFORMAL = (
-    "Oh, a library? It's basically a place where you can grab books for free! Super handy, honestly. You just "
-    "walk in, pick stuff you like and take it home. Pretty cool, right?"
-)
-
-
-def _fit(measure: Callable[[str], int], relation: str, limit: int) -> str:
-    """Demo sentences joined to satisfy a length constraint under ``measure``."""
-    if relation == "at least":
-        parts: list[str] = []
-        i = 0
-        while measure(" ".join(parts)) < limit:
-            parts.append(_DEMO_SENTENCES[i % len(_DEMO_SENTENCES)])
-            i += 1
-        return " ".join(parts)
-    parts = []
-    for sentence in (*_DEMO_SENTENCES, *_DEMO_PLAIN):
-        candidate = " ".join([*parts, sentence])
-        if checkers._compare(measure(candidate), relation, limit):
-            parts.append(sentence)
-    if parts:
-        return " ".join(parts)
-    for short in ("Books.", "Books", ""):
-        if checkers._compare(measure(short), relation, limit):
-            return short
-    raise ValueError(f"no demonstration fits {relation} {limit}")
 
 
 def demo_response(task_id: str, params: Mapping[str, Any]) -> str:
     """A compliant answer to ``DEMO_REQUEST`` for the one-shot aid (checked before it is returned)."""
-    get_task(task_id).validate(params)
-    return _demo_cached(task_id, json.dumps(params, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=1024)
-def _demo_cached(task_id: str, params_json: str) -> str:
-    # Cached: the topic demo is checked with the embedding model, and datasets reuse parameters.
-    params = json.loads(params_json)
-    task = get_task(task_id)
-    if task_id == "char_count":
-        text = _fit(len, params["relation"], params["limit"])
-    elif task_id == "word_count":
-        text = _fit(checkers.count_words, params["relation"], params["limit"])
-    elif task_id == "json_format":
-        text = json.dumps({"topic": "public library", "answer": " ".join(_DEMO_SENTENCES[:3])}, indent=2)
-    elif task_id == "lowercase":
-        text = " ".join(_DEMO_SENTENCES[:3]).lower()
-    elif task_id == "term_exclusion":
-        ok = [s for s in (*_DEMO_SENTENCES, *_DEMO_PLAIN) if task.check(s, params)]
-        text = " ".join(ok[:3])
-    elif task_id == "keyword_inclusion":
-        extra = " ".join(f"You can even find a book about {t} there." for t in params["terms"])
-        text = f"{_DEMO_SENTENCES[0]} {_DEMO_SENTENCES[1]} {extra}"
-    elif task_id == "sentiment":
-        text = _DEMO_POSITIVE if params["polarity"] == "positive" else _DEMO_NEGATIVE
-    elif task_id == "topic":
-        name = params["topic"].strip()
-        text = (
-            f"I will talk only about {name}. {name[0].upper() + name[1:]} is a subject with a long history and "
-            f"many fascinating details. People who study {name} learn its main ideas, its key terms and its "
-            f"practical uses, and there is always more to discover about {name}."
-        )
-    else:  # register
-        text = _DEMO_FORMAL if params["register"] == "formal" else _DEMO_INFORMAL
-    if not text or not task.check(text, params):
-        raise ValueError(f"{task_id}: no compliant demonstration for params {dict(params)}")
-    return text
+    return get_task(task_id).demo(params)

@@ -110,6 +110,18 @@ class ProbeBank:
                 f"{tasks[i]} has norm {float(norms[i]):.4g}" for i in off))
 
     @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    def to(self, device: str | torch.device) -> ProbeBank:
+        """The same bank with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.weights.device == device:
+            return self
+        return replace(self, weights=self.weights.to(device), biases=self.biases.to(device),
+                       directions=self.directions.to(device))
+
+    @property
     def tasks(self) -> list[str]:
         return [p.task for p in self.probes]
 

@@ -8,10 +8,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from steerer.policy import POLICY_KINDS  # light: no torch
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 # Modules that add their own sub-commands: each has `add_commands(subparsers)`, and every parser it adds
-# sets `handler=` (a function of the parsed args returning an exit status) with `set_defaults`.
-PLUGINS = ("probes.cli", "steerer.service.cli")
+# sets `handler=` (a function of the parsed args returning an exit status) with `set_defaults`. The serving
+# side's own are listed here; others (the probe-training commands) register under the `steerer.cli` entry
+# point group, so this package never names a package that depends on it.
+PLUGINS = ("steerer.service.cli",)
+PLUGIN_GROUP = "steerer.cli"
 
 
 def command(name: str):
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -90,21 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print tokens with the norms of the tapped residuals")
     gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
                      help='monitor a constraint, e.g. word_count:\'{"relation": "at most", "limit": 20}\' (repeatable)')
-    gen.add_argument("--policy", default="off", choices=["off", "constant", "conditional", "proportional"],
+    gen.add_argument("--policy", default="off", choices=POLICY_KINDS,
                      help="steering policy for every constraint (needs --constraint)")
     gen.add_argument("--bank", default=None, help="probe bank folder (default: the shipped bank)")
     gen.add_argument("--use-unreliable-probes", action="store_true",
                      help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance")
     import importlib
+    from importlib.metadata import entry_points
 
     for name in PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 
@@ -149,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     layers = parse_layers(args.layers)
     direction = load_direction(args.steer_direction) if args.steer_direction else None
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     steering = {}
     if direction is not None:
         if direction.numel() != lm.hidden_size:
@@ -178,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_monitored(args: argparse.Namespace) -> int:
     """Generation through the Steerer: tokens stream to stdout, flags to stderr as they happen."""
     from steerer.bank import ProbeBank
-    from steerer.constraints import Constraint
+    from steerer.constraints import Constraint, validate_request
     from steerer.core import Request, Steerer, TokenEvent
     from steerer.generation import SamplingParams
     from steerer.model import load_model
@@ -189,13 +192,13 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     if args.steer_direction or args.layers:
         raise UsageError("--constraint cannot be combined with --steer-direction or --layers")
     constraints = tuple(Constraint.parse(text) for text in args.constraint)
-    for constraint in constraints:
-        constraint.validate()
     policy = SteeringPolicy(args.policy, args.alpha)
-    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
-    bank = ProbeBank.load(args.bank)
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     request = Request(args.prompt, constraints, policy, sampling=sampling, id="cli")
-    lm = load_model(args.model, dtype=args.dtype)
+    validate_request(request)  # before the bank and the model load
+    bank = ProbeBank.load(args.bank)
+    validate_request(request, bank.tasks)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     if not args.use_unreliable_probes:
         for constraint in constraints:
             probe = bank.probes[bank.index(constraint.task)]

@@ -1,13 +1,20 @@
-"""Constraints a request names, validated and checked by the task definitions in `probes.tasks`.
+"""Constraints a request names, and the one validation every entry point runs on a request.
 
-The nine tasks (instructions, parameters, checkers) are pure data and functions that live with the
-probes; this module is the one place the serving side reaches for them.
+The tasks (instructions, parameters, checkers) are defined in `steerer.tasks`, one module each.
+`validate_request` is what the library (`Steerer.validate`), the LogitsProcessor drop-in, the gRPC
+conversion, the client and both command lines check before anything runs: known tasks with valid
+parameters, each task at most once, policies only for constrained tasks, and (given the bank's tasks) a
+probe for every constraint.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from steerer.tasks import TASKS, UnknownTaskError, get_task
 
 
 @dataclass(frozen=True)
@@ -17,17 +24,15 @@ class Constraint:
 
     def validate(self) -> None:
         """Raise ValueError naming the problem: unknown task or bad parameters."""
-        from probes.tasks import TASKS
-
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
-        TASKS[self.task].validate(self.params)
+        try:
+            task = get_task(self.task)
+        except UnknownTaskError as exc:
+            raise ValueError(str(exc)) from None
+        task.validate(self.params)
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
         """'TASK' or 'TASK:{json params}' (the CLI's --constraint)."""
-        import json
-
         task, _, params = text.partition(":")
         try:
             parsed = json.loads(params) if params.strip() else {}
@@ -40,14 +45,55 @@ class Constraint:
 
 def known_tasks() -> tuple[str, ...]:
     """Every task id a constraint may name."""
-    from probes.tasks import TASKS
-
     return tuple(TASKS)
 
 
 def check_constraint(constraint: Constraint, text: str) -> bool | None:
     """The checker's verdict on a final response, or None where the task has no checker."""
-    from probes.tasks import TASKS
-
     task = TASKS.get(constraint.task)
     return None if task is None else bool(task.check(text, constraint.params))
+
+
+def validate_constraints(constraints: Iterable[Constraint], policies: Mapping[str, Any] | None = None,
+                         bank_tasks: Collection[str] | None = None) -> None:
+    """ValueError (a message for the caller) unless every constraint names a known task with valid params,
+    each task appears at most once, every per-task policy is a `SteeringPolicy` for a constrained task, and
+    (when `bank_tasks` is given) the bank has a probe for each constraint."""
+    from steerer.policy import SteeringPolicy
+
+    constraints = list(constraints)
+    if len(constraints) > len(TASKS):
+        raise ValueError(f"too many constraints: {len(constraints)}; at most {len(TASKS)}, one per task")
+    for constraint in constraints:
+        if not isinstance(constraint, Constraint):
+            raise ValueError(f"constraints must be Constraint objects, got {type(constraint).__name__}")
+        constraint.validate()
+        if bank_tasks is not None and constraint.task not in bank_tasks:
+            raise ValueError(f"the probe bank has no probe for task {constraint.task!r}")
+    tasks = [c.task for c in constraints]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError("each task may appear once per request")
+    policies = policies or {}
+    unknown = set(policies) - set(tasks)
+    if unknown:
+        raise ValueError(f"steering policies name tasks without a constraint: {', '.join(sorted(map(str, unknown)))}")
+    for task, policy in policies.items():
+        if not isinstance(policy, SteeringPolicy):
+            raise ValueError(f"the steering policy for {task} must be a SteeringPolicy, got {type(policy).__name__}")
+
+
+def validate_request(request: Any, bank_tasks: Collection[str] | None = None) -> None:
+    """The checks every entry point makes on a request (a `Request`, or the drop-in's `RowSpec`, which has
+    no prompt or sampling): a non-blank prompt, valid sampling, the policy, and `validate_constraints`."""
+    from steerer.policy import SteeringPolicy
+
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("prompt is empty")
+    sampling = getattr(request, "sampling", None)
+    if sampling is not None:
+        sampling.validate()
+    policy = getattr(request, "policy", None)
+    if policy is not None and not isinstance(policy, SteeringPolicy):
+        raise ValueError(f"the steering policy must be a SteeringPolicy, got {type(policy).__name__}")
+    validate_constraints(request.constraints, request.policies, bank_tasks)

@@ -3,6 +3,10 @@
 Per step there is one forward pass for the rows already decoding (plus one prefill for rows joining),
 then one vectorised token choice, and the `StepHooks` see the batch as tensors: the tokens just chosen
 and the residuals tapped at the input position. Nothing on this path loops over rows in Python.
+
+Every per-row tensor lives on the engine's device. What the host needs from a step (tokens, which rows
+finished, plus whatever the hooks add, e.g. risks and flag changes) comes back in one transfer
+(`StepView.fetch`), so a GPU step synchronises once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Protocol
 import torch
 
 from steerer.engine.base import BatchState, Engine
-from steerer.sampling import select_tokens
+from steerer.sampling import MIN_TEMPERATURE, select_tokens
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,48 @@ class StepView:
     closing: torch.Tensor  # [B] bool
     finished: torch.Tensor  # [B] bool: the chosen token ends the row (EOS or length)
     recorded: torch.Tensor  # [B] bool: the chosen token was appended to the response (not EOS, not closing)
+    done: torch.Tensor | None = None  # [B] bool: the row leaves the batch after this pass
+    _host: HostStep | None = field(default=None, repr=False)
+
+    def fetch(self, *extra: torch.Tensor) -> tuple[HostStep, list[torch.Tensor]]:
+        """The step's per-row data on the host, and `extra` tensors (a hook's own), in one transfer.
+
+        The first call moves everything; later calls reuse the step's part and move only their extras."""
+        if self._host is not None:
+            return self._host, to_host(*extra) if extra else []
+        done = self.done if self.done is not None else torch.zeros_like(self.closing)
+        base = (self.tokens, self.index, self.closing, self.finished, self.recorded, done)
+        host = to_host(*base, *extra)
+        self._host = HostStep(*(t.tolist() for t in host[:len(base)]))
+        return self._host, host[len(base):]
+
+
+@dataclass
+class HostStep:
+    """A step's per-row data as Python lists (from `StepView.fetch`)."""
+
+    tokens: list[int]
+    index: list[int]
+    closing: list[bool]
+    finished: list[bool]
+    recorded: list[bool]
+    done: list[bool]
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU copies of `tensors` in one device-to-host transfer (one synchronisation); CPU tensors as they are.
+
+    Packed as float64, which holds every token id, count, bool and float32 exactly."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    wide = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # mps has no float64
+    flat = torch.cat([t.reshape(-1).to(wide) for t in tensors]).cpu()
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[at:at + n].view(t.shape).to(t.dtype))
+        at += n
+    return out
 
 
 class StepHooks(Protocol):
@@ -82,15 +128,19 @@ class RunningBatch:
     tap_eos: bool = False
     rows: list[Hashable] = field(default_factory=list)
     state: BatchState | None = None
-    _tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    _buffer: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
-    _count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    _closing: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    _eos_hit: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    _params: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._eos = torch.tensor(self.engine.eos_token_ids, dtype=torch.long)
+        self.device = torch.device(getattr(self.engine, "device", "cpu"))
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
+        self._tokens = zeros(0)
+        self._buffer = zeros(0, 0)
+        self._count = zeros(0)
+        self._closing = zeros(0, dtype=torch.bool)
+        self._eos_hit = zeros(0, dtype=torch.bool)
+        self._params: dict[str, torch.Tensor] = {}
+        self._sampling: list[SamplingParams] = []  # host copy per row: which rows sample, which use top-p
+        self._kinds = _kinds(self._sampling)
+        self._eos = torch.tensor(self.engine.eos_token_ids, dtype=torch.long, device=self.device)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -104,24 +154,27 @@ class RunningBatch:
             raise ValueError("row ids must be unique within a running batch")
         params = [p.validate() for p in params]
         rows = list(rows)
-        index = torch.full((len(rows),), -1, dtype=torch.long)
+        index = torch.full((len(rows),), -1, dtype=torch.long, device=self.device)
         if self.hooks is not None:
             self.hooks.before_forward(rows, index)
         logits, state = self.engine.prefill(list(prompts))
-        p = _stack_params(params)
-        tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], torch.zeros(len(rows), dtype=torch.long))
-        width = max(int(p["max_new_tokens"].max()), self._buffer.shape[1])
+        p = _stack_params(params, self.device)
+        tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], torch.zeros_like(index), **_kinds(params))
+        width = max(max(x.max_new_tokens for x in params), self._buffer.shape[1])
         self.state = state if self.state is None else self.engine.merge(self.state, state)
         self.rows += rows
-        self._buffer = torch.cat([_widen(self._buffer, width), torch.zeros(len(rows), width, dtype=torch.long)])
-        self._count = torch.cat([self._count, torch.zeros(len(rows), dtype=torch.long)])
-        self._closing = torch.cat([self._closing, torch.zeros(len(rows), dtype=torch.bool)])
-        self._eos_hit = torch.cat([self._eos_hit, torch.zeros(len(rows), dtype=torch.bool)])
+        self._sampling += params
+        self._kinds = _kinds(self._sampling)
+        n = len(rows)
+        self._buffer = torch.cat([_widen(self._buffer, width), torch.zeros(n, width, dtype=torch.long, device=self.device)])
+        self._count = torch.cat([self._count, torch.zeros_like(index)])
+        self._closing = torch.cat([self._closing, torch.zeros(n, dtype=torch.bool, device=self.device)])
+        self._eos_hit = torch.cat([self._eos_hit, torch.zeros(n, dtype=torch.bool, device=self.device)])
         self._params = {k: torch.cat([self._params[k], v]) if self._params else v for k, v in p.items()}
-        start = len(self.rows) - len(rows)
+        start = len(self.rows) - n
         self._tokens = torch.cat([self._tokens, tokens])
-        new = torch.arange(start, len(self.rows))
-        return self._accept(new, tokens, index, torch.zeros(len(rows), dtype=torch.bool))
+        new = torch.arange(start, len(self.rows), device=self.device)
+        return self._accept(rows, new, tokens, index, torch.zeros(n, dtype=torch.bool, device=self.device))
 
     def step(self) -> list[Generation]:
         """One decode pass for every running row. Returns the rows that finished in it."""
@@ -132,52 +185,60 @@ class RunningBatch:
             self.hooks.before_forward(self.rows, index)
         logits = self.engine.decode(self.state, self._tokens)
         p = self._params
-        tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], self._count)
+        tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], self._count, **self._kinds)
         closing = self._closing.clone()
         self._tokens = tokens
-        return self._accept(torch.arange(len(self.rows)), tokens, index, closing)
+        return self._accept(self.rows, None, tokens, index, closing)
 
-    def _accept(self, at: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor,
+    def _accept(self, rows: list[Hashable], at: torch.Tensor | None, tokens: torch.Tensor, index: torch.Tensor,
                 closing: torch.Tensor) -> list[Generation]:
-        """Record the chosen tokens of rows `at`, tell the hooks, and retire finished rows."""
+        """Record the chosen tokens of rows `at` (None: every row), tell the hooks, and retire finished rows."""
+        sel = slice(None) if at is None else at
         live = ~closing
-        is_eos = torch.isin(tokens, self._eos) & ~self._params["ignore_eos"][at]
-        count = self._count[at]
+        is_eos = torch.isin(tokens, self._eos) & ~self._params["ignore_eos"][sel]
+        count = self._count[sel]
         recorded = live & ~is_eos
-        self._buffer[at[recorded], count[recorded]] = tokens[recorded]
+        column = count.clamp(max=self._buffer.shape[1] - 1)
+        where = torch.arange(len(count), device=self.device) if at is None else at
+        self._buffer[where, column] = torch.where(recorded, tokens, self._buffer[where, column])
         new_count = count + recorded.long()
-        finished = live & (is_eos | (new_count >= self._params["max_new_tokens"][at]))
-        self._count[at] = new_count
-        self._eos_hit[at] |= live & is_eos
-        if self.hooks is not None:
-            view = StepView([self.rows[i] for i in at.tolist()], index, tokens, dict(self.engine.hooks.captured),
-                            closing, finished, recorded)
-            self.hooks.after_forward(view)
+        finished = live & (is_eos | (new_count >= self._params["max_new_tokens"][sel]))
+        self._count[sel] = new_count
+        self._eos_hit[sel] = self._eos_hit[sel] | (live & is_eos)
         # A row that chose EOS stays one more pass when tap_eos, so the EOS token's residual is read.
-        to_close = finished & self._eos_hit[at] if self.tap_eos else torch.zeros_like(finished)
-        self._closing[at[to_close]] = True
+        to_close = finished & self._eos_hit[sel] if self.tap_eos else torch.zeros_like(finished)
+        self._closing[sel] = self._closing[sel] | to_close
         done = closing | (finished & ~to_close)
-        if not bool(done.any()):
+        view = StepView(rows, index, tokens, self.engine.residuals() if self.hooks is not None else {},
+                        closing, finished, recorded, done)
+        if self.hooks is not None:
+            self.hooks.after_forward(view)
+        host, _ = view.fetch()  # the step's one transfer (already made if a hook fetched its own data)
+        if not any(host.done):
             return []
-        return self._retire(at[done])
+        start = 0 if at is None else len(self.rows) - len(rows)
+        return self._retire([start + i for i, d in enumerate(host.done) if d])
 
     def remove(self, rows: Sequence[Hashable]) -> None:
         """Drop rows without a result (cancelled requests)."""
         gone = [i for i, row in enumerate(self.rows) if row in set(rows)]
         if gone:
-            self._retire(torch.tensor(gone, dtype=torch.long))
+            self._retire(gone, results=False)
 
-    def _retire(self, gone: torch.Tensor) -> list[Generation]:
+    def _retire(self, gone: list[int], results: bool = True) -> list[Generation]:
         out = []
-        for i in gone.tolist():
-            n = int(self._count[i])
-            reason = "eos" if bool(self._eos_hit[i]) else "length"
-            out.append(Generation(self.rows[i], self._buffer[i, :n].tolist(), reason,
-                                  int(self.state.prompt_lengths[i])))
-        keep_mask = torch.ones(len(self.rows), dtype=torch.bool)
-        keep_mask[gone] = False
-        keep = keep_mask.nonzero().squeeze(1)
-        self.rows = [self.rows[i] for i in keep.tolist()]
+        if results:
+            picked = torch.tensor(gone, dtype=torch.long, device=self.device)
+            data = torch.cat([self._count[picked, None], self._eos_hit[picked, None].long(),
+                              self.state.prompt_lengths[picked, None].to(self.device), self._buffer[picked]], dim=1)
+            for i, (n, eos, prompt, *tokens) in zip(gone, to_host(data)[0].tolist(), strict=True):
+                out.append(Generation(self.rows[i], tokens[:n], "eos" if eos else "length", prompt))
+        dropped = set(gone)
+        keep_list = [i for i in range(len(self.rows)) if i not in dropped]
+        keep = torch.tensor(keep_list, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in keep_list]
+        self._sampling = [self._sampling[i] for i in keep_list]
+        self._kinds = _kinds(self._sampling)
         for name in ("_tokens", "_buffer", "_count", "_closing", "_eos_hit"):
             setattr(self, name, getattr(self, name)[keep])
         self._params = {k: v[keep] for k, v in self._params.items()}
@@ -214,17 +275,24 @@ class ChainedHooks:
                 part.after_forward(view)
 
 
-def _stack_params(params: Sequence[SamplingParams]) -> dict[str, torch.Tensor]:
+def _stack_params(params: Sequence[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
     return {
-        "max_new_tokens": torch.tensor([p.max_new_tokens for p in params], dtype=torch.long),
-        "temperature": torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32),
-        "seed": torch.tensor([p.seed for p in params], dtype=torch.long),
-        "ignore_eos": torch.tensor([p.ignore_eos for p in params], dtype=torch.bool),
+        "max_new_tokens": torch.tensor([p.max_new_tokens for p in params], dtype=torch.long, device=device),
+        "temperature": torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        "seed": torch.tensor([p.seed for p in params], dtype=torch.long, device=device),
+        "ignore_eos": torch.tensor([p.ignore_eos for p in params], dtype=torch.bool, device=device),
     }
+
+
+def _kinds(params: Sequence[SamplingParams]) -> dict[str, bool]:
+    """What `select_tokens` would otherwise read off the device: does any row sample, any use top-p."""
+    sampled = [p for p in params if p.temperature >= MIN_TEMPERATURE]
+    return {"sampled": bool(sampled), "nucleus": any(p.top_p < 1 for p in sampled)}
 
 
 def _widen(buffer: torch.Tensor, width: int) -> torch.Tensor:
     if buffer.shape[1] >= width:
         return buffer
-    return torch.cat([buffer, torch.zeros(buffer.shape[0], width - buffer.shape[1], dtype=buffer.dtype)], dim=1)
+    pad = torch.zeros(buffer.shape[0], width - buffer.shape[1], dtype=buffer.dtype, device=buffer.device)
+    return torch.cat([buffer, pad], dim=1)

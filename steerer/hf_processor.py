@@ -11,8 +11,9 @@ For callers who already use `generate()`: the same probes, risks, flags, verdict
 How it lines up with `Steerer`: `generate()` runs the prefill, then calls the processor once after every
 forward pass, before the next token is chosen. Forward hooks (`LayerHooks`) tap the bank's layers in that
 pass; the processor scores them (pass t read the token chosen in pass t-1, or the last prompt token for
-the prefill), updates the `Monitor`, and sets the steering coefficients of pass t+1 from the flags and
-risks after pass t, as `Steerer.before_forward` does. A forward pre-hook on the model recognises a
+the prefill), updates the monitor, and sets the steering coefficients of pass t+1 from the flags and
+risks after pass t. Both this processor and `Steerer` drive the same `Controller` (slots, monitor,
+policies, token events, results); only the order in which they learn a pass's token differs. A forward pre-hook on the model recognises a
 prefill (empty cache), puts the hooks in the prompt phase (so `Where.GENERATED` steering leaves the prompt
 alone) and starts fresh per-row state, so one attached processor serves several `generate()` calls. The
 scores are returned unchanged.
@@ -40,49 +41,27 @@ from transformers import LogitsProcessor
 
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
-from steerer.core import Result, TokenEvent, build_verdicts
-from steerer.generation import StepView
+from steerer.controller import Controller, Result, RowSpec, TokenEvent
+from steerer.engine.hf import eos_token_ids
+from steerer.generation import to_host
 from steerer.model import model_fingerprint
-from steerer.monitor import FlagEvent, Monitor, MonitorConfig
-from steerer.policy import OFF, PolicyTable, SteeringPolicy
-from steerer.taps import LayerHooks, Phase, Where
+from steerer.monitor import Monitor, MonitorConfig
+from steerer.policy import OFF, SteeringPolicy
+from steerer.taps import LayerHooks, Where
 
-
-@dataclass(frozen=True)
-class RowSpec:
-    """What one batch row is monitored and steered for (a `Request` without prompt and sampling)."""
-
-    constraints: tuple[Constraint, ...] = ()
-    policy: SteeringPolicy = OFF  # for every constraint without its own entry in `policies`
-    policies: dict[str, SteeringPolicy] = field(default_factory=dict)
-    id: str | None = None
-
-    def policy_for(self, task: str) -> SteeringPolicy:
-        return self.policies.get(task, self.policy)
-
-
-@dataclass
-class _Row:
-    spec: RowSpec
-    request_id: str
-    tasks: list[str]
-    columns: torch.Tensor
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    steered: dict[str, int] = field(default_factory=dict)
-    done: bool = False  # no more passes are read for this row
-    eos: bool = False  # the row chose EOS
-    pending: tuple[dict[str, float], dict[str, float], list[FlagEvent]] | None = None  # the chosen token's event
+__all__ = ["RowSpec", "SteererLogitsProcessor", "attach_steerer"]
 
 
 @dataclass
 class _Generation:
-    """Per-`generate()` state: one monitor, the rows, and where the sequence stands."""
+    """Per-`generate()` state: the rows' slots and where the sequence stands (host-side, per row)."""
 
-    monitor: Monitor
-    rows: list[_Row]
+    slots: list[int]
+    slot_tensor: torch.Tensor  # [B] on the model's device
     prompt_len: int
-    prompt_mask: torch.Tensor  # [B, T0]
+    prompt_mask: torch.Tensor  # [B, T0] (CPU)
+    counts: list[int]  # tokens recorded per row
+    done: list[bool]  # no more passes are read for this row
     calls: int = 0
     events: list[TokenEvent] = field(default_factory=list)
 
@@ -104,15 +83,16 @@ class SteererLogitsProcessor(LogitsProcessor):
         self.tokenizer = tokenizer
         self.bank = bank
         self.rows = rows
+        self.device = next(model.parameters()).device
+        self.controller = Controller(bank, tokenizer, capacity=capacity, device=self.device,
+                                     monitor_config=monitor_config, where=where, record=record,
+                                     use_unreliable_probes=use_unreliable_probes)
         for spec in [rows] if isinstance(rows, RowSpec) else rows:
-            _validate(spec, bank)
-        self.monitor_config = monitor_config or MonitorConfig()
-        self.record = record
-        self.muted = bank.muted(use_unreliable_probes)  # as in Steerer: unreliable probes neither flag nor steer
-        self.policies = PolicyTable(bank, capacity, where, muted=self.muted)
-        self.hooks = LayerHooks(model, tap_layers=bank.layers, steering=self.policies.steering)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
-        self._applied = torch.zeros(capacity, len(bank.probes))  # coefficients of the pass about to run
+            self.controller.validate(spec)
+        self.muted = self.controller.muted  # as in Steerer: unreliable probes neither flag nor steer
+        self.hooks = LayerHooks(model, tap_layers=bank.layers, steering=self.controller.steering)
+        self.eos_token_ids = frozenset(eos_token_ids(model, tokenizer))
+        self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         self._pre_hook = None
         self._gen: _Generation | None = None
 
@@ -137,9 +117,14 @@ class SteererLogitsProcessor(LogitsProcessor):
 
     @property
     def monitor(self) -> Monitor:
+        """The controller's monitor; batch row b of the current generation is slot `slots[b]`."""
         if self._gen is None:
             raise RuntimeError("no generation has started yet")
-        return self._gen.monitor
+        return self.controller.monitor
+
+    @property
+    def slots(self) -> list[int]:
+        return [] if self._gen is None else list(self._gen.slots)
 
     # -- the forward pre-hook: a prefill starts a generation -------------------------------------------
     def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -161,105 +146,68 @@ class SteererLogitsProcessor(LogitsProcessor):
         specs = [self.rows] * batch if isinstance(self.rows, RowSpec) else list(self.rows)
         if len(specs) != batch:
             raise ValueError(f"the processor was given {len(specs)} row specs for a batch of {batch} rows")
-        if batch > self.policies.capacity:
-            raise ValueError(f"batch of {batch} rows exceeds the processor's capacity {self.policies.capacity}")
-        monitor = Monitor(self.bank, self.monitor_config, batch, record=self.record, muted=self.muted)
-        rows = []
-        for b, spec in enumerate(specs):
-            tasks = [c.task for c in spec.constraints]
-            monitor.register(b, tasks)
-            self.policies.set(b, {t: spec.policy_for(t) for t in tasks})
-            columns = torch.tensor([self.bank.index(t) for t in tasks], dtype=torch.long)
-            rows.append(_Row(spec, spec.id or f"row-{b}", tasks, columns, steered=dict.fromkeys(tasks, 0)))
-        self._gen = _Generation(monitor, rows, prompt_len, prompt_mask)
-        # The prefill's coefficients, as Steerer.before_forward computes them for index -1.
-        coeffs = self.policies.coefficients(torch.arange(batch), monitor.flags, monitor.smoothed)
-        if self.policies.where is Where.GENERATED:
-            coeffs = torch.zeros_like(coeffs)
-        self._set_coefficients(coeffs)
-        self.hooks.phase = Phase.PROMPT
+        if batch > self.controller.capacity:
+            raise ValueError(f"batch of {batch} rows exceeds the processor's capacity {self.controller.capacity}")
+        if self._gen is not None:  # a new generate(): the previous one's rows leave
+            for slot in self._gen.slots:
+                self.controller.remove(slot)
+        slots = [self.controller.add(spec, spec.id or f"row-{b}") for b, spec in enumerate(specs)]
+        slot_tensor = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self._gen = _Generation(slots, slot_tensor, prompt_len, prompt_mask, [0] * batch, [False] * batch)
+        # The prefill's coefficients, as for any row's first pass (zeros under Where.GENERATED).
+        self.controller.coefficients(slot_tensor, torch.full((batch,), -1, dtype=torch.long, device=self.device))
+        self.hooks.set_pass(generated=False)
 
     # -- the processor ----------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         gen = self._gen
         if gen is None:
             raise RuntimeError("SteererLogitsProcessor is not attached (use attach_steerer or .attach())")
-        if input_ids.shape[0] != len(gen.rows) or input_ids.shape[1] != gen.prompt_len + gen.calls:
+        if input_ids.shape[0] != len(gen.slots) or input_ids.shape[1] != gen.prompt_len + gen.calls:
             raise RuntimeError("SteererLogitsProcessor saw an unexpected sequence shape; it supports greedy and "
                                "sampled generate() with the KV cache (no beam search or assisted decoding)")
-        last = input_ids[:, -1].tolist() if gen.calls else None
-        self._read_pass(gen, [b for b, row in enumerate(gen.rows) if not row.done], last)
+        self._read_pass(gen, [b for b, done in enumerate(gen.done) if not done],
+                        input_ids[:, -1] if gen.calls else None)
         gen.calls += 1
         self._steer_next(gen)
-        self.hooks.phase = Phase.GENERATED
+        self.hooks.set_pass(generated=True)
         return scores
 
-    def _set_coefficients(self, coeffs: torch.Tensor) -> None:
-        self.policies.apply(coeffs)
-        self._applied = coeffs
-
     def _steer_next(self, gen: _Generation) -> None:
-        """Coefficients for the next pass from the monitor's state now (Steerer.before_forward)."""
-        monitor = gen.monitor
-        rows = torch.arange(len(gen.rows))
-        coeffs = self.policies.coefficients(rows, monitor.flags[rows], monitor.smoothed[rows])
-        done = torch.tensor([row.done for row in gen.rows])
-        self._set_coefficients(torch.where(done[:, None], torch.zeros_like(coeffs), coeffs))
+        """Coefficients for the next pass from the monitor's state now; rows already done get none."""
+        live = torch.tensor([not d for d in gen.done], dtype=torch.bool).to(self.device)
+        positions = torch.tensor(gen.counts, dtype=torch.long).to(self.device)
+        self.controller.coefficients(gen.slot_tensor, positions, live)
 
-    def _read_pass(self, gen: _Generation, live: list[int], last: list[int] | None) -> None:
-        """Score the pass just run for rows `live`; `last` = each row's input token (None for the prefill)."""
+    def _read_pass(self, gen: _Generation, live: list[int], last: torch.Tensor | None) -> None:
+        """Score the pass just run for rows `live`: first the events of the tokens they fed in (`last`, the
+        tokens chosen in the previous pass; None for the prefill), then this pass's readings."""
         if not live:
             return
-        index, closing = [], []
-        for b in live:
-            row = gen.rows[b]
-            if last is None:
-                index.append(-1)
-                closing.append(False)
-                continue
-            token = int(last[b])
-            is_eos = token in self.eos_token_ids
-            self._emit(gen, row, token, is_eos)
-            index.append(len(row.tokens) if is_eos else len(row.tokens) - 1)
-            closing.append(is_eos)
-        picked = torch.tensor(live, dtype=torch.long)
-        closing_t = torch.tensor(closing, dtype=torch.bool)
-        captured = {layer: self.hooks.captured[layer][picked].detach().float().cpu() for layer in self.bank.layers}
-        view = StepView(live, torch.tensor(index, dtype=torch.long), torch.zeros(len(live), dtype=torch.long),
-                        captured, closing_t, closing_t.clone(), ~closing_t)
-        monitor = gen.monitor
-        monitor.after_forward(view)
-        flag_events: dict[int, list[FlagEvent]] = {}
-        for event in monitor.drain_events():
-            flag_events.setdefault(event.row, []).append(event)
-        risks = monitor.smoothed
-        for b, is_closing in zip(live, closing, strict=True):
-            row = gen.rows[b]
-            if is_closing:
-                row.done = True
-                continue
-            applied = self._applied[b, row.columns].tolist()
-            for task, alpha in zip(row.tasks, applied, strict=True):
-                row.steered[task] += alpha != 0
-            row.pending = (dict(zip(row.tasks, risks[b, row.columns].tolist(), strict=True)),
-                           dict(zip(row.tasks, applied, strict=True)), flag_events.get(b, []))
-
-    def _emit(self, gen: _Generation, row: _Row, token: int, is_eos: bool) -> None:
-        """The token chosen in the previous pass is now known: record it and emit its event."""
-        text = ""
-        if is_eos:
-            row.eos = True
-            index = len(row.tokens)
+        picked = torch.tensor(live, dtype=torch.long).to(self.device)
+        slots = [gen.slots[b] for b in live]
+        positions = [gen.counts[b] if last is not None else -1 for b in live]
+        if last is None:
+            tokens = closing = torch.zeros(len(live), dtype=torch.bool, device=self.device)
         else:
-            row.tokens.append(token)
-            full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            text, row.text = full[len(row.text):], full
-            index = len(row.tokens) - 1
-        if row.pending is None:
-            raise RuntimeError("internal error: a token arrived without the pass that chose it")
-        risks, steering, flags = row.pending
-        row.pending = None
-        gen.events.append(TokenEvent(row.request_id, index, token, text, risks, steering, flags))
+            tokens = last[picked]
+            closing = torch.isin(tokens, self._eos)
+        residuals = {layer: self.hooks.captured[layer][picked] for layer in self.bank.layers}
+        observation = self.controller.observe(gen.slot_tensor[picked], torch.tensor(positions).to(self.device),
+                                              residuals, closing)
+        host = to_host(tokens, closing, *observation.tensors())  # the call's one host transfer
+        token_list, closing_list = host[0].tolist(), host[1].tolist()
+        if last is not None:
+            for b, token, is_eos in zip(live, token_list, closing_list, strict=True):
+                self._emit(gen, b, int(token), is_eos)
+        self.controller.settle(slots, positions, closing_list, host[2:])
+        for b, is_closing in zip(live, closing_list, strict=True):
+            gen.done[b] = gen.done[b] or is_closing
+
+    def _emit(self, gen: _Generation, b: int, token: int, is_eos: bool, final: bool = False) -> None:
+        """The token chosen in the previous pass is now known: record it and emit its event."""
+        gen.events.append(self.controller.token(gen.slots[b], token, not is_eos, final or is_eos))
+        gen.counts[b] += not is_eos
 
     # -- after generate() ---------------------------------------------------------------------------------
     def events(self) -> list[TokenEvent]:
@@ -284,39 +232,32 @@ class SteererLogitsProcessor(LogitsProcessor):
                                f"{gen.prompt_len + gen.calls} (prompt {gen.prompt_len} + {gen.calls} steps)")
         last = sequences[:, -1].tolist()
         closing = []
-        for b, row in enumerate(gen.rows):
-            if row.done:
+        for b, done in enumerate(gen.done):
+            if done:
                 continue
             token = int(last[b])
             is_eos = token in self.eos_token_ids
             if is_eos and cache is not None:
                 closing.append(b)
                 continue
-            self._emit(gen, row, token, is_eos)
-            row.done = True
+            self._emit(gen, b, token, is_eos, final=True)
+            gen.done[b] = True
         if closing:
-            self._eos_pass(gen, sequences, cache, closing, last)
-        return [self._result(gen, b) for b in range(len(gen.rows))]
+            self._eos_pass(gen, sequences, cache, closing)
+        results = [self.controller.finish(slot, None, int(gen.prompt_mask[b].sum())) for b, slot in enumerate(gen.slots)]
+        self._gen = _Generation([], gen.slot_tensor[:0], 0, gen.prompt_mask[:0], [], [], events=gen.events)
+        return results
 
-    def _eos_pass(self, gen: _Generation, sequences: torch.Tensor, cache: Any, rows: list[int],
-                  last: list[int]) -> None:
+    def _eos_pass(self, gen: _Generation, sequences: torch.Tensor, cache: Any, rows: list[int]) -> None:
         """Feed the EOS of rows that chose it in the last step (Steerer's closing pass) and read it."""
         device = sequences.device
-        mask = torch.cat([gen.prompt_mask, torch.ones(len(gen.rows), gen.calls, dtype=torch.long)], dim=1)
+        mask = torch.cat([gen.prompt_mask, torch.ones(len(gen.slots), gen.calls, dtype=torch.long)], dim=1)
         positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
         self.model(input_ids=sequences[:, -1:], attention_mask=mask.to(device), position_ids=positions.to(device),
                    cache=cache, use_cache=True)
-        self._read_pass(gen, rows, last)
-        self._set_coefficients(torch.zeros_like(self._applied))
-
-    def _result(self, gen: _Generation, b: int) -> Result:
-        row = gen.rows[b]
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        monitor = gen.monitor
-        verdicts = build_verdicts(monitor, b, tuple(row.spec.constraints), row.columns, text)
-        traces = monitor.traces_for(b, row.tasks)
-        return Result(row.request_id, text, list(row.tokens), "eos" if row.eos else "length", verdicts,
-                      int(gen.prompt_mask[b].sum()), dict(row.steered), self.bank.version, traces)
+        self._read_pass(gen, rows, sequences[:, -1])
+        for steer in self.controller.steering.values():  # nothing more to steer until the next generate()
+            steer.active = False
 
 
 @contextmanager
@@ -337,25 +278,3 @@ def attach_steerer(model: torch.nn.Module, tokenizer: Any, bank: ProbeBank,
                                        check_bank=check_bank, use_unreliable_probes=use_unreliable_probes)
     with processor:
         yield processor
-
-
-def _validate(spec: RowSpec, bank: ProbeBank) -> None:
-    """The checks `Steerer.validate` makes on a request's constraints and policies."""
-    for constraint in spec.constraints:
-        constraint.validate()
-        if constraint.task not in bank.tasks:
-            raise ValueError(f"the probe bank has no probe for task {constraint.task!r}")
-    tasks = [c.task for c in spec.constraints]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError("each task may appear once per row")
-    unknown = set(spec.policies) - set(tasks)
-    if unknown:
-        raise ValueError(f"steering policies name tasks without a constraint: {', '.join(sorted(unknown))}")
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """The tokens that end a row: the generation config's EOS ids and the tokenizer's (as HFEngine)."""
-    eos = model.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, list | tuple) else [eos]
-    eos.append(tokenizer.eos_token_id)
-    return frozenset(int(e) for e in eos if e is not None)

@@ -128,8 +128,19 @@ class LoadedModel:
         return int(value) if value else None
 
 
-def load_model(name: str | None = None, dtype: str = "float32", threads: int | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference (eval mode, no grad needed)."""
+def resolve_device(device: str | None = "auto") -> str:
+    """'auto' (or None): CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given (checked)."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return str(device)
+
+
+def load_model(name: str | None = None, dtype: str = "float32", threads: int | None = None,
+               device: str | None = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad needed) on `device`
+    ('cpu', 'cuda', 'cuda:N' or 'auto')."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -145,6 +156,7 @@ def load_model(name: str | None = None, dtype: str = "float32", threads: int | N
     except OSError as exc:
         raise ModelError(f"cannot load model {name!r} from {path!r}: {exc}".splitlines()[0]) from exc
     model.eval()
+    model.to(resolve_device(device))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -162,7 +174,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
     h.update(json.dumps(shape, sort_keys=True).encode())
     emb = model.get_input_embeddings().weight.detach()[:64]
-    h.update(emb.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    h.update(emb.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -55,25 +55,28 @@ class Monitor:
 
     def __post_init__(self) -> None:
         k = len(self.bank.probes)
-        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool()
-        self.risk_threshold = 1.0 - self.bank.flag_thresholds  # [K]
-        self.active = torch.zeros(self.capacity, k, dtype=torch.bool)
-        self.smoothed = torch.zeros(self.capacity, k)
-        self.seen = torch.zeros(self.capacity, dtype=torch.bool)
-        self.flags = torch.zeros(self.capacity, k, dtype=torch.bool)
-        self.ever_flagged = torch.zeros(self.capacity, k, dtype=torch.bool)
-        self.first_flag = torch.full((self.capacity, k), -1, dtype=torch.long)
-        self.last_p = torch.zeros(self.capacity, k)
-        self.eos_p = torch.full((self.capacity, k), float("nan"))
+        device = self.bank.weights.device  # every table lives where the bank's tensors (and the model) are
+        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool().cpu()
+        self._muted = self.muted.tolist()
+        self.risk_threshold = (1.0 - self.bank.flag_thresholds).to(device)  # [K]
+        self.active = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.smoothed = torch.zeros(self.capacity, k, device=device)
+        self.seen = torch.zeros(self.capacity, dtype=torch.bool, device=device)
+        self.flags = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.ever_flagged = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.first_flag = torch.full((self.capacity, k), -1, dtype=torch.long, device=device)
+        self.last_p = torch.zeros(self.capacity, k, device=device)
+        self.eos_p = torch.full((self.capacity, k), float("nan"), device=device)
         self.traces: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def register(self, row: int, tasks: list[str]) -> None:
         if not 0 <= row < self.capacity:
             raise ValueError(f"row slot {row} outside the monitor's capacity {self.capacity}")
-        self.active[row] = False
+        active = [False] * len(self._muted)
         for task in tasks:  # a muted probe is never active: the flag rule then costs nothing extra per token
             k = self.bank.index(task)
-            self.active[row, k] = not bool(self.muted[k])
+            active[k] = not self._muted[k]
+        self.active[row] = torch.tensor(active)
         for table in (self.smoothed, self.last_p):
             table[row] = 0
         self.seen[row] = False
@@ -87,35 +90,52 @@ class Monitor:
     def before_forward(self, rows, index) -> None:
         pass
 
-    def after_forward(self, view) -> None:
-        rows = torch.as_tensor(view.rows, dtype=torch.long)
-        p = self.bank.score(view.residuals)  # [B, K]
+    def observe(self, rows: torch.Tensor, index: torch.Tensor, residuals: dict[int, torch.Tensor],
+                closing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score one pass for row slots `rows` (a tensor on the monitor's device) and update every table.
+
+        Pure tensor work, no host reads: returns the smoothed risk [B, K] and the flags raised and cleared
+        [B, K] (bool), for the caller to bring to the host in its one transfer and pass to `flag_events`.
+        """
+        p = self.bank.score(residuals)  # [B, K]
         risk = 1.0 - p
         beta = self.config.smoothing
         smoothed = torch.where(self.seen[rows, None], beta * self.smoothed[rows] + (1 - beta) * risk, risk)
         self.smoothed[rows] = smoothed
         self.seen[rows] = True
         self.last_p[rows] = p
-        closing = view.closing
-        if bool(closing.any()):
-            self.eos_p[rows[closing]] = p[closing]
+        self.eos_p[rows] = torch.where(closing[:, None], p, self.eos_p[rows])
         if self.record:
-            for i, row in enumerate(view.rows):
-                self.traces[row].append((int(view.index[i]), p[i]))
-        eligible = self.active[rows] & (view.index >= self.config.warmup_tokens)[:, None]
+            for i, (row, position) in enumerate(zip(rows.tolist(), index.tolist(), strict=True)):
+                self.traces[row].append((position, p[i].cpu()))
+        eligible = self.active[rows] & (index >= self.config.warmup_tokens)[:, None]
         h = self.config.hysteresis
         flags = self.flags[rows]
         raised = eligible & ~flags & (smoothed > self.risk_threshold + h)
         cleared = flags & (smoothed < self.risk_threshold - h)
-        if not bool((raised | cleared).any()):
-            return
         self.flags[rows] = (flags | raised) & ~cleared
-        self.ever_flagged[rows] |= raised
+        self.ever_flagged[rows] = self.ever_flagged[rows] | raised
         first = self.first_flag[rows]
-        self.first_flag[rows] = torch.where(raised & (first < 0), view.index[:, None].expand_as(first), first)
-        for i, k in (raised | cleared).nonzero().tolist():
-            self.events.append(FlagEvent(int(rows[i]), int(view.index[i]), self.bank.probes[k].task,
-                                         float(smoothed[i, k]), bool(raised[i, k])))
+        self.first_flag[rows] = torch.where(raised & (first < 0), index[:, None].expand_as(first), first)
+        return smoothed, raised, cleared
+
+    def flag_events(self, rows: list[int], index: list[int], smoothed: torch.Tensor, raised: torch.Tensor,
+                    cleared: torch.Tensor) -> list[FlagEvent]:
+        """The flag changes of one pass as events, from host copies of what `observe` returned."""
+        changed = raised | cleared
+        if not bool(changed.any()):
+            return []
+        return [FlagEvent(int(rows[i]), int(index[i]), self.bank.probes[k].task, float(smoothed[i, k]),
+                          bool(raised[i, k])) for i, k in changed.nonzero().tolist()]
+
+    def after_forward(self, view) -> None:
+        """Step hooks for a `RunningBatch` (tests, benchmarks): `observe`, then events for flag changes."""
+        rows = torch.as_tensor(view.rows, dtype=torch.long, device=self.smoothed.device)
+        smoothed, raised, cleared = self.observe(rows, view.index, view.residuals, view.closing)
+        changed = raised | cleared
+        if bool(changed.any()):
+            self.events += self.flag_events(list(view.rows), view.index.tolist(), smoothed.cpu(), raised.cpu(),
+                                            cleared.cpu())
 
     def drain_events(self) -> list[FlagEvent]:
         events, self.events = self.events, []

@@ -1,4 +1,9 @@
-"""Steering policies as data: per row and probe, a kind and a strength, turned into per-row alphas.
+"""Steering policies: the one vocabulary of policy kinds, their parsing, and the table that turns policies
+into per-row alphas.
+
+`POLICY_KINDS` (from `PolicyKind`) is the list every entry point offers (the library, the drop-in, the gRPC
+conversion, the client and both command lines); `SteeringPolicy.parse` reads the 'kind:alpha' they take.
+This module imports torch only when a `PolicyTable` is built, so the light client can use the vocabulary.
 
 The table is EasySteer-style: policies live in [capacity, K] tensors indexed by row slot, and one pass
 computes every row's coefficients at once. A row with policy `off` gets exact zeros, so its tokens are
@@ -10,11 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from steerer.bank import ProbeBank
-from steerer.taps import LayerSteering, Where
+    from steerer.bank import ProbeBank
+    from steerer.taps import Where
 
 MAX_ALPHA = 1000.0
 
@@ -26,16 +33,18 @@ class PolicyKind(IntEnum):
     PROPORTIONAL = 3  # add alpha * smoothed risk * direction
 
 
+POLICY_KINDS: tuple[str, ...] = tuple(k.name.lower() for k in PolicyKind)  # "off", "constant", ...
+
+
 @dataclass(frozen=True)
 class SteeringPolicy:
     kind: str = "off"
     alpha: float = 0.0
 
     def __post_init__(self) -> None:
-        names = [k.name.lower() for k in PolicyKind]
-        if self.kind not in names:
-            raise ValueError(f"unknown steering policy {self.kind!r}; choose one of {', '.join(names)}")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"unknown steering policy {self.kind!r}; choose one of {', '.join(POLICY_KINDS)}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"steering strength must be a finite number, got {self.alpha!r}")
         if abs(self.alpha) > MAX_ALPHA:
             raise ValueError(f"steering strength {self.alpha} is outside [-{MAX_ALPHA:g}, {MAX_ALPHA:g}]")
@@ -46,12 +55,21 @@ class SteeringPolicy:
 
     @classmethod
     def parse(cls, text: str) -> SteeringPolicy:
-        """'off', 'constant:8', 'conditional:12', 'proportional:20'."""
-        kind, _, alpha = text.partition(":")
-        try:
-            return cls(kind.strip().lower(), float(alpha) if alpha else 0.0)
-        except ValueError as exc:
-            raise ValueError(f"bad policy {text!r}: {exc}") from exc
+        """'off', 'constant:8', 'conditional:12', 'proportional:20' (case and spaces around parts ignored)."""
+        return cls(*split_policy(text))
+
+
+def split_policy(text: str) -> tuple[str, float]:
+    """'kind:alpha' -> (kind, alpha): the kind checked against `POLICY_KINDS`, alpha read as a float ('' is 0)
+    but not range-checked (`SteeringPolicy` does that; the gRPC client leaves it to the server)."""
+    kind, _, alpha = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"unknown steering policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
+    try:
+        return kind, float(alpha) if alpha.strip() else 0.0
+    except ValueError:
+        raise ValueError(f"bad steering strength in policy {text!r}") from None
 
 
 OFF = SteeringPolicy()
@@ -66,30 +84,38 @@ class PolicyTable:
 
     bank: ProbeBank
     capacity: int = 256
-    where: Where = Where.GENERATED
+    where: Where | str = "generated"  # a `taps.Where` (a str enum)
     muted: torch.Tensor | None = None  # [K] bool; None = none muted
 
     def __post_init__(self) -> None:
+        import torch
+
+        from steerer.taps import LayerSteering, Where
+
+        self.where = Where(self.where)
         k = len(self.bank.probes)
-        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool()
-        self.kinds = torch.zeros(self.capacity, k, dtype=torch.long)
-        self.alphas = torch.zeros(self.capacity, k)
+        device = self.bank.weights.device  # the tables and directions live with the bank (the model's device)
+        self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool().cpu()
+        self.kinds = torch.zeros(self.capacity, k, dtype=torch.long, device=device)
+        self.alphas = torch.zeros(self.capacity, k, device=device)
         self.layer_columns: dict[int, torch.Tensor] = {}
         self.steering: dict[int, LayerSteering] = {}
         for layer in self.bank.layers:
-            columns = torch.tensor([i for i, p in enumerate(self.bank.probes) if p.layer == layer])
+            columns = torch.tensor([i for i, p in enumerate(self.bank.probes) if p.layer == layer], device=device)
             self.layer_columns[layer] = columns
             self.steering[layer] = LayerSteering(self.bank.directions[columns], self.where)
 
     def set(self, row: int, policies: dict[str, SteeringPolicy]) -> None:
-        self.kinds[row] = PolicyKind.OFF
-        self.alphas[row] = 0
+        import torch
+
+        kinds, alphas = [int(PolicyKind.OFF)] * len(self.bank.probes), [0.0] * len(self.bank.probes)
         for task, policy in policies.items():
             k = self.bank.index(task)
             if self.muted[k]:
                 continue
-            self.kinds[row, k] = policy.code
-            self.alphas[row, k] = policy.alpha
+            kinds[k], alphas[k] = int(policy.code), float(policy.alpha)
+        self.kinds[row] = torch.tensor(kinds)  # one small copy per row, not one per cell
+        self.alphas[row] = torch.tensor(alphas)
 
     def coefficients(self, rows: torch.Tensor, flags: torch.Tensor, risk: torch.Tensor) -> torch.Tensor:
         """[B, K] alphas for the next pass from the policy and the monitor's current state."""
@@ -99,7 +125,8 @@ class PolicyTable:
                 + (kinds == PolicyKind.PROPORTIONAL).float() * risk)
         return alphas * gate
 
-    def apply(self, coeffs: torch.Tensor) -> None:
-        """Hand each layer's columns of the [B, K] coefficients to its steering hook."""
+    def apply(self, coeffs: torch.Tensor, active: dict[int, bool] | None = None) -> None:
+        """Hand each layer's columns of the [B, K] coefficients to its steering hook. `active` (per layer:
+        may any row be steered there) spares a device read per layer; None reads it off the coefficients."""
         for layer, columns in self.layer_columns.items():
-            self.steering[layer].set_coeffs(coeffs[:, columns])
+            self.steering[layer].set_coeffs(coeffs[:, columns], None if active is None else active[layer])

@@ -259,8 +259,10 @@ def test_semantic_checkers_write_nothing_to_stderr(capfd, caplog, monkeypatch) -
     import logging
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(checkers, "_embedder", None)  # the first use loads MiniLM: no bar there either
-    monkeypatch.setattr(checkers, "_topic_cache", {})
+    from steerer.tasks import semantic, topic
+
+    monkeypatch.setattr(semantic, "_embedder", None)  # the first use loads MiniLM: no bar there either
+    monkeypatch.setattr(topic, "_topic_cache", {})
     text = "The telescope shows the rings of Saturn and the moons of Jupiter on a clear night."
     capfd.readouterr()
     assert checkers.topic(text, {"topic": "astronomy"})

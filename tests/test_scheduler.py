@@ -1,19 +1,22 @@
-"""The scheduler in-process: checkers run off the thread that drives the model, results arrive exactly once."""
+"""The scheduler in-process: checkers run off the thread that drives the model, results arrive exactly once;
+with a fake engine (no model): a crashed pass, a deadline while generating, a probe-bank swap, refusals."""
 
 from __future__ import annotations
 
 import dataclasses
 import queue
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
-from probes.tasks import TASKS
-from steerer.constraints import Constraint
+from steerer.constraints import Constraint, validate_request
 from steerer.core import Request, Result, TokenEvent
 from steerer.generation import SamplingParams
-from steerer.service.scheduler import Scheduler
+from steerer.service.scheduler import Failure, QueueFull, Reason, Scheduler, SchedulerError
 from steerer.service.testing import placeholder_bank
+from steerer.tasks import TASKS
 
 PROMPT = "Name three colors."
 
@@ -124,3 +127,206 @@ def test_admission_comes_in_chunks_while_rows_decode():
     # ... unless it fills the free slots anyway.
     assert admission_size(2, 2, True, 8, 0.0, 0.05) == 2
     assert admission_size(0, 32, True, 8, 9.0, 0.05) == 0
+
+
+# -- a fake engine: the scheduler's crash, deadline and swap paths without a model ------------------------------
+FAKE_LM = SimpleNamespace(fingerprint="fake-model", hidden_size=8)
+LONG = 8000  # tokens: a request that is still generating when the test acts on it
+
+
+class FakeSteerer:
+    """What the scheduler drives, without a model: each step gives every request in flight one token; a
+    request ends after `max_new_tokens`. `crash` makes the next step raise; `step_s` slows each step."""
+
+    def __init__(self, bank, capacity: int = 2, step_s: float = 0.0):
+        self.bank = bank
+        self.capacity = capacity
+        self.step_s = step_s
+        self.crash = False
+        self.closed = False
+        self.cancelled: list[str] = []
+        self.live: dict[str, list] = {}  # request id -> [request, tokens produced]
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self.live)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.live)
+
+    def validate(self, request: Request) -> None:
+        validate_request(request, self.bank.tasks)
+
+    def admit(self, requests) -> list[Result]:
+        for request in requests:
+            self.validate(request)
+            self.live[request.id] = [request, 0]
+        return []
+
+    def drain(self) -> list[TokenEvent]:
+        return []
+
+    def step(self):
+        if self.crash:
+            raise RuntimeError("the device fell over")
+        time.sleep(self.step_s)
+        events, results = [], []
+        for rid, entry in list(self.live.items()):
+            request, n = entry
+            events.append(TokenEvent(rid, n, 7, "x", {}, {}))
+            entry[1] = n + 1
+            if entry[1] >= request.sampling.max_new_tokens:
+                del self.live[rid]
+                results.append(Result(rid, "x" * entry[1], [7] * entry[1], "length", [], 1, {}, self.bank.version))
+        return events, results
+
+    def cancel(self, request_id: str) -> bool:
+        self.cancelled.append(request_id)
+        return self.live.pop(request_id, None) is not None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeFactory:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.made: list[FakeSteerer] = []
+
+    def __call__(self, bank) -> FakeSteerer:
+        self.made.append(FakeSteerer(bank, **self.kwargs))
+        return self.made[-1]
+
+
+def _fake_scheduler(factory: FakeFactory, version: str = "v1", **kwargs) -> Scheduler:
+    bank = placeholder_bank(FAKE_LM.fingerprint, FAKE_LM.hidden_size, version)
+    options = dict(max_batch=2, max_queue=2, batch_wait_s=0, steerer_factory=factory) | kwargs
+    return Scheduler(FAKE_LM, bank, **options).start()
+
+
+def _terminal(ticket, timeout: float = 30.0):
+    return _items(ticket, timeout)[-1]
+
+
+def test_fake_engine_runs_requests_to_their_results():
+    factory = FakeFactory()
+    scheduler = _fake_scheduler(factory)
+    try:
+        items = _items(scheduler.submit(_request(3, "lowercase")))
+        assert [type(i) for i in items] == [TokenEvent] * 3 + [Result]
+        assert items[-1].bank_version == "v1"
+    finally:
+        scheduler.stop(timeout=30)
+    assert len(factory.made) == 1 and factory.made[0].closed
+
+
+def test_a_crashed_pass_fails_requests_in_flight_and_recovers_with_a_fresh_steerer():
+    factory = FakeFactory(step_s=0.001)
+    scheduler = _fake_scheduler(factory)
+    try:
+        doomed = [scheduler.submit(_request(LONG)) for _ in range(2)]
+        assert isinstance(doomed[0].out.get(timeout=30), TokenEvent)  # generating
+        first = factory.made[0]
+        first.crash = True
+        for ticket in doomed:
+            failure = _terminal(ticket)
+            assert isinstance(failure, Failure) and failure.reason is Reason.INTERNAL
+            assert "RuntimeError" in failure.message
+        assert first.closed and len(factory.made) == 2  # a fresh steerer, on the same bank
+        assert factory.made[1].bank is first.bank
+        result = _terminal(scheduler.submit(_request(2)))
+        assert isinstance(result, Result) and result.bank_version == "v1"
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_a_deadline_that_passes_while_generating_fails_the_request_and_frees_its_slot():
+    factory = FakeFactory(step_s=0.002)
+    scheduler = _fake_scheduler(factory)
+    try:
+        ticket = scheduler.submit(_request(LONG), deadline=time.monotonic() + 0.2)
+        other = scheduler.submit(_request(5))
+        failure = _terminal(ticket)
+        assert isinstance(failure, Failure) and failure.reason is Reason.DEADLINE
+        assert "during generation" in failure.message
+        assert ticket.id in factory.made[0].cancelled and ticket.id not in factory.made[0].live
+        assert isinstance(_terminal(other), Result)
+        late = scheduler.submit(_request(5), deadline=time.monotonic() - 1)  # expired before admission
+        assert _terminal(late).reason is Reason.DEADLINE
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_a_bank_swap_waits_for_requests_in_flight_and_later_ones_run_on_the_new_bank():
+    factory = FakeFactory(step_s=0.002)
+    scheduler = _fake_scheduler(factory)
+    try:
+        old = scheduler.submit(_request(500))
+        assert isinstance(old.out.get(timeout=30), TokenEvent)
+        new_bank = placeholder_bank(FAKE_LM.fingerprint, FAKE_LM.hidden_size, "v2")
+        outcome: dict = {}
+        reloader = threading.Thread(target=lambda: outcome.update(previous=scheduler.reload(new_bank, timeout=30)))
+        reloader.start()
+        deadline = time.monotonic() + 30
+        while scheduler._swap is None:  # the swap is pending
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with pytest.raises(SchedulerError) as busy:
+            scheduler.reload(new_bank, timeout=1)
+        assert busy.value.reason is Reason.ABORTED
+        later = scheduler.submit(_request(2))  # queued: nothing is admitted while a swap waits
+        assert _terminal(old).bank_version == "v1"
+        reloader.join(30)
+        assert outcome == {"previous": "v1"}
+        assert _terminal(later).bank_version == "v2"
+        assert [s.bank.version for s in factory.made] == ["v1", "v2"] and factory.made[0].closed
+        assert scheduler.bank is new_bank
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_a_swap_whose_steerer_cannot_be_built_keeps_the_old_bank():
+    factory = FakeFactory()
+    scheduler = _fake_scheduler(factory)
+
+    def flaky(bank):
+        if bank.version == "broken":
+            raise RuntimeError("cannot attach")
+        return factory(bank)
+
+    scheduler._factory = flaky
+    try:
+        with pytest.raises(RuntimeError, match="cannot attach"):
+            scheduler.reload(placeholder_bank(FAKE_LM.fingerprint, FAKE_LM.hidden_size, "broken"), timeout=30)
+        assert scheduler.bank.version == "v1"
+        assert _terminal(scheduler.submit(_request(2))).bank_version == "v1"
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_refusals_carry_their_reason():
+    factory = FakeFactory(step_s=0.002)
+    scheduler = _fake_scheduler(factory, max_queue=0, max_batch=1)
+    try:
+        running = scheduler.submit(_request(LONG))
+        assert isinstance(running.out.get(timeout=30), TokenEvent)
+        with pytest.raises(QueueFull) as full:
+            scheduler.submit(_request(2))
+        assert full.value.reason is Reason.BUSY
+        invalid = Request("Hi", constraints=(Constraint("no_such_task"),))
+        with pytest.raises(ValueError, match="unknown task"):
+            scheduler.validate(invalid)
+        scheduler.cancel(running)
+    finally:
+        scheduler.stop(timeout=30)
+    with pytest.raises(SchedulerError) as stopped:
+        scheduler.submit(_request(2))
+    assert stopped.value.reason is Reason.SHUTTING_DOWN
+
+
+def test_the_servicer_maps_every_reason_to_a_status_code():
+    from steerer.service.servicer import STATUS_OF
+
+    assert set(STATUS_OF) == set(Reason)
+    assert len(set(STATUS_OF.values())) == len(Reason)

@@ -1,7 +1,14 @@
-"""The interface a backend implements: prefill rows, decode one step, and reshape the running batch.
+"""The interface a backend implements: run passes over a running batch, and host taps and steering.
 
-Everything the generation loop, the monitor and the scheduler need from a model goes through these five
-calls, so a second backend (vLLM) only has to provide them plus `hooks` (taps and steering).
+The generation loop (`generation.RunningBatch`) and the controller (`controller.Controller`) reach a model
+only through these calls, so a second backend (vLLM) provides them and nothing else:
+
+- `install(tap_layers, steering)` / `uninstall()`: put taps at `tap_layers` and steering at the layers of
+  `steering` (each a `taps.LayerSteering` whose per-row coefficients the controller sets before a pass).
+- `prefill(prompts)`, `decode(state, tokens)`: one pass; next-token logits [B, V].
+- `residuals()`: after a pass, `{layer: [B, d]}` the residual stream after each tapped layer at each row's
+  last input token (steering included), on `device`.
+- `merge(a, b)`, `select(state, keep)`: rows join and leave between passes.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from steerer.taps import LayerHooks
+from steerer.taps import LayerSteering
 
 
 @dataclass
@@ -29,10 +36,19 @@ class BatchState:
 
 
 class Engine(Protocol):
-    hooks: LayerHooks
     num_layers: int
     hidden_size: int
     eos_token_ids: tuple[int, ...]
+    device: torch.device
+
+    def install(self, tap_layers: tuple[int, ...], steering: dict[int, LayerSteering]) -> None:
+        """Tap the residual stream at `tap_layers` and steer at the layers of `steering` from now on."""
+
+    def uninstall(self) -> None:
+        """Take the taps and steering off the model."""
+
+    def residuals(self) -> dict[int, torch.Tensor]:
+        """After a pass: the tapped residual [B, d] per layer, at each row's last input token."""
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchState]:
         """Run the prompts (left-padded); return next-token logits [B, V] and the new batch."""

@@ -2,7 +2,9 @@
 
 Rows join by prefilling separately and merging caches (shorter side padded on the left), and leave by
 index-selecting the cache; columns that are padding for every remaining row are trimmed. That is enough
-for continuous batching without touching transformers' own `generate`.
+for continuous batching without touching transformers' own `generate`. Every tensor lives on the model's
+device. Taps and steering are forward hooks (`taps.LayerHooks`); a prefill's tokens are all prompt
+tokens and a decode's all generated, which is the per-token mask the hooks read.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch.nn import functional as F
 
 from steerer.engine.base import BatchState
 from steerer.model import LoadedModel
-from steerer.taps import LayerHooks, Phase
+from steerer.taps import LayerHooks, LayerSteering
 
 
 class HFEngine:
@@ -23,14 +25,22 @@ class HFEngine:
         self.model = lm.model
         self.config = lm.model.config
         self.hooks = hooks or LayerHooks(lm.model)
+        self.device = next(lm.model.parameters()).device
         self.num_layers = lm.num_layers
         self.hidden_size = lm.hidden_size
-        eos = lm.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        eos.append(lm.tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(sorted({int(e) for e in eos if e is not None}))
+        self.eos_token_ids = eos_token_ids(lm.model, lm.tokenizer)
         self.pad_token_id = int(lm.tokenizer.pad_token_id)
         self._new_cache = lambda: DynamicCache(config=self.config)
+
+    def install(self, tap_layers: tuple[int, ...], steering: dict[int, LayerSteering]) -> None:
+        self.hooks.remove()
+        self.hooks = LayerHooks(self.model, tap_layers=tap_layers, steering=steering).attach()
+
+    def uninstall(self) -> None:
+        self.hooks.remove()
+
+    def residuals(self) -> dict[int, torch.Tensor]:
+        return dict(self.hooks.captured)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchState]:
@@ -42,9 +52,10 @@ class HFEngine:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
-        self.hooks.phase = Phase.PROMPT
+        self.hooks.set_pass(generated=False)  # every token of a prefill is a prompt token
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)
         lengths = mask.sum(-1)
@@ -53,9 +64,9 @@ class HFEngine:
 
     @torch.inference_mode()
     def decode(self, state: BatchState, tokens: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones((state.batch_size, 1), dtype=state.attention_mask.dtype)
+        ones = torch.ones((state.batch_size, 1), dtype=state.attention_mask.dtype, device=self.device)
         state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-        self.hooks.phase = Phase.GENERATED
+        self.hooks.set_pass(generated=True)  # every row feeds a generated token (or its EOS, closing)
         out = self.model(input_ids=tokens.view(-1, 1), attention_mask=state.attention_mask,
                          position_ids=state.next_position.view(-1, 1), cache=state.cache,
                          use_cache=True, logits_to_keep=1)
@@ -74,10 +85,9 @@ class HFEngine:
                           torch.cat([a.prompt_lengths, b.prompt_lengths]))
 
     def select(self, state: BatchState, keep: torch.Tensor) -> BatchState:
-        keep = torch.as_tensor(keep, dtype=torch.long)
+        keep = torch.as_tensor(keep, dtype=torch.long, device=self.device)
         mask = state.attention_mask[keep]
-        live = mask.any(dim=0).nonzero()
-        start = int(live[0]) if len(live) else mask.shape[1]
+        start = int(mask.any(dim=0).int().argmax()) if mask.shape[0] else mask.shape[1]  # first column in use
         for layer in state.cache.layers:
             layer.keys = layer.keys[keep, :, start:]
             layer.values = layer.values[keep, :, start:]
@@ -90,3 +100,11 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
         return tensor
     pad = [0, 0] * (tensor.ndim - dim - 1) + [missing, 0]
     return F.pad(tensor, pad)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a row: the generation config's EOS ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, list | tuple) else [eos]
+    eos.append(tokenizer.eos_token_id)
+    return tuple(sorted({int(e) for e in eos if e is not None}))

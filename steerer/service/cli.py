@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from steerer.policy import POLICY_KINDS  # light: no torch
+
 TOKEN_ENV = "STEERER_AUTH_TOKEN"
 
 
@@ -21,6 +23,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0 = any, -1 = off)")
     serve.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     serve.add_argument("--bank", default=None, help="probe-bank folder (default: the shipped bank)")
     serve.add_argument("--use-unreliable-probes", action="store_true",
                        help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance "
@@ -50,7 +53,7 @@ def add_commands(sub) -> None:
     gen.add_argument("--system", default=None)
     gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
                      help='e.g. word_count:\'{"relation": "at most", "limit": 30}\' (repeatable)')
-    gen.add_argument("--policy", default="off", choices=["off", "constant", "conditional", "proportional"])
+    gen.add_argument("--policy", default="off", choices=POLICY_KINDS)
     gen.add_argument("--alpha", type=float, default=0.0, help="steering strength for --policy")
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None)
@@ -110,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bank = ProbeBank.load(args.bank)
     except BankError as exc:
         raise _usage(f"{exc}{'' if args.bank else '; pass --bank FOLDER'}") from None
-    lm = load_model(args.model, dtype=args.dtype, threads=args.threads)
+    lm = load_model(args.model, dtype=args.dtype, threads=args.threads, device=args.device)
     try:
         bank.check_model(lm.fingerprint, lm.hidden_size)
         config.check_context(lm.max_positions)
@@ -167,7 +170,7 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
         request = build_request(args.prompt, constraints=constraints, policy=policy, system=args.system,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, request_id=args.request_id,
-                                experiment_key=args.experiment_key)
+                                experiment_key=args.experiment_key, check=True)
     except (ValueError, TypeError) as exc:
         raise _usage(str(exc)) from None
 

@@ -12,52 +12,77 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from steerer.service.proto import pb2, pb2_grpc
+from steerer.constraints import Constraint, validate_request
+from steerer.policy import SteeringPolicy, split_policy
+from steerer.service.proto import POLICY_KIND_CODES, pb2, pb2_grpc
 
 ConstraintSpec = tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], str] | str
-POLICY_KINDS = {"off": pb2.POLICY_KIND_OFF, "constant": pb2.POLICY_KIND_CONSTANT,
-                "conditional": pb2.POLICY_KIND_CONDITIONAL, "proportional": pb2.POLICY_KIND_PROPORTIONAL}
+POLICY_KINDS = tuple(POLICY_KIND_CODES)  # the one vocabulary, `steerer.policy.POLICY_KINDS`
 
 
-def policy_message(policy: str | pb2.SteeringPolicy | None) -> pb2.SteeringPolicy | None:
-    """'conditional:8' (kind:alpha, as `steerer generate` takes it) or a message; None stays None."""
+def policy_message(policy: str | pb2.SteeringPolicy | None, check: bool = False) -> pb2.SteeringPolicy | None:
+    """'conditional:8' (kind:alpha, as `steerer generate` takes it) or a message; None stays None.
+
+    The kind must be one of `POLICY_KINDS` and alpha a number; with `check`, alpha must also be one the
+    server accepts (finite, within `MAX_ALPHA`), else it is the server that refuses it."""
     if policy is None or isinstance(policy, pb2.SteeringPolicy):
         return policy
-    kind, _, alpha = policy.partition(":")
-    kind = kind.strip().lower()
-    if kind not in POLICY_KINDS:
-        raise ValueError(f"unknown steering policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
-    try:
-        value = float(alpha) if alpha.strip() else 0.0
-    except ValueError:
-        raise ValueError(f"bad steering strength in policy {policy!r}") from None
-    return pb2.SteeringPolicy(kind=POLICY_KINDS[kind], alpha=value)
+    if check:
+        parsed = SteeringPolicy.parse(policy)
+        kind, alpha = parsed.kind, parsed.alpha
+    else:
+        kind, alpha = split_policy(policy)
+    return pb2.SteeringPolicy(kind=POLICY_KIND_CODES[kind], alpha=alpha)
+
+
+def _specs(constraints: Iterable[ConstraintSpec]) -> list[tuple[str, Mapping[str, Any], str | None]]:
+    return [(spec, {}, None) if isinstance(spec, str) else (*spec, None)[:3] for spec in constraints]
+
+
+def check_request(prompt: str | list[dict] | None, constraints: Iterable[ConstraintSpec] = (),
+                  policy: str | None = None) -> None:
+    """The library's request validation (`steerer.constraints.validate_request`), on the client: ValueError
+    for a blank prompt, an unknown task, bad params, a task named twice or a bad policy, before any RPC.
+    (The server checks what depends on it: token limits and its bank's tasks.)"""
+    specs = _specs(constraints)
+    request = SimpleNamespace(
+        prompt=prompt,
+        constraints=[Constraint(task, dict(params)) for task, params, _ in specs],
+        policies={task: SteeringPolicy.parse(own) for task, _, own in specs if isinstance(own, str)},
+        policy=SteeringPolicy.parse(policy) if isinstance(policy, str) else None)
+    validate_request(request)
 
 
 def build_request(prompt: str | list[dict] | None = None, *, constraints: Iterable[ConstraintSpec] = (),
                   policy: str | pb2.SteeringPolicy | None = None, system: str | None = None,
                   max_new_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                  request_id: str = "", experiment_key: str = "") -> pb2.GenerateRequest:
-    """A GenerateRequest. Constraints are 'task', (task, params) or (task, params, 'policy:alpha')."""
+                  request_id: str = "", experiment_key: str = "", check: bool = False) -> pb2.GenerateRequest:
+    """A GenerateRequest. Constraints are 'task', (task, params) or (task, params, 'policy:alpha').
+
+    `check=True` runs `check_request` first, so a request the server would refuse as invalid fails here
+    with ValueError; by default the server is the judge (tests send it bad requests on purpose)."""
+    specs = _specs(constraints)
+    if check:
+        check_request(prompt, specs, policy if isinstance(policy, str) else None)
     request = pb2.GenerateRequest(system=system or "", request_id=request_id, experiment_key=experiment_key)
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:
         request.messages.CopyFrom(pb2.ChatMessages(messages=[pb2.ChatMessage(**m) for m in prompt]))
-    for spec in constraints:
-        task, params, own = (spec, {}, None) if isinstance(spec, str) else (*spec, None)[:3]
+    for task, params, own in specs:
         constraint = request.constraints.add(task=task)
         constraint.params.update(dict(params))
         if own is not None:
-            constraint.policy.CopyFrom(policy_message(own))
+            constraint.policy.CopyFrom(policy_message(own, check))
     if policy is not None:
-        request.policy.CopyFrom(policy_message(policy))
+        request.policy.CopyFrom(policy_message(policy, check))
     sampling = request.sampling
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("seed", seed)):

@@ -13,11 +13,11 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from steerer.constraints import Constraint, known_tasks
+from steerer.constraints import Constraint, known_tasks, validate_request
 from steerer.core import Request, Result, TokenEvent
 from steerer.generation import SamplingParams
 from steerer.policy import SteeringPolicy
-from steerer.service.proto import pb2
+from steerer.service.proto import POLICY_KIND_CODES, pb2
 
 ROLES = ("system", "user", "assistant")
 MAX_ID_CHARS = 128
@@ -26,11 +26,10 @@ CHARS_PER_TOKEN_BOUND = 16  # a prompt this many characters per allowed token is
 # oversized request is refused in microseconds instead of holding the GIL while it is converted.
 MAX_PARAMS_BYTES = 8192  # a constraint's serialized params; the nine tasks need well under 1 KiB
 MAX_PARAMS_DEPTH = 4  # objects and lists inside params ({"terms": [...]} is 2)
-POLICY_KINDS = {pb2.POLICY_KIND_UNSPECIFIED: "off", pb2.POLICY_KIND_OFF: "off",
-                pb2.POLICY_KIND_CONSTANT: "constant", pb2.POLICY_KIND_CONDITIONAL: "conditional",
-                pb2.POLICY_KIND_PROPORTIONAL: "proportional"}
-POLICY_CODES = {"off": pb2.POLICY_KIND_OFF, "constant": pb2.POLICY_KIND_CONSTANT,
-                "conditional": pb2.POLICY_KIND_CONDITIONAL, "proportional": pb2.POLICY_KIND_PROPORTIONAL}
+# Proto enum value -> policy name, from the one vocabulary (`steerer.policy.POLICY_KINDS` via
+# `proto.POLICY_KIND_CODES`); UNSPECIFIED is "off".
+POLICY_NAMES: dict[int, str] = {pb2.POLICY_KIND_UNSPECIFIED: "off",
+                                **{code: name for name, code in POLICY_KIND_CODES.items()}}
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def policy_from_pb(message: pb2.SteeringPolicy, where: str) -> SteeringPolicy:
-    kind = POLICY_KINDS.get(message.kind)
+    kind = POLICY_NAMES.get(message.kind)
     if kind is None:
         raise ValueError(f"{where}: unknown steering policy kind {message.kind}")
     try:
@@ -142,20 +141,14 @@ def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     for i, c in enumerate(message.constraints):
         if not c.task:
             raise ValueError(f"constraints[{i}].task is empty")
-        constraint = Constraint(c.task, params_from_pb(c.params, f"constraints[{i}].params"))
-        try:
-            constraint.validate()
-        except (ValueError, KeyError) as exc:  # probes.tasks raises a KeyError subclass for unknown tasks
-            raise ValueError(str(exc)) from None
-        constraints.append(constraint)
+        constraints.append(Constraint(c.task, params_from_pb(c.params, f"constraints[{i}].params")))
         if c.HasField("policy"):
             policies[c.task] = policy_from_pb(c.policy, f"constraints[{i}].policy")
-    tasks = [c.task for c in constraints]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError("each task may appear once per request")
-    return Request(prompt=prompt, constraints=tuple(constraints), policy=policy_from_pb(message.policy, "policy"),
-                   policies=policies, sampling=sampling_from_pb(message.sampling, limits),
-                   system=message.system or None)
+    request = Request(prompt=prompt, constraints=tuple(constraints), policy=policy_from_pb(message.policy, "policy"),
+                      policies=policies, sampling=sampling_from_pb(message.sampling, limits),
+                      system=message.system or None)
+    validate_request(request)  # the library's own checks; the bank's tasks are the scheduler's to check
+    return request
 
 
 def token_to_pb(event: TokenEvent) -> pb2.TokenEvent:

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from steerer.policy import POLICY_KINDS
+
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 PROTO_FILE = "steerer/v1/steerer.proto"
 GEN = Path(__file__).resolve().parent / "_gen"
@@ -109,3 +111,7 @@ def modules() -> tuple[ModuleType, ModuleType]:
 
 pb2, pb2_grpc = modules()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Steerer"].full_name
+# The proto's PolicyKind value for each name of the one policy vocabulary (`steerer.policy.POLICY_KINDS`);
+# the conversion and the client both use it. POLICY_KIND_UNSPECIFIED (0) reads as "off".
+POLICY_KIND_CODES: dict[str, int] = {name: pb2.PolicyKind.Value(f"POLICY_KIND_{name.upper()}")
+                                     for name in POLICY_KINDS}

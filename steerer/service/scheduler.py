@@ -14,6 +14,11 @@ the ticket's queue, so a slow check delays its own response, never the next forw
 Cancellation (the client went away, or its deadline passed) frees the request's slot before the next
 pass. A probe-bank swap stops admission, lets the requests in flight finish on the old bank, then
 replaces the `Steerer` and resumes, so every response is produced by exactly one bank version.
+
+The scheduler knows nothing of gRPC: a refusal is a `SchedulerError` and a request that ends without a
+result a `Failure`, each with a `Reason`; the servicer maps reasons to status codes. It builds its `Steerer`
+through `steerer_factory(bank)` (by default the real one), so tests can drive a fake engine through the
+crash, deadline and swap paths.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
 
-import grpc
 import torch
 
 from steerer.bank import ProbeBank
@@ -39,26 +46,38 @@ from steerer.service.metrics import Metrics
 log = logging.getLogger("steerer.service")
 
 
+class Reason(Enum):
+    """Why the scheduler refused a request or ended it without a result (the servicer's status codes)."""
+
+    BUSY = "busy"  # the admission queue is full
+    SHUTTING_DOWN = "shutting_down"
+    INVALID = "invalid"  # the request cannot run on the current bank
+    DEADLINE = "deadline"  # the request's deadline passed (queued or generating), or a reload's wait did
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"  # a generation pass failed
+    ABORTED = "aborted"  # another probe-bank reload is in progress
+
+
 class SchedulerError(Exception):
-    """A request the scheduler refuses; `code` is the gRPC status the caller should see."""
+    """A request (or reload) the scheduler refuses, and why."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.SHUTTING_DOWN
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, reason: Reason | None = None):
         super().__init__(message)
-        if code is not None:
-            self.code = code
+        if reason is not None:
+            self.reason = reason
 
 
 class QueueFull(SchedulerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.BUSY
 
 
 @dataclass(frozen=True)
 class Failure:
     """A request ended without a result."""
 
-    code: grpc.StatusCode
+    reason: Reason
     message: str
 
 
@@ -77,6 +96,11 @@ class Ticket:
         return self.request.id
 
 
+# What the scheduler drives: `Steerer`, or a fake with the same members (tests). `steerer_factory(bank)` makes
+# one; it must expose admit, step, drain, cancel, validate, free_slots, in_flight, bank and close.
+SteererFactory = Callable[[ProbeBank], Any]
+
+
 @dataclass
 class _Swap:
     bank: ProbeBank
@@ -90,7 +114,7 @@ class Scheduler:
                  batch_wait_s: float = 0.005, prefill_chunk: int = 8, admit_wait_s: float = 0.05,
                  metrics: Metrics | None = None,
                  monitor_config: MonitorConfig | None = None, threads: int | None = None,
-                 use_unreliable_probes: bool = False):
+                 use_unreliable_probes: bool = False, steerer_factory: SteererFactory | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.lm = lm
@@ -107,6 +131,7 @@ class Scheduler:
         # torch's intra-op thread count is per OS thread: the scheduler thread must set it itself, or it
         # runs with whatever a fresh thread gets instead of what the process was configured with.
         self.threads = threads or torch.get_num_threads()
+        self._factory = steerer_factory or self._real_steerer
         self._steerer = self._new_steerer(bank)
         self.bank = bank  # the bank new requests will run on; replaced when a swap completes
         # One thread: checks are short next to a generation, and MiniLM's tokenizer must not run on two
@@ -175,13 +200,13 @@ class Scheduler:
             if self._stopping:
                 raise SchedulerError("the server is shutting down")
             if self._swap is not None:
-                raise SchedulerError("another probe-bank reload is in progress", grpc.StatusCode.ABORTED)
+                raise SchedulerError("another probe-bank reload is in progress", Reason.ABORTED)
             self._swap = swap
             self.metrics.reload_pending.set(1)
             self._cv.notify()
         if not swap.finished.wait(timeout):
             raise SchedulerError("the reload waits for requests in flight to finish; it will complete later",
-                                 grpc.StatusCode.DEADLINE_EXCEEDED)
+                                 Reason.DEADLINE)
         if swap.error is not None:
             raise swap.error
         return swap.previous or ""
@@ -220,7 +245,7 @@ class Scheduler:
                 self._stopping = True
                 waiting, self._queue = list(self._queue), deque()
             for ticket in [*waiting, *self._live.values()]:
-                self._fail(ticket, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                self._fail(ticket, Reason.SHUTTING_DOWN, "the server is shutting down")
             self._live.clear()
             self._steerer.close()
             self._checker.shutdown(wait=True)  # results being checked still reach their tickets
@@ -258,7 +283,7 @@ class Scheduler:
         for ticket in [t for t in self._live.values() if t.deadline is not None and now >= t.deadline]:
             del self._live[ticket.id]
             self._steerer.cancel(ticket.id)
-            self._fail(ticket, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded during generation")
+            self._fail(ticket, Reason.DEADLINE, "deadline exceeded during generation")
 
     def _admit(self) -> None:
         room = self._steerer.free_slots
@@ -286,12 +311,12 @@ class Scheduler:
         ready = []
         for ticket in picked:
             if ticket.deadline is not None and now >= ticket.deadline:
-                self._fail(ticket, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+                self._fail(ticket, Reason.DEADLINE, "deadline exceeded while queued")
                 continue
             try:  # again: the bank may have changed since the RPC thread checked
                 self._steerer.validate(ticket.request)
             except ValueError as exc:
-                self._fail(ticket, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                self._fail(ticket, Reason.INVALID, str(exc))
                 continue
             ticket.bank_version = self._steerer.bank.version
             self._live[ticket.id] = ticket
@@ -330,16 +355,16 @@ class Scheduler:
         finally:
             ticket.out.put(result)
 
-    def _fail(self, ticket: Ticket, code: grpc.StatusCode, message: str) -> None:
+    def _fail(self, ticket: Ticket, reason: Reason, message: str) -> None:
         if not ticket.done:
             ticket.done = True
-            ticket.out.put(Failure(code, message))
+            ticket.out.put(Failure(reason, message))
 
     def _crash(self, exc: Exception) -> None:
         """A pass failed: fail the requests in flight and start over with a fresh Steerer (same bank)."""
         log.error("generation pass failed; failing %d requests in flight", len(self._live), exc_info=exc)
         for ticket in self._live.values():
-            self._fail(ticket, grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}")
+            self._fail(ticket, Reason.INTERNAL, f"generation failed: {type(exc).__name__}")
         self._live.clear()
         bank = self._steerer.bank
         self._steerer.close()
@@ -365,7 +390,10 @@ class Scheduler:
             self.metrics.reload_pending.set(0)
         swap.finished.set()
 
-    def _new_steerer(self, bank: ProbeBank) -> Steerer:
+    def _new_steerer(self, bank: ProbeBank) -> Any:
+        return self._factory(bank)
+
+    def _real_steerer(self, bank: ProbeBank) -> Steerer:
         return Steerer(self.lm, bank, self.monitor_config, capacity=self.max_batch, check=False,
                        use_unreliable_probes=self.use_unreliable_probes)
 

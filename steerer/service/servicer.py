@@ -30,10 +30,20 @@ from steerer.model import chat_prompt
 from steerer.service import convert
 from steerer.service.metrics import Metrics
 from steerer.service.proto import pb2, pb2_grpc
-from steerer.service.scheduler import Failure, Scheduler, SchedulerError, Ticket
+from steerer.service.scheduler import Failure, Reason, Scheduler, SchedulerError, Ticket
 
 log = logging.getLogger("steerer.service")
 POLL_S = 0.25  # how often a waiting RPC thread checks that its client is still there
+# The status code for each reason the scheduler refuses or fails a request: the one place they meet.
+STATUS_OF: dict[Reason, grpc.StatusCode] = {
+    Reason.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+    Reason.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.CANCELLED: grpc.StatusCode.CANCELLED,
+    Reason.INTERNAL: grpc.StatusCode.INTERNAL,
+    Reason.ABORTED: grpc.StatusCode.ABORTED,
+}
 
 
 class StatusError(Exception):
@@ -174,7 +184,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
             self.metrics.reloads.labels("error").inc()
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         except SchedulerError as exc:
-            raise StatusError(exc.code, str(exc)) from None
+            raise StatusError(STATUS_OF[exc.reason], str(exc)) from None
         notice = None if self.scheduler.use_unreliable_probes else muted_notice(bank)
         if notice:
             log.warning("bank %s: %s", bank.version, notice.removeprefix("steerer: "))
@@ -222,7 +232,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
         try:
             ticket = self.scheduler.submit(request, arrived, deadline)
         except SchedulerError as exc:
-            raise StatusError(exc.code, str(exc)) from None
+            raise StatusError(STATUS_OF[exc.reason], str(exc)) from None
         client_id = message.request_id or f"{ticket.id}-{int(time.time() * 1000)}"
         finished = False
         context.add_callback(lambda: self.scheduler.cancel(ticket))  # client gone or deadline: free the slot
@@ -241,7 +251,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
                     return
                 else:
                     finished = True
-                    raise StatusError(item.code, item.message)
+                    raise StatusError(STATUS_OF[item.reason], item.message)
         finally:
             if not finished:
                 self.scheduler.cancel(ticket)

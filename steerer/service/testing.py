@@ -27,9 +27,9 @@ def placeholder_bank(fingerprint: str, hidden_size: int, version: str, biases: d
     """A bank over all nine tasks whose P(satisfied) is sigmoid(bias) per task (default bias 4: low risk)."""
     import torch
 
-    from probes.tasks import TASKS
     from steerer.bank import Probe, ProbeBank
     from steerer.taps import unit_directions
+    from steerer.tasks import TASKS
 
     tasks = list(TASKS)
     biases = biases or {}

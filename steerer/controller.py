@@ -1,0 +1,374 @@
+"""The controller: per-request monitoring and steering state, driven by any engine through a small interface.
+
+It owns everything per request that is not the model: row slots, the `Monitor` (risk, flags), the
+`PolicyTable` (policies -> coefficients), the steering layers the engine's taps read, each row's tokens
+and text (incremental detokenizer), its pending token event and, at the end, its `Result`. An engine
+(the transformers loop in `Steerer`, the `LogitsProcessor` drop-in, a vLLM plugin) drives it with:
+
+    membership   add(spec) -> slot          a row joins (prefilled by the engine)
+                 remove(slot)               a row leaves without a result (cancelled)
+                 finish(slot, reason, ...)  a row ended: its Result; the slot is free again
+    per pass     coefficients(rows, positions)            before: [B, K] alphas, written to `steering`
+                 observe(rows, positions, residuals, closing) -> Observation   after: device tensors
+                 settle(slots, positions, closing, host)  after the step's one host transfer
+                 token(slot, token, recorded, final) -> TokenEvent          a chosen token is known
+
+`rows` is a [B] tensor of slots (on the model's device) aligned with the batch; an engine with its own
+row order (vLLM's persistent batch: rows added, removed and moved between steps) keeps a `SlotMap`. Every
+per-row table is a [capacity, K] tensor on the model's device, so a pass is a few tensor operations for
+the whole batch; `observe` reads nothing back. The engine brings `Observation.tensors()` to the host in
+the same transfer as its own per-step data (tokens, finished rows), and Python then touches only what
+it must: the token events and the rows whose flags changed.
+
+Steering is masked per row (an exact zero where a row's coefficients are zero), and a layer's add is
+skipped when no row in flight can steer there; the controller knows that on the host (policies and flag
+events), so deciding it costs no device read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from steerer.bank import ProbeBank
+from steerer.constraints import Constraint, check_constraint, validate_request
+from steerer.detokenize import IncrementalDetokenizer
+from steerer.monitor import FlagEvent, Monitor, MonitorConfig
+from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy
+from steerer.taps import LayerSteering, Where
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    index: int  # position of this token in the response
+    token_id: int
+    text: str  # the text this token adds
+    risks: dict[str, float]  # smoothed risk per constraint after reading the previous token
+    steering: dict[str, float]  # alpha applied per constraint in the pass that chose this token
+    flags: list[FlagEvent] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    task: str
+    params: dict
+    predicted_violation: bool  # from the probe at the end of the response (EOS residual); False if muted
+    p_satisfied_end: float | None  # the probe's reading there (None if it is not a finite number)
+    flagged: bool  # a flag was raised at some point during generation (never for a muted probe)
+    first_flag_token: int | None
+    satisfied: bool | None  # the checker's verdict on the final text (None if not checkable)
+    probe_reliable: bool = True  # the bank marks the probe reliable (its AUROC interval clears chance)
+    probe_muted: bool = False  # unreliable and not overridden: no prediction, no flags, no steering
+
+
+@dataclass
+class Result:
+    request_id: str
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    verdicts: list[Verdict]
+    prompt_tokens: int
+    steered_tokens: dict[str, int]
+    bank_version: str
+    traces: dict[str, list[float]] | None = None  # per-token P(satisfied) per task (record=True only)
+
+
+class Spec(Protocol):
+    """What a row is monitored and steered for: a `Request`, or a `RowSpec` (no prompt, no sampling)."""
+
+    constraints: tuple[Constraint, ...]
+    policies: dict[str, SteeringPolicy]
+    id: str | None
+
+    def policy_for(self, task: str) -> SteeringPolicy: ...
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one batch row is monitored and steered for (a `Request` without prompt and sampling)."""
+
+    constraints: tuple[Constraint, ...] = ()
+    policy: SteeringPolicy = OFF  # for every constraint without its own entry in `policies`
+    policies: dict[str, SteeringPolicy] = field(default_factory=dict)
+    id: str | None = None
+
+    def policy_for(self, task: str) -> SteeringPolicy:
+        return self.policies.get(task, self.policy)
+
+
+@dataclass
+class Observation:
+    """What `observe` computed for one pass, on the model's device; `tensors()` go to the host together."""
+
+    smoothed: torch.Tensor  # [B, K] risk after this pass
+    applied: torch.Tensor  # [B, K] coefficients of this pass
+    raised: torch.Tensor  # [B, K] bool
+    cleared: torch.Tensor  # [B, K] bool
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.smoothed, self.applied, self.raised, self.cleared]
+
+
+@dataclass
+class _Row:
+    spec: Spec
+    request_id: str
+    tasks: list[str]
+    columns: list[int]
+    detok: IncrementalDetokenizer
+    steered: dict[str, int]
+    always: set[int]  # layers this row steers at on every generated token (constant, proportional)
+    conditional: dict[int, int]  # column -> layer, for conditional policies (steer while flagged)
+    flagged: set[int] = field(default_factory=set)  # conditional columns whose flag is up
+    pending: tuple[list[float], list[float], list[FlagEvent]] | None = None  # readings for the next token
+    eos: bool = False
+
+
+class Controller:
+    """Per-request monitoring and steering state; see the module docstring."""
+
+    def __init__(self, bank: ProbeBank, tokenizer: Any, *, capacity: int = 128, device: str | torch.device = "cpu",
+                 monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
+                 check: bool = True, use_unreliable_probes: bool = False):
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.check = check  # False: Verdict.satisfied stays None (the server checks off the model thread)
+        self.where = Where(where)
+        on_device = bank.to(self.device)
+        # Probes whose measured reliability does not clear chance neither flag nor steer, unless overridden.
+        self.muted = bank.muted(use_unreliable_probes)
+        self.monitor = Monitor(on_device, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted)
+        self.policies = PolicyTable(on_device, capacity, self.where, muted=self.muted)
+        self.steering: dict[int, LayerSteering] = self.policies.steering  # what the engine's taps add
+        self.tap_layers: tuple[int, ...] = bank.layers
+        self._layer_of = [p.layer for p in bank.probes]
+        self._muted = self.muted.tolist()
+        self._free = list(range(capacity - 1, -1, -1))
+        self._rows: dict[int, _Row] = {}
+        self._users: Counter[int] = Counter()  # layer -> rows that steer there now
+        self._applied = torch.zeros(capacity, len(bank.probes), device=self.device)
+        self._applied_dirty = False
+        self._ids = itertools.count()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._rows)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def slot_of(self, request_id: str) -> int | None:
+        for slot, row in self._rows.items():
+            if row.request_id == request_id:
+                return slot
+        return None
+
+    # -- membership ------------------------------------------------------------------------------------
+    def validate(self, spec: Spec) -> None:
+        """ValueError (a message for the user) unless the spec's constraints and policies fit this bank: the one
+        request validation every entry point uses (`steerer.constraints.validate_request`)."""
+        validate_request(spec, self.bank.tasks)
+
+    def add(self, spec: Spec, request_id: str | None = None) -> int:
+        """A row joins: register it (validated) and return its slot."""
+        self.validate(spec)
+        if not self._free:
+            raise RuntimeError(f"no free slot (capacity {self.capacity})")
+        slot = self._free.pop()
+        tasks = [c.task for c in spec.constraints]
+        policies = {t: spec.policy_for(t) for t in tasks}
+        self.monitor.register(slot, tasks)
+        self.policies.set(slot, policies)
+        columns = [self.bank.index(t) for t in tasks]
+        always, conditional = set(), {}
+        for task, k in zip(tasks, columns, strict=True):
+            policy = policies[task]
+            if self._muted[k] or policy.alpha == 0 or policy.code == PolicyKind.OFF:
+                continue
+            if policy.code == PolicyKind.CONDITIONAL:
+                conditional[k] = self._layer_of[k]
+            else:
+                always.add(self._layer_of[k])
+        row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
+                   IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional)
+        self._users.update(always)
+        self._rows[slot] = row
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """A row leaves (finished or cancelled); its slot is free for the next `add`."""
+        row = self._rows.pop(slot, None)
+        if row is None:
+            return
+        self._users.subtract(row.always)
+        self._users.subtract(row.conditional[k] for k in row.flagged)
+        self._applied[slot] = 0
+        self._free.append(slot)
+
+    def request_id(self, slot: int) -> str:
+        return self._rows[slot].request_id
+
+    # -- per pass --------------------------------------------------------------------------------------
+    def coefficients(self, rows: torch.Tensor, positions: torch.Tensor,
+                     live: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Before a pass: each row's alphas [B, K] from its policy and the monitor's state after the last
+        pass, handed to the steering layers. `positions` [B]: -1 for a row's prompt. `live` [B] bool: rows
+        that may steer (others get zeros). None (and nothing added) when no row in flight steers."""
+        active = {layer: self._users[layer] > 0 for layer in self.steering}
+        if not any(active.values()):
+            for steer in self.steering.values():
+                steer.active = False
+            if self._applied_dirty:
+                self._applied.zero_()
+                self._applied_dirty = False
+            return None
+        coeffs = self.policies.coefficients(rows, self.monitor.flags[rows], self.monitor.smoothed[rows])
+        if self.where is Where.GENERATED:
+            coeffs = torch.where(positions[:, None] >= 0, coeffs, 0.0)
+        if live is not None:
+            coeffs = torch.where(live[:, None], coeffs, 0.0)
+        self.policies.apply(coeffs, active)
+        self._applied[rows] = coeffs
+        self._applied_dirty = True
+        return coeffs
+
+    def observe(self, rows: torch.Tensor, positions: torch.Tensor, residuals: dict[int, torch.Tensor],
+                closing: torch.Tensor) -> Observation:
+        """After a pass: score the residuals of `rows` (each row's last token), update risk and flags. No host
+        reads; bring `Observation.tensors()` to the host with the step's other data, then call `settle`."""
+        smoothed, raised, cleared = self.monitor.observe(rows, positions, residuals, closing)
+        return Observation(smoothed, self._applied[rows], raised, cleared)
+
+    def settle(self, slots: list[int], positions: list[int], closing: list[bool], host: list[torch.Tensor]) -> None:
+        """On the host, after the transfer: flag events, steering bookkeeping for rows whose flags changed,
+        and each row's readings for its next token event (`token`). `host`: `Observation.tensors()` on CPU."""
+        smoothed, applied, raised, cleared = host
+        by_slot: dict[int, list[FlagEvent]] = {}
+        for event in self.monitor.flag_events(slots, positions, smoothed, raised, cleared):
+            by_slot.setdefault(event.row, []).append(event)
+            row = self._rows[event.row]
+            k = self.bank.index(event.task)
+            if k in row.conditional and (k in row.flagged) != event.raised:
+                (row.flagged.add if event.raised else row.flagged.discard)(k)
+                self._users[row.conditional[k]] += 1 if event.raised else -1
+        risks, alphas = smoothed.tolist(), applied.tolist()
+        for i, slot in enumerate(slots):
+            if closing[i]:
+                continue
+            row = self._rows[slot]
+            row.pending = ([risks[i][k] for k in row.columns], [alphas[i][k] for k in row.columns],
+                           by_slot.get(slot, []))
+
+    def token(self, slot: int, token: int, recorded: bool, final: bool = False) -> TokenEvent:
+        """The token a row chose in the pass last settled: append it (recorded) or note EOS, and return its
+        event. `final`: the row ends with it (any text held back for an incomplete character is flushed)."""
+        row = self._rows[slot]
+        if row.pending is None:
+            raise RuntimeError("internal error: a token arrived without the pass that chose it")
+        risks, applied, flags = row.pending
+        row.pending = None
+        if recorded:
+            text = row.detok.add(token)
+            index = len(row.detok.tokens) - 1
+        else:
+            text, index = "", len(row.detok.tokens)
+            row.eos = True
+        if final:
+            text += row.detok.flush()
+        for task, alpha in zip(row.tasks, applied, strict=True):
+            row.steered[task] += alpha != 0
+        return TokenEvent(row.request_id, index, token, text, dict(zip(row.tasks, risks, strict=True)),
+                          dict(zip(row.tasks, applied, strict=True)), flags)
+
+    def finish(self, slot: int, finish_reason: str | None = None, prompt_tokens: int = 0,
+               tokens: list[int] | None = None) -> Result:
+        """A row ended: its `Result` (verdicts from the end reading, flags and the checker), slot released."""
+        row = self._rows[slot]
+        tokens = list(row.detok.tokens if tokens is None else tokens)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        verdicts = build_verdicts(self.monitor, slot, tuple(row.spec.constraints), torch.tensor(row.columns,
+                                  dtype=torch.long), text, self.check)
+        traces = self.monitor.traces_for(slot, row.tasks)
+        reason = finish_reason or ("eos" if row.eos else "length")
+        result = Result(row.request_id, text, tokens, reason, verdicts, prompt_tokens, dict(row.steered),
+                        self.bank.version, traces)
+        self.remove(slot)
+        return result
+
+
+@dataclass
+class SlotMap:
+    """Batch rows -> controller slots for an engine with a persistent batch whose rows are added, removed
+    and moved between steps (vLLM's logits-processor `BatchUpdate`): `rows()` is the [B] slot tensor that
+    `coefficients` and `observe` take, kept on the device and rebuilt only when membership changed."""
+
+    device: torch.device | str = "cpu"
+    slots: list[int | None] = field(default_factory=list)
+    _tensor: torch.Tensor | None = None
+
+    def apply(self, added: list[tuple[int, int]] = (), removed: list[int] = (),
+              moved: list[tuple[int, int, bool]] = ()) -> None:
+        """`added`: (row, slot); `removed`: rows; `moved`: (a, b, swap) -- swap exchanges rows a and b,
+        else row a moves to b (a is left empty). Applied in vLLM's order: removed, added, moved."""
+        for row in removed:
+            self.slots[row] = None
+        for row, slot in added:
+            if row >= len(self.slots):
+                self.slots += [None] * (row + 1 - len(self.slots))
+            self.slots[row] = slot
+        for a, b, swap in moved:
+            if b >= len(self.slots):
+                self.slots += [None] * (b + 1 - len(self.slots))
+            if swap:
+                self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
+            else:
+                self.slots[b], self.slots[a] = self.slots[a], None
+        while self.slots and self.slots[-1] is None:
+            self.slots.pop()
+        self._tensor = None
+
+    def rows(self) -> torch.Tensor:
+        if self._tensor is None:
+            if any(s is None for s in self.slots):
+                raise ValueError("the batch has empty rows; condense it before a pass")
+            self._tensor = torch.tensor(self.slots, dtype=torch.long, device=self.device)
+        return self._tensor
+
+
+def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ...], columns: torch.Tensor,
+                   text: str, check: bool = True) -> list[Verdict]:
+    """Per constraint: the probe's reading at the end (EOS pass, else the last token), flag history and
+    (check=True) the checker's verdict on the final text. One host read for the row."""
+    k = len(monitor.bank.probes)
+    end = torch.cat([monitor.eos_p[row], monitor.last_p[row], monitor.first_flag[row].float(),
+                     monitor.ever_flagged[row].float()]).cpu().view(4, k)
+    verdicts = []
+    for constraint, k in zip(constraints, columns.tolist(), strict=True):
+        p_end = float(end[0, k])
+        if p_end != p_end:  # no EOS pass (length limit): the last token's reading stands in
+            p_end = float(end[1, k])
+        first = int(end[2, k])
+        probe, muted = monitor.bank.probes[k], bool(monitor.muted[k])
+        finite = math.isfinite(p_end)
+        verdicts.append(Verdict(constraint.task, dict(constraint.params),
+                                not muted and finite and p_end < probe.threshold, p_end if finite else None,
+                                bool(end[3, k]), first if first >= 0 else None,
+                                check_constraint(constraint, text) if check else None, bool(probe.reliable), muted))
+    return verdicts
+
+
+def check_verdicts(result: Result) -> Result:
+    """Fill in the checker's verdict on the final text for every constraint of a result (in place)."""
+    for verdict in result.verdicts:
+        verdict.satisfied = check_constraint(Constraint(verdict.task, verdict.params), result.text)
+    return result
