@@ -87,6 +87,7 @@ def print_table(summary: dict[str, dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None)
     parser.add_argument("--n-per-task", type=int, default=36)
     parser.add_argument("--max-new-tokens", type=int, default=120)
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
     bank = load_bank(args.bank)
     tasks = [t for t in TASKS if t in bank.tasks] if args.tasks is None else args.tasks.split(",")
     for task in tasks:

@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import tempfile
 import threading
@@ -150,9 +151,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per request (EOS ignored)")
     parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch (in-process: min(N, this))")
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None)
     parser.add_argument("--bank", default=None, help="bank folder (default: shipped bank, else a placeholder)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, server and in-process alike")
+    parser.add_argument("--server-args", default="", help="extra `steerer serve` options, e.g. '--prefill-chunk 16'")
     parser.add_argument("--output", default=str(RESULTS / "grpc_load.json"))
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
@@ -165,7 +168,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
     threads = torch.get_num_threads()  # what the server's `load_model` sets too (same flags, same machine)
     tmp = tempfile.TemporaryDirectory(prefix="grpc-load-")
     if args.bank:
@@ -181,6 +184,7 @@ def main() -> None:
         server_args += ["--model", args.model]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
+    server_args += ["--device", args.device, *shlex.split(args.server_args)]
     steerer = Steerer(lm, bank, capacity=args.max_batch)
     runs = []
     print(f"{'clients':>7} {'ok':>5} {'fail':>4} {'exh':>4} {'server tok/s':>12} {'in-proc tok/s':>13} {'ratio':>6} "
@@ -216,7 +220,7 @@ def main() -> None:
     steerer.close()
     out = {"runs": runs, "model": lm.name, "bank": bank_kind, "bank_version": bank.version,
            "new_tokens": args.new_tokens, "max_batch": args.max_batch, "constraints": [t for t, _ in CONSTRAINTS],
-           "policy": POLICY, "requested_seconds": args.seconds,
+           "policy": POLICY, "requested_seconds": args.seconds, "server_args": server_args,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads",
            "median_ratio": statistics.median([r["ratio_vs_inprocess"] for r in runs if r["ratio_vs_inprocess"]])
            if any(r["ratio_vs_inprocess"] for r in runs) else None}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def main() -> None:
                else "CPU, 2 cores (AVX2), torch.set_num_threads(2)")
     out = {"model": args.model or DEFAULT_MODEL, "machine": machine, "device": device,
            "probe_layers": list(PROBE_LAYERS), "steer_layer": 14,
-           "steerer_constraints": [c.task for c in constraints], "cases": cases}
+           "steerer_constraints": [c.task for c in constraints],
+           "command": "benchmarks/overhead_hf.py " + " ".join(sys.argv[1:]), "cases": cases}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.output}")

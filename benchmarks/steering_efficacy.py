@@ -238,6 +238,7 @@ def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None)
     parser.add_argument("--n-per-task", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if not fractions or any(not 0 < f <= 2 for f in fractions):
         parser.error("--fractions must be numbers in (0, 2]")
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
     bank = load_bank(args.bank)
     tasks = [t for t in TASKS if t in bank.tasks] if args.tasks is None else args.tasks.split(",")
     for task in tasks:

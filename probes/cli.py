@@ -29,6 +29,7 @@ def add_commands(sub) -> None:
     build.add_argument("--token-layers", default=None, help="layers stored at every token (default: every 3rd)")
     build.add_argument("--batch-size", type=int, default=48)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     build.set_defaults(handler=cmd_build)
 
     train = psub.add_parser("train", help="train specialist + general probes and write a probe bank")
@@ -65,6 +66,7 @@ def add_commands(sub) -> None:
     corpus.add_argument("--max-new-tokens", type=int, default=160, help="token budget of the length tasks")
     corpus.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
     corpus.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    corpus.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     corpus.set_defaults(handler=cmd_corpus)
 
     score = psub.add_parser("score", help="generate for your prompts and score them with the bank")
@@ -74,6 +76,7 @@ def add_commands(sub) -> None:
     score.add_argument("--model", default=None)
     score.add_argument("--max-new-tokens", type=int, default=128)
     score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     score.set_defaults(handler=cmd_score)
 
 
@@ -119,7 +122,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                          max_new_tokens_other=args.max_new_tokens_other,
                          layers=_ints(args.layers, "--layers"), token_layers=_ints(args.token_layers, "--token-layers"),
                          batch_size=args.batch_size, seed=args.seed)
-    manifest = build(load_model(args.model), Path(args.out), config)
+    manifest = build(load_model(args.model, device=args.device), Path(args.out), config)
     for task, info in manifest["tasks"].items():
         print(f"{task:18s} n={info['n']:4d} compliance={info['compliance_rate']:.2f} "
               f"train/test={info['n_train']}/{info['n_test']} by aid={info['compliance_by_aid']}")
@@ -198,7 +201,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, round_size=args.round_size, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, max_new_tokens_other=args.max_new_tokens_other,
                           max_rounds=args.max_rounds)
-    lm = load_model(args.model, threads=args.threads)
+    lm = load_model(args.model, threads=args.threads, device=args.device)
     out = Path(args.out) if args.out else default_out(lm.name)
     command = shlex.join(["steerer", *sys.argv[1:]])
     manifest = build_corpus(lm, out, config, command=command)
@@ -215,7 +218,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
-    ok, bad = score_file(args.input, args.output, args.bank, args.model, args.max_new_tokens, args.batch_size)
+    ok, bad = score_file(args.input, args.output, args.bank, args.model, args.max_new_tokens, args.batch_size,
+                         device=args.device)
     import sys
 
     print(f"scored {ok} rows, {bad} errors", file=sys.stderr)

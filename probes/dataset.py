@@ -105,7 +105,7 @@ class ResidualRecorder:
         pass
 
     def after_forward(self, view: StepView) -> None:
-        stacked = torch.stack([view.residuals[layer] for layer in self.layers], dim=1).half()  # [B, L, d]
+        stacked = torch.stack([view.residuals[layer] for layer in self.layers], dim=1).half().cpu()  # [B, L, d]
         for i, row in enumerate(view.rows):
             self.traces.setdefault(row, []).append((int(view.index[i]), stacked[i]))
 

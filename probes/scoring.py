@@ -42,7 +42,8 @@ def score_row(rid, constraint, result) -> dict:
 
 
 def score_file(input_path: str, output_path: str, bank_path: str | None = None, model: str | None = None,
-               max_new_tokens: int = 128, batch_size: int = 16, progress: bool = True) -> tuple[int, int]:
+               max_new_tokens: int = 128, batch_size: int = 16, progress: bool = True,
+               device: str = "cpu") -> tuple[int, int]:
     from tqdm import tqdm
 
     from steerer.bank import ProbeBank
@@ -66,7 +67,7 @@ def score_file(input_path: str, output_path: str, bank_path: str | None = None, 
                 rid = json.loads(line).get("id")
             outputs.append({"id": rid, "error": str(exc).strip("'\"")})
     if requests:
-        lm = load_model(model)
+        lm = load_model(model, device=device)
         bank = ProbeBank.load(bank_path)
         results: dict[str, Result] = {}
         # Evaluating a bank means reading every probe, reliable or not: nothing is muted here.

@@ -34,6 +34,9 @@ def add_commands(sub) -> None:
     serve.add_argument("--max-new-tokens", type=int, default=1024, help="cap on a request's max_new_tokens")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="when idle, wait this long for more arrivals to prefill together")
+    serve.add_argument("--batch-wait-max-ms", type=float, default=50.0,
+                       help="when idle, keep waiting while arrivals keep coming (each resets --batch-wait-ms), "
+                            "at most this long")
     serve.add_argument("--prefill-chunk", type=int, default=8,
                        help="while rows decode, admit at most this many requests per step (one prefill)")
     serve.add_argument("--admit-wait-ms", type=float, default=50.0,
@@ -99,7 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                          batch_wait_ms=args.batch_wait_ms, prefill_chunk=args.prefill_chunk,
+                          batch_wait_ms=args.batch_wait_ms,
+                          batch_wait_max_ms=args.batch_wait_max_ms, prefill_chunk=args.prefill_chunk,
                           admit_wait_ms=args.admit_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_serve_token(args.auth_token),
                           use_unreliable_probes=args.use_unreliable_probes)

@@ -111,7 +111,8 @@ class _Swap:
 
 class Scheduler:
     def __init__(self, lm: LoadedModel, bank: ProbeBank, *, max_batch: int = 32, max_queue: int = 64,
-                 batch_wait_s: float = 0.005, prefill_chunk: int = 8, admit_wait_s: float = 0.05,
+                 batch_wait_s: float = 0.005, batch_wait_max_s: float = 0.05, prefill_chunk: int = 8,
+                 admit_wait_s: float = 0.05,
                  metrics: Metrics | None = None,
                  monitor_config: MonitorConfig | None = None, threads: int | None = None,
                  use_unreliable_probes: bool = False, steerer_factory: SteererFactory | None = None):
@@ -123,6 +124,7 @@ class Scheduler:
         if prefill_chunk < 1 or admit_wait_s < 0:
             raise ValueError("prefill_chunk must be >= 1 and admit_wait_s >= 0")
         self.batch_wait_s = batch_wait_s
+        self.batch_wait_max_s = batch_wait_max_s
         self.prefill_chunk = prefill_chunk
         self.admit_wait_s = admit_wait_s
         self.metrics = metrics or Metrics()
@@ -295,12 +297,18 @@ class Scheduler:
             if not self._live and self.batch_wait_s > 0:
                 # Idle: clients that arrive together (a burst, or a wave of resubmissions) share one
                 # prefill and then stay in step, instead of splitting into a batch of one and the rest.
-                end = time.monotonic() + self.batch_wait_s
+                # Wait while arrivals keep coming (each resets a quiet gap of batch_wait_s), at most
+                # batch_wait_max_s: a lone request waits one gap, a wave is taken whole.
+                now = time.monotonic()
+                end, quiet, seen = now + max(self.batch_wait_max_s, self.batch_wait_s), now + self.batch_wait_s, \
+                    len(self._queue)
                 while len(self._queue) < room and not self._stopping and not self._cancels:
-                    left = end - time.monotonic()
+                    left = min(end, quiet) - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(left)
+                    if len(self._queue) != seen:
+                        seen, quiet = len(self._queue), time.monotonic() + self.batch_wait_s
             take = admission_size(len(self._queue), room, bool(self._live), self.prefill_chunk,
                                   time.monotonic() - self._queue[0].arrived, self.admit_wait_s)
             picked = [self._queue.popleft() for _ in range(take)]

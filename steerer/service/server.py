@@ -42,6 +42,7 @@ class ServerConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
     batch_wait_ms: float = 5.0
+    batch_wait_max_ms: float = 50.0
     prefill_chunk: int = 8
     admit_wait_ms: float = 50.0
     grace_s: float = 30.0
@@ -58,7 +59,7 @@ class ServerConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
         if self.prefill_chunk < 1:
             raise ValueError("prefill-chunk must be >= 1")
-        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.admit_wait_ms < 0 or self.grace_s < 0:
+        if self.max_queue < 0 or self.batch_wait_ms < 0 or self.batch_wait_max_ms < 0 or self.admit_wait_ms < 0 or self.grace_s < 0:
             raise ValueError("max-queue, batch-wait-ms and grace must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
@@ -144,6 +145,7 @@ class SteererServer:
         self.metrics = metrics or Metrics()
         self.scheduler = Scheduler(lm, bank, max_batch=config.max_batch, max_queue=config.max_queue,
                                    batch_wait_s=config.batch_wait_ms / 1000,
+                                   batch_wait_max_s=config.batch_wait_max_ms / 1000,
                                    prefill_chunk=config.prefill_chunk, admit_wait_s=config.admit_wait_ms / 1000,
                                    metrics=self.metrics,
                                    use_unreliable_probes=config.use_unreliable_probes)
