@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from probes.templates import BASE_REQUESTS, BaseRequest, split_base_requests
+from probes.templates import BASE_REQUESTS, BaseRequest, base_requests, split_base_requests
 
 _NEW_DOMAINS: dict[str, tuple[str, ...]] = {
     "pets": (
@@ -167,11 +167,7 @@ _NEW_DOMAINS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-NEW_REQUESTS: tuple[BaseRequest, ...] = tuple(
-    BaseRequest(f"{domain}-{i:02d}", domain, text)
-    for domain, texts in _NEW_DOMAINS.items()
-    for i, text in enumerate(texts, start=1)
-)
+NEW_REQUESTS: tuple[BaseRequest, ...] = base_requests(_NEW_DOMAINS)
 # Every base request the corpus draws from: the original ones first, then the new ones.
 ALL_REQUESTS: tuple[BaseRequest, ...] = (*BASE_REQUESTS, *NEW_REQUESTS)
 SPLIT_SEED = 13

@@ -210,11 +210,13 @@ _DOMAINS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-BASE_REQUESTS: tuple[BaseRequest, ...] = tuple(
-    BaseRequest(f"{domain}-{i:02d}", domain, text)
-    for domain, texts in _DOMAINS.items()
-    for i, text in enumerate(texts, start=1)
-)
+def base_requests(domains: Mapping[str, tuple[str, ...]]) -> tuple[BaseRequest, ...]:
+    """Requests with stable ids (domain-number) from texts grouped by domain."""
+    return tuple(BaseRequest(f"{domain}-{i:02d}", domain, text)
+                 for domain, texts in domains.items() for i, text in enumerate(texts, start=1))
+
+
+BASE_REQUESTS: tuple[BaseRequest, ...] = base_requests(_DOMAINS)
 _BY_ID: dict[str, BaseRequest] = {b.id: b for b in BASE_REQUESTS}
 
 

@@ -109,10 +109,7 @@ class Steerer:
     # -- requests in and out ---------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """Raise ValueError (with a message for the user) if the request cannot run on this bank."""
-        request.sampling.validate()
-        if isinstance(request.prompt, str) and not request.prompt.strip():
-            raise ValueError("prompt is empty")
-        self.controller.validate(request)
+        self.controller.validate(request)  # the one request validation (prompt, sampling, constraints, bank)
 
     def admit(self, requests: Iterable[Request]) -> list[Result]:
         """Prefill requests and add them to the running batch. Returns any that finished at once."""
