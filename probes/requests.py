@@ -9,10 +9,7 @@ instruction. IFEval's prompts are evaluation data and none is copied or paraphra
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-
-from probes.templates import BASE_REQUESTS, BaseRequest, base_requests, split_base_requests
+from probes.templates import BASE_REQUESTS, BaseRequest, base_requests, split_base_requests, split_requests
 
 _NEW_DOMAINS: dict[str, tuple[str, ...]] = {
     "pets": (
@@ -171,31 +168,6 @@ NEW_REQUESTS: tuple[BaseRequest, ...] = base_requests(_NEW_DOMAINS)
 # Every base request the corpus draws from: the original ones first, then the new ones.
 ALL_REQUESTS: tuple[BaseRequest, ...] = (*BASE_REQUESTS, *NEW_REQUESTS)
 SPLIT_SEED = 13
-
-
-def split_requests(requests: Sequence[BaseRequest], seed: int,
-                   test_fraction: float = 0.25) -> tuple[list[str], list[str]]:
-    """(train ids, test ids), stratified by domain: ``templates.split_base_requests`` for any request list.
-
-    Ids are ranked round-robin over domains (each domain shuffled, the domains shuffled per rank) and the
-    first share becomes test, so every domain lands in both splits.
-    """
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = random.Random(seed)
-    domains = list(dict.fromkeys(r.domain for r in requests))
-    per_domain = []
-    for domain in domains:
-        ids = sorted(r.id for r in requests if r.domain == domain)
-        rng.shuffle(ids)
-        per_domain.append(ids)
-    ranked: list[str] = []
-    for rank in range(max(len(ids) for ids in per_domain)):
-        layer = [ids[rank] for ids in per_domain if rank < len(ids)]
-        rng.shuffle(layer)
-        ranked.extend(layer)
-    n_test = max(1, round(len(ranked) * test_fraction))
-    return sorted(ranked[n_test:]), sorted(ranked[:n_test])
 
 
 def base_splits(seed: int = SPLIT_SEED) -> dict[str, str]:

@@ -14,7 +14,7 @@ one-shot demonstration of a compliant answer to a different request.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,7 +240,13 @@ def _request_text(base_request: str | BaseRequest) -> str:
 
 
 def split_base_requests(seed: int, test_fraction: float = 0.25) -> tuple[list[str], list[str]]:
-    """(train ids, test ids): a seeded split by base request, stratified by domain.
+    """(train ids, test ids) of the base requests: `split_requests` over `BASE_REQUESTS`."""
+    return split_requests(BASE_REQUESTS, seed, test_fraction)
+
+
+def split_requests(requests: Sequence[BaseRequest], seed: int,
+                   test_fraction: float = 0.25) -> tuple[list[str], list[str]]:
+    """(train ids, test ids): a seeded split by request, stratified by domain.
 
     Every domain lands in both splits, and since each prompt is one base request plus an instruction, no
     request text is shared between them.
@@ -251,8 +257,8 @@ def split_base_requests(seed: int, test_fraction: float = 0.25) -> tuple[list[st
     # Rank ids round-robin over domains (each domain shuffled, domain order shuffled per round), then
     # take the first share as test: every domain gets floor or ceil of its share.
     per_domain = []
-    for domain in _DOMAINS:
-        ids = sorted(b.id for b in BASE_REQUESTS if b.domain == domain)
+    for domain in dict.fromkeys(r.domain for r in requests):
+        ids = sorted(r.id for r in requests if r.domain == domain)
         rng.shuffle(ids)
         per_domain.append(ids)
     ranked: list[str] = []
