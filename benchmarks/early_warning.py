@@ -4,17 +4,21 @@ On held-out prompts of every task (test-split base requests, params over a sprea
 unsteered and greedy, each response is generated with its task's constraint (policy off) and compared with
 the checker's final verdict:
 
-* for a violating response, the *violating token* is where the constraint broke (`probes.violations`: the
-  token completing a forbidden word, the first token over an upper length bound, the first capital, the
-  first token no JSON can follow; the EOS, or the last token if cut off, where only the end can tell), and
-  lead = violating token - first flag token (positive = flagged before the violation happened);
+* for a violating response, the reference is its *detection*: the token the monitor's live detector
+  (`Verdict.detected_at`) says broke the constraint -- the token completing a forbidden word, the first token
+  over an upper length bound, the first capital, the first token no JSON can follow. Where no prefix decides
+  the violation (lower bounds, keywords, semantic tasks) it is the end: the EOS, or the last token if cut
+  off. lead = reference token - first flag token (positive = flagged before the violation was certain).
+  The offline onset rule (`probes.violations`) runs the same detector, so it must agree exactly; the
+  JSON counts any disagreement (`detector_disagreements`, expected 0);
 * for a compliant response, any flag at all is a false flag.
 
 Writes benchmarks/results/early_warning.json:
     {"tasks": {TASK: {"violations", "flagged_at_least_3_early", "lead_tokens", "compliant", "false_flag_rate",
-                      "flagged", "median_lead"}}, ...}
+                      "flagged", "median_lead", "detected", "detector_disagreements"}}, ...}
 where flagged_at_least_3_early is the share of *all* violations flagged >= 3 tokens before the violating
-token (never-flagged violations count as not early) and lead_tokens lists the leads of flagged ones.
+token (never-flagged violations count as not early), lead_tokens lists the leads of flagged ones and
+detected counts the violations a prefix decided.
 
     .venv/bin/python benchmarks/early_warning.py [--n-per-task 36] [--max-new-tokens 120]
 """
@@ -54,21 +58,27 @@ def task_summary(records: list[dict]) -> dict:
         "false_flag_rate": round(sum(r["flagged"] for r in compliant) / len(compliant), 4) if compliant else None,
         "flagged": len(leads),
         "median_lead": statistics.median(leads) if leads else None,
+        "detected": sum(r["detected_at"] is not None for r in violations),
+        "detector_disagreements": sum(r["detected_at"] is not None and r["detected_at"] != r["violating_token"]
+                                      for r in violations),
     }
 
 
 def record(result: Result, decode) -> dict:
-    """One response: the verdict, and for a violation the violating token and the lead."""
+    """One response: the verdict, and for a violation its reference token (the detection, else the end) and
+    the lead; `violating_token` is the offline onset rule's answer, which the detection must equal."""
     verdict = result.verdicts[0]
     out = {"id": result.request_id, "task": verdict.task, "params": verdict.params, "satisfied": bool(verdict.satisfied),
            "flagged": verdict.flagged, "first_flag_token": verdict.first_flag_token, "tokens": len(result.tokens),
-           "finish_reason": result.finish_reason, "violating_token": None, "lead": None}
+           "finish_reason": result.finish_reason, "detected_at": verdict.detected_at, "violating_token": None,
+           "lead": None}
     if not verdict.satisfied:
         prefixes = token_prefixes(decode, result.tokens)
         v = violating_token(verdict.task, verdict.params, prefixes, result.finish_reason == "eos")
         out["violating_token"] = v
+        reference = v if verdict.detected_at is None else verdict.detected_at
         if verdict.first_flag_token is not None:
-            out["lead"] = v - verdict.first_flag_token
+            out["lead"] = reference - verdict.first_flag_token
     return out
 
 
@@ -124,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = {"model": lm.name, "bank_version": bank.version, "n_per_task": args.n_per_task, "tasks": summary,
            "config": {"max_new_tokens": args.max_new_tokens, "decoding": "greedy", "policy": "off",
                       "early_means_lead_at_least": EARLY, "seed": args.seed,
+                      "lead_reference": "detection (Verdict.detected_at); the end where no prefix decides",
                       "prompts": "test split of split_base_requests(13), params over difficulty, aid=None",
                       "thresholds": {p.task: p.threshold for p in bank.probes}},
            "responses": records}

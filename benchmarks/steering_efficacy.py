@@ -37,11 +37,12 @@ from heldout import HeldOutPrompt, held_out_prompts, load_bank  # benchmarks/hel
 from tqdm import tqdm
 
 from probes.tasks import TASKS
+from steerer.ab.fluency import response_nll
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams, StepView
-from steerer.model import LoadedModel, chat_prompt, load_model
+from steerer.model import chat_prompt, load_model
 from steerer.policy import OFF, SteeringPolicy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,35 +93,6 @@ def make_request(prompt: HeldOutPrompt, arm: Arm, max_new_tokens: int) -> Reques
     return Request(prompt.messages, (Constraint(prompt.task, prompt.params),), policy,
                    sampling=SamplingParams(max_new_tokens=max_new_tokens),
                    id=f"{prompt.id}|{arm.policy}|{arm.fraction}")
-
-
-@torch.inference_mode()
-def response_nll(lm: LoadedModel, prompts: Sequence[list[int]], responses: Sequence[list[int]],
-                 batch_size: int = 16, bar: tqdm | None = None) -> list[float | None]:
-    """Mean NLL per response token under the model as loaded (call with no hooks attached)."""
-    out: list[float | None] = [None] * len(prompts)
-    order = sorted((i for i in range(len(prompts)) if responses[i]), key=lambda i: len(prompts[i]) + len(responses[i]))
-    pad = int(lm.tokenizer.pad_token_id)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        seqs = [prompts[i] + responses[i] for i in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        scored = torch.zeros((len(chunk), width), dtype=torch.bool)  # positions whose *next* token is scored
-        for row, i in enumerate(chunk):  # right padding: real tokens keep positions 0..n-1
-            n = len(seqs[row])
-            ids[row, :n] = torch.tensor(seqs[row])
-            mask[row, :n] = 1
-            scored[row, len(prompts[i]) - 1:n - 1] = True
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        per_row = (nll * scored[:, :-1]).sum(1) / scored[:, :-1].sum(1)
-        for row, i in enumerate(chunk):
-            out[i] = float(per_row[row])
-        if bar is not None:
-            bar.update(len(chunk))
-    return out
 
 
 def repetition(tokens: Sequence[int], n: int = 3) -> float | None:
@@ -288,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     everything += [(p, r) for t in tasks for group in steered[t] for p, r in zip(prompts[t], group, strict=True)]
     prompt_ids = [chat_prompt(lm.tokenizer, p.messages) for p, _ in everything]
     with tqdm(total=len(everything), desc="perplexity", unit="resp") as pbar:
-        nll_flat = response_nll(lm, prompt_ids, [r.tokens for _, r in everything], bar=pbar)
+        nll_flat = response_nll(lm, prompt_ids, [r.tokens for _, r in everything], on_batch=pbar.update)
     nll_of = {r.request_id: v for (_, r), v in zip(everything, nll_flat, strict=True)}
 
     table: dict[str, list[dict]] = {}

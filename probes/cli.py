@@ -1,8 +1,9 @@
-"""`steerer verify` and `steerer probes build|corpus|train|list|report|score` (a plug-in of steerer/cli.py)."""
+"""`steerer verify` and `steerer probes corpus|ifeval|build|train|list|score` (a plug-in of steerer/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,37 +17,28 @@ def add_commands(sub) -> None:
 
     probes = sub.add_parser("probes", help="build the probe dataset, train banks, run the paper's experiments")
     psub = probes.add_subparsers(dest="probes_command", required=True)
-    build = psub.add_parser("build", help="on-policy responses + residuals of every layer (resumable)")
-    build.add_argument("--out", default=str(REPO / "data" / "probe_dataset"))
+    build = psub.add_parser("build", help="activations of the committed corpus by teacher forcing (incremental); "
+                                          "`steerer probes corpus` generates the corpus itself")
+    build.add_argument("--corpus", default=None, help="corpus folder (default: probes/corpora/{model})")
+    build.add_argument("--features", default=None, help="cache folder (default: data/features/{model})")
     build.add_argument("--model", default=None)
     build.add_argument("--tasks", default=None, help="comma-separated task ids (default: all nine)")
-    build.add_argument("--prompts-per-task", type=int, default=120)
-    build.add_argument("--samples", type=int, default=None,
-                       help="sampled responses per prompt (default: 2 for structural tasks, 1 for the others)")
-    build.add_argument("--max-new-tokens", type=int, default=160, help="token budget of the length tasks")
-    build.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
-    build.add_argument("--layers", default=None, help="comma-separated layers to store (default: all)")
-    build.add_argument("--token-layers", default=None, help="layers stored at every token (default: every 3rd)")
-    build.add_argument("--batch-size", type=int, default=48)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--token-layers", default=None, help="layers kept at every token (default: every 3rd + last)")
+    build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     build.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     build.set_defaults(handler=cmd_build)
 
-    train = psub.add_parser("train", help="train specialist + general probes and write a probe bank")
-    train.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
+    train = psub.add_parser("train", help="choose, measure and bank one probe per task from the corpus and its "
+                                          "features; optionally the paper's report")
+    train.add_argument("--corpus", default=None, help="corpus folder (default: the default model's)")
+    train.add_argument("--features", default=None, help="features cache (default: data/features/{model})")
     train.add_argument("--out", default=None, help="bank folder (default: the shipped default bank)")
-    train.add_argument("--position", default="auto", choices=["auto", "eos", "tokens"],
-                       help="bank probes trained on the EOS residual, on every 3rd generated token, or per task "
-                            "whichever flags more training violations at the false-flag budget (auto)")
     train.add_argument("--tasks", default=None)
     train.add_argument("--report", default=None, help="also write the paper's experiments to this folder")
+    train.add_argument("--steering-from", default=None,
+                       help="keep each task's steering layer and direction from this bank (one whose steering "
+                            "efficacy was measured) instead of the corpus's class mean difference")
     train.set_defaults(handler=cmd_train)
-
-    report = psub.add_parser("report", help="the paper's experiments: JSON + PNG + README")
-    report.add_argument("--dataset", default=str(REPO / "data" / "probe_dataset"))
-    report.add_argument("--out", default=str(REPO / "reports" / "paper"))
-    report.add_argument("--tasks", default=None)
-    report.set_defaults(handler=cmd_report)
 
     listing = psub.add_parser("list", help="a bank's probes: layer, thresholds, test AUROC with its 95%% interval, "
                                            "reliability")
@@ -67,7 +59,17 @@ def add_commands(sub) -> None:
     corpus.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
     corpus.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     corpus.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    corpus.add_argument("--relabel", action="store_true",
+                        help="generate nothing: recompute every row's label and violation onset with today's rules")
     corpus.set_defaults(handler=cmd_corpus)
+
+    ifeval = psub.add_parser("ifeval", help="answer IFEval's prompts that map onto the tasks (evaluation only) and "
+                                            "store the labelled responses beside the corpus")
+    ifeval.add_argument("--corpus", default=None, help="corpus folder (default: probes/corpora/{model})")
+    ifeval.add_argument("--model", default=None)
+    ifeval.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ifeval.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ifeval.set_defaults(handler=cmd_ifeval)
 
     score = psub.add_parser("score", help="generate for your prompts and score them with the bank")
     score.add_argument("--input", required=True, help="rows {id, prompt, task, params}")
@@ -113,39 +115,79 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from probes.dataset import BuildConfig, build
+    from probes import ifeval
+    from probes.corpus import default_out, load_corpus
+    from probes.features import default_features, featurise
     from probes.tasks import TASKS
     from steerer.model import load_model
 
-    config = BuildConfig(tasks=tuple(_tasks(args.tasks) or TASKS), prompts_per_task=args.prompts_per_task,
-                         samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-                         max_new_tokens_other=args.max_new_tokens_other,
-                         layers=_ints(args.layers, "--layers"), token_layers=_ints(args.token_layers, "--token-layers"),
-                         batch_size=args.batch_size, seed=args.seed)
-    manifest = build(load_model(args.model, device=args.device), Path(args.out), config)
-    for task, info in manifest["tasks"].items():
-        print(f"{task:18s} n={info['n']:4d} compliance={info['compliance_rate']:.2f} "
-              f"train/test={info['n_train']}/{info['n_test']} by aid={info['compliance_by_aid']}")
+    lm = load_model(args.model, threads=args.threads, device=args.device)
+    corpus = Path(args.corpus) if args.corpus else default_out(lm.name)
+    if not (corpus / "manifest.json").exists():
+        raise FileNotFoundError(f"no corpus at {corpus}: generate it with `steerer probes corpus`")
+    rows = {t: load_corpus(corpus, t) for t in (_tasks(args.tasks) or TASKS)}
+    if (corpus / ifeval.FILE).exists():  # the out-of-distribution evaluation set, featurised like the corpus
+        rows[ifeval.TASK] = ifeval.load(corpus)
+    out = Path(args.features) if args.features else default_features(lm.name)
+    featurise(lm, {t: r for t, r in rows.items() if r}, out, _ints(args.token_layers, "--token-layers"))
+    print(f"features of {sum(len(r) for r in rows.values())} responses in {out}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from probes.train import make_bank, train_all
-    from steerer.bank import DEFAULT_BANK
+def _corpus_and_features(args) -> tuple[Path, Path, dict]:
+    from probes.corpus import CORPORA
+    from probes.features import default_features
 
-    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks))
-    version = f"{manifest['fingerprint']}-{args.position}-{len(trained)}t"
-    bank = make_bank(manifest, trained, datas, args.position, version)
-    bank.extra = {"dataset": {k: manifest[k] for k in ("config", "split_seed")},
-                  "general_probe_layer": general["best_layer"]}
+    corpus = Path(args.corpus) if args.corpus else CORPORA / "smollm2-135m-instruct"
+    if not (corpus / "manifest.json").exists():
+        raise FileNotFoundError(f"no corpus at {corpus}: generate it with `steerer probes corpus`")
+    model = json.loads((corpus / "manifest.json").read_text())["model"]
+    features = Path(args.features) if args.features else default_features(model)
+    if not (features / "manifest.json").exists():
+        raise FileNotFoundError(f"no features at {features}: compute them with `steerer probes build`")
+    return corpus, features, json.loads((features / "manifest.json").read_text())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes import evaluation, pipeline
+    from probes.tasks import TASKS
+    from probes.train import train_all_layers
+    from steerer.bank import DEFAULT_BANK, ProbeBank, content_version, keep_steering
+    from steerer.lens import LensWeights
+    from steerer.model import load_model
+    from steerer.monitor import MonitorConfig
+
+    corpus, features, fmanifest = _corpus_and_features(args)
+    tasks = _tasks(args.tasks) or list(TASKS)
+    lm = load_model(fmanifest["model"])  # its final norm and unembedding: the lens inputs of lexical probes
+    if lm.fingerprint != fmanifest["fingerprint"]:
+        raise ValueError(f"features in {features} are of another model ({fmanifest['fingerprint']})")
+    datas, results = pipeline.train_corpus(corpus, features, tasks, fmanifest["token_layers"],
+                                           (LensWeights.of(lm.model), lm.tokenizer))
+    entries = [evaluation.bank_entry(t, results[t]["probe"], datas[t], fmanifest["hidden_size"],
+                                     fmanifest["token_layers"], results[t]["measured"], MonitorConfig()) for t in tasks]
+    summary = pipeline.generalisation_summary(results)
+    extra = {"corpus": str(corpus.relative_to(REPO)) if corpus.is_relative_to(REPO) else str(corpus),
+             "command": shlex.join(["steerer", *sys.argv[1:]]),
+             "generalisation": {t: {k: (g[k] or {}).get("auroc") for k in ("test", "heldout_phrasing", "ifeval")}
+                                for t, g in summary.items()}}
+    bank = evaluation.assemble_bank(entries, fmanifest["model"], fmanifest["fingerprint"], fmanifest["hidden_size"],
+                                    "pending", extra)
+    if args.steering_from:
+        bank = keep_steering(bank, ProbeBank.load(args.steering_from))
+    bank.version = content_version(bank)
     out = bank.save(args.out or DEFAULT_BANK)
     _print_probes(bank)
     print(f"wrote {out}")
     if args.report:
         from probes.report import write_report
 
-        write_report(Path(args.report), manifest["model"], trained, general, datas, manifest["layers"],
-                     {"version": version, "path": str(out)})
+        trained, general = train_all_layers(datas, fmanifest["layers"])
+        write_report(Path(args.report), fmanifest["model"], trained, general, datas, fmanifest["layers"],
+                     {"version": bank.version, "path": str(out)}, summary)
         print(f"wrote {args.report}")
     return 0
 
@@ -167,23 +209,15 @@ def _print_probes(bank) -> None:
         flag = probe.threshold if probe.flag_threshold is None else probe.flag_threshold
         ci = "[n/a]" if probe.auroc_ci is None else f"[{probe.auroc_ci[0]:.2f}, {probe.auroc_ci[1]:.2f}]"
         state = {True: "reliable", False: "UNRELIABLE", None: "reliability unknown"}[probe.reliable]
-        print(f"{probe.task:18s} layer {probe.layer:2d} {probe.method:8s} threshold {probe.threshold:.3f} "
-              f"flag {flag:.3f}  test AUROC {fmt('test_auroc', '.3f')} {ci} n={fmt('n_test', 'd')} "
-              f"acc {fmt('test_accuracy', '.3f')}  false flags {fmt('test_false_flag_rate', '.2f')} "
+        held = "" if m.get("heldout_phrasing_auroc") is None else \
+            f" held-out phrasing {m['heldout_phrasing_auroc']:.3f}"
+        print(f"{probe.task:18s} layer {probe.layer:2d} {m.get('design', probe.method):20s} threshold "
+              f"{probe.threshold:.3f} flag {flag:.3f}  test AUROC {fmt('test_auroc', '.3f')} {ci} n={fmt('n_test', 'd')}"
+              f"{held} acc {fmt('test_accuracy', '.3f')}  false flags {fmt('test_false_flag_rate', '.2f')} "
               f"violations flagged {fmt('test_violations_flagged', '.2f')}  {state}")
     if bank.unreliable:
         print(f"muted when served (95% test-AUROC interval reaches chance, or not measured; "
               f"--use-unreliable-probes overrides): {', '.join(bank.unreliable)}")
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from probes.report import write_report
-    from probes.train import train_all
-
-    manifest, trained, general, datas = train_all(Path(args.dataset), _tasks(args.tasks))
-    write_report(Path(args.out), manifest["model"], trained, general, datas, manifest["layers"])
-    print(f"wrote {args.out}")
-    return 0
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
@@ -203,6 +237,12 @@ def cmd_corpus(args: argparse.Namespace) -> int:
                           max_rounds=args.max_rounds)
     lm = load_model(args.model, threads=args.threads, device=args.device)
     out = Path(args.out) if args.out else default_out(lm.name)
+    if args.relabel:
+        from probes.corpus import relabel_onsets
+
+        for task, n in relabel_onsets(out, lm.tokenizer).items():
+            print(f"{task:18s} {n} rows relabelled")
+        return 0
     command = shlex.join(["steerer", *sys.argv[1:]])
     manifest = build_corpus(lm, out, config, command=command)
     for task, info in manifest["tasks"].items():
@@ -210,6 +250,18 @@ def cmd_corpus(args: argparse.Namespace) -> int:
               f"generated={info['generated']:5d} discarded={info['discarded']:4d} "
               f"{'complete' if info['complete'] else 'INCOMPLETE'}")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_ifeval(args: argparse.Namespace) -> int:
+    from probes import ifeval
+    from probes.corpus import default_out
+    from steerer.model import load_model
+
+    lm = load_model(args.model, threads=args.threads, device=args.device)
+    path = ifeval.generate(lm, Path(args.corpus) if args.corpus else default_out(lm.name))
+    rows = ifeval.load(path.parents[1])
+    print(f"wrote {path}: {len(rows)} responses, {sum(r['satisfied'] for r in rows)} satisfied")
     return 0
 
 

@@ -369,6 +369,32 @@ def append_member(path: Path, lines: Iterable[str]) -> None:
     os.replace(tmp, path)
 
 
+def relabel_onsets(folder: Path, tokenizer) -> dict[str, int]:
+    """Recompute every row's checker verdict and violation onset with today's task rules (after a rule
+    changed), rewriting each task file atomically with its rounds (gzip members) kept; returns the number
+    of rows whose label or onset changed, per task."""
+    from probes.violations import token_prefixes, violating_token
+
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    changed = {}
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        members, n = [], 0
+        for text in read_members(path)[0]:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            for row in rows:
+                satisfied = bool(TASKS[row["task"]].check(row["response"], row["params"]))
+                onset = None if satisfied else violating_token(
+                    row["task"], row["params"], token_prefixes(decode, row["token_ids"]), row["finish_reason"] == "eos")
+                n += (satisfied, onset) != (row["satisfied"], row["onset"])
+                row["satisfied"], row["onset"] = satisfied, onset
+            members.append(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(members))
+        os.replace(tmp, path)
+        changed[path.name.split(".")[0]] = n
+    return changed
+
+
 def _append_line(path: Path, line: str) -> None:
     with open(path, "ab+") as f:
         f.seek(0, os.SEEK_END)

@@ -156,7 +156,9 @@ def _rounded(a: np.ndarray) -> list:
 
 # -- writing ---------------------------------------------------------------------------------------------
 def write_report(out: Path, model: str, trained: dict, general: dict, datas: dict[str, TaskData],
-                 layers: list[int], bank_info: dict | None = None) -> dict:
+                 layers: list[int], bank_info: dict | None = None, generalisation: dict | None = None) -> dict:
+    """The paper's experiments; with `generalisation` (`probes.pipeline.generalisation_summary`) the summary's
+    specialist is the bank's chosen probe, measured in distribution, on held-out phrasing and on IFEval."""
     out.mkdir(parents=True, exist_ok=True)
     svg = specialist_vs_general(trained, general, datas)
     curves = layer_curves(trained)
@@ -166,13 +168,103 @@ def write_report(out: Path, model: str, trained: dict, general: dict, datas: dic
     summary = {"model": model, "tasks": {t: {k: v for k, v in r.items() if k in
                                                 ("specialist", "general", "compliance_rate", "n_test")}
                                          for t, r in svg.items()}}
+    if generalisation:
+        for t, g in generalisation.items():
+            summary["tasks"][t] |= summary_columns(g)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     full = {"model": model, "specialist_vs_general": svg, "layers": curves, "temporal": temp, "transfer": trans,
-            "inlp": inlp, "general_best_layer": general["best_layer"], "bank": bank_info}
+            "inlp": inlp, "general_best_layer": general["best_layer"], "bank": bank_info,
+            "generalisation": generalisation}
     (out / "experiments.json").write_text(json.dumps(full, indent=1))
     _plots(out, svg, curves, temp, trans, inlp)
-    (out / "README.md").write_text(_readme(model, svg, curves, temp, trans, inlp, general))
+    readme = _readme(model, svg, curves, temp, trans, inlp, general)
+    if generalisation:
+        _generalisation_plot(out, generalisation)
+        readme = readme.replace("## 1. Specialist vs general probe", _generalisation_readme(generalisation)
+                                + "## 1. Specialist vs general probe", 1)
+    (out / "README.md").write_text(readme)
     return full
+
+
+def summary_columns(g: dict) -> dict:
+    """summary.json's per-task generalisation fields: the chosen probe as `specialist` (AUROC with its 95%
+    interval on held-out requests), `heldout_phrasing` and `ifeval` (AUROC null where a class is empty), n_test."""
+    test = g["test"]
+    pick = lambda m: None if m is None else {"auroc": m["auroc"], "auroc_ci": m["auroc_ci"], "n": m["n"],  # noqa: E731
+                                              "n_satisfied": m["n_satisfied"]}
+    return {"specialist": {"layer": g["layer"], "method": g["design"], "auroc": test["auroc"],
+                           "auroc_ci": test["auroc_ci"], "accuracy": test["accuracy"], "cv_auroc": g["cv_auroc"]},
+            "heldout_phrasing": pick(g["heldout_phrasing"]), "ifeval": pick(g["ifeval"]), "n_test": test["n"],
+            "single_probe": {"layer": g["single"]["layer"], "auroc": g["single"]["test"]["auroc"],
+                             "heldout_phrasing_auroc": g["single"]["heldout_phrasing"]["auroc"],
+                             "ifeval_auroc": (g["single"]["ifeval"] or {}).get("auroc")},
+            "auroc_within_variant": {split: (g[split] or {}).get("auroc_within_variant")
+                                     for split in ("test", "heldout_phrasing", "ifeval")},
+            "params_only": None if g["params_only"] is None else {
+                split: (g["params_only"][split] or {}).get("auroc") for split in ("test", "heldout_phrasing", "ifeval")}}
+
+
+def _ci(m: dict | None) -> str:
+    if not m or m.get("auroc") is None:
+        return "-" if not m else f"n/a (n={m['n']}, {m['n_satisfied']} satisfied)"
+    return f"{m['auroc']:.2f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}] n={m['n']}"
+
+
+def _generalisation_readme(gen: dict) -> str:
+    lines = ["## 0. Does it generalise? In distribution, held-out phrasing, IFEval", "",
+             "EOS AUROC with 95% stratified bootstrap intervals. *In distribution*: held-out base requests in the "
+             "training phrasing families. *Held-out phrasing*: the two phrasing families per task never seen in "
+             "training. *IFEval*: IFEval's own prompts mapped onto the task (evaluation only). Design, layer and C "
+             "were chosen by cross-validation on the training split grouped by phrasing family. *Params only*: "
+             "the same design without the residual (what the request alone predicts); *within value*: the mean AUROC "
+             "within each parameter value (what the residual adds beyond a value's prior).", "",
+             "| task | design | layer | in distribution | held-out phrasing | IFEval | single probe (in / held-out) | "
+             "params only (in / held-out) | within value (in / held-out) |", "|---|---|---|---|---|---|---|---|---|"]
+    for t, g in gen.items():
+        single = f"{_f(g['single']['test']['auroc'])} / {_f(g['single']['heldout_phrasing']['auroc'])}"
+        po = "-" if g["params_only"] is None else \
+            f"{_f(g['params_only']['test']['auroc'])} / {_f(g['params_only']['heldout_phrasing']['auroc'])}"
+        within = "-" if g["test"].get("auroc_within_variant") is None else \
+            f"{_f(g['test']['auroc_within_variant'])} / {_f(g['heldout_phrasing'].get('auroc_within_variant'))}"
+        lines.append(f"| {t} | {g['design']} | {g['layer']} | {_ci(g['test'])} | {_ci(g['heldout_phrasing'])} | "
+                     f"{_ci(g['ifeval'])} | {single} | {po} | {within} |")
+    count = lambda split, bar: sum((g[split] or {}).get("auroc") is not None and g[split]["auroc"] >= bar  # noqa: E731
+                                   for g in gen.values())
+    lines += ["", f"In distribution >= 0.80: {count('test', 0.8)}/{len(gen)}; held-out phrasing >= 0.75: "
+                  f"{count('heldout_phrasing', 0.75)}/{len(gen)}; IFEval >= 0.70: {count('ifeval', 0.7)} of the "
+                  f"{sum((g['ifeval'] or {}).get('auroc') is not None for g in gen.values())} tasks with both classes.",
+              "", "![](generalisation.png)", "", ""]
+    return "\n".join(lines)
+
+
+def _generalisation_plot(out: Path, gen: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(gen)
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(tasks))
+    for j, (split, label) in enumerate((("test", "in distribution"), ("heldout_phrasing", "held-out phrasing"),
+                                        ("ifeval", "IFEval"))):
+        vals = [(gen[t][split] or {}).get("auroc") for t in tasks]
+        cis = [(gen[t][split] or {}).get("auroc_ci") for t in tasks]
+        pos = x + (j - 1) * 0.27
+        ax.bar(pos, [np.nan if v is None else v for v in vals], 0.27, label=label)
+        for p, v, ci in zip(pos, vals, cis, strict=True):
+            if v is not None and ci:
+                ax.errorbar(p, v, yerr=[[v - ci[0]], [ci[1] - v]], color="black", capsize=2, lw=1)
+    ax.axhline(0.5, color="grey", lw=1)
+    ax.axhline(0.8, color="grey", ls=":", lw=1)
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylabel("EOS AUROC (95% CI)")
+    ax.set_ylim(0.2, 1.0)
+    ax.legend(fontsize=8)
+    ax.set_title("Bank probes: in distribution vs held-out phrasing vs IFEval")
+    fig.tight_layout()
+    fig.savefig(out / "generalisation.png", dpi=110)
+    plt.close(fig)
 
 
 def _plots(out: Path, svg, curves, temp, trans, inlp) -> None:
@@ -253,8 +345,9 @@ def _readme(model, svg, curves, temp, trans, inlp, general) -> str:
     spec_auc = np.mean([svg[t]["specialist"]["auroc"] for t in tasks])
     gen_auc = np.mean([svg[t]["general"]["auroc"] for t in tasks])
     lines = [f"# The paper's experiments on {model}", "",
-             "Generated by `steerer probes report` from the probe dataset (`steerer probes build`); test split = "
-             "held-out base requests, EOS position unless noted. Paper figures are Llama-3.1-8B (secondary sources).",
+             "Generated by `steerer probes train --report` from the committed corpus (`steerer probes corpus`) and its "
+             "teacher-forced features (`steerer probes build`); test split = held-out base requests in the training "
+             "phrasing families, EOS position unless noted. Paper figures are Llama-3.1-8B (secondary sources).",
              "", "## 1. Specialist vs general probe", "",
              "| task | kind | compliance | n test | specialist layer | specialist AUROC | specialist acc | "
              "general AUROC | general acc | paper spec / gen acc |", "|---|---|---|---|---|---|---|---|---|---|"]

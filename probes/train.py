@@ -4,15 +4,14 @@ Methods are pure functions over (X, y): standardised logistic regression with re
 grouped cross-validation (groups = base requests, so no prompt text is shared between folds), and a
 difference-of-means direction as the second method. The best layer per task is picked on the
 cross-validated AUROC of the training split; thresholds are calibrated on out-of-fold predictions; the
-test split (held-out base requests) is only used for the reported figures, and for each bank probe's
-reliability: a 95% bootstrap interval of its test AUROC, `reliable` only when the interval clears 0.5.
+test split (held-out base requests) is only used for the reported figures. These per-layer probes feed the
+paper's experiments (`probes.report`); the bank's probes, with parameter conditioning and generalisation
+measured on held-out phrasing and IFEval, are chosen in `probes.evaluation`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +21,8 @@ from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from probes.dataset import POSITIONS, TaskData, load_task
-from steerer.bank import Probe, ProbeBank, fold_scaler
-from steerer.taps import unit_directions
+from probes.dataset import POSITIONS, TaskData
+from steerer.bank import fold_scaler
 
 CS = (0.0001, 0.001, 0.01, 0.1)
 FOLDS = 3
@@ -256,92 +254,15 @@ def train_general(datas: dict[str, TaskData], layers: list[int], position: str =
 TARGET_FALSE_FLAG_RATE = 0.15
 
 
-def monitor_probe(task: str, result: dict, data: TaskData, layers: list[int], token_layers: list[int],
-                  position: str, config) -> tuple[Probe, LinearProbe]:
-    """The bank's probe for one task: at the best layer among those stored at every token (so its flag
-    threshold can be calibrated on the readings the live monitor will see), trained at `position`
-    ("eos", "tokens" = every 3rd generated token, or "auto" = whichever flags more training violations at
-    the calibrated false-flag budget), with an EOS threshold for verdicts and a flag threshold that keeps
-    false flags on compliant training responses under TARGET_FALSE_FLAG_RATE (both measured out of fold).
-    Its reliability is measured on the test split at EOS: `reliable` only if the AUROC's 95% bootstrap
-    interval lies above chance, so a probe no better than a coin is never served as if it meant something."""
-    candidates = {layer: result["by_layer"][layer] for layer in token_layers if layer in result["by_layer"]}
-    if not candidates:
-        raise ValueError("the bank needs a layer stored at every token: make --token-layers a subset of --layers")
-    layer = _best_layer(candidates)
-    entry = candidates[layer]
-    s = split_at(data, "eos", layers.index(layer))
-    options = {}
-    for kind in (("eos", "tokens") if position == "auto" else (position,)):
-        probe = entry["probe"] if kind == "eos" else train_token_probe(data, layer, token_layers)
-        if kind == "tokens":
-            probe.threshold = best_threshold(s.y_train, probe.proba(s.x_train))
-        ok, bad = out_of_fold_readings(probe, kind, data, layer, layers, token_layers)
-        flag_threshold = calibrate_flag_threshold(ok, TARGET_FALSE_FLAG_RATE, config)
-        options[kind] = (flag_rate(bad, flag_threshold, config), probe, flag_threshold)
-    kind = max(options, key=lambda k: (np.nan_to_num(options[k][0], nan=-1), k == "eos"))
-    _, probe, flag_threshold = options[kind]
-    test = evaluate(probe, s.x_test, s.y_test)
-    ci = auroc_ci(s.y_test, probe.proba(s.x_test))
-    test_ok = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 1))
-    test_bad = token_readings(probe, data, layer, layers, token_layers, (data.split == "test") & (data.labels == 0))
-    metrics = {"test_auroc": test["auroc"], "test_auroc_ci": None if np.isnan(ci[0]) else [ci[0], ci[1]],
-               "test_accuracy": test["accuracy"],
-               "test_balanced_accuracy": test["balanced_accuracy"], "cv_auroc": round(float(probe.cv_auroc), 4),
-               "n_test": test["n"], "C": probe.c,
-               "oof_violations_flagged": {k: round(v[0], 4) for k, v in options.items()},
-               "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
-               "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
-    record = Probe(task=task, layer=layer, position=kind, polarity="satisfied", threshold=round(probe.threshold, 6),
-                   method=probe.method, metrics=metrics, flag_threshold=round(flag_threshold, 6),
-                   reliable=is_reliable(ci))
-    return record, probe
-
-
-def make_bank(manifest: dict, trained: dict[str, dict], datas: dict[str, TaskData], position: str,
-              version: str) -> ProbeBank:
-    from steerer.monitor import MonitorConfig
-
-    records, weights, biases, directions = [], [], [], []
-    for task, result in tqdm(trained.items(), desc="bank probes", leave=False):
-        record, probe = monitor_probe(task, result, datas[task], manifest["layers"], manifest["token_layers"],
-                                      position, MonitorConfig())
-        records.append(record)
-        weights.append(torch.from_numpy(probe.weight).float())
-        biases.append(probe.bias)
-        directions.append(torch.from_numpy(probe.direction).float())
-    return ProbeBank(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], records,
-                     torch.stack(weights), torch.tensor(biases, dtype=torch.float32),
-                     unit_directions(torch.stack(directions)), version)
-
-
-def train_all(dataset: Path, tasks: list[str] | None = None, progress: bool = True) -> tuple[dict, dict, dict, dict[str, TaskData]]:
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    tasks = tasks or list(manifest["tasks"])
-    layers = manifest["layers"]
-    datas = {t: load_task(dataset, t) for t in tasks}
-    trained = {}
-    for task in tqdm(tasks, desc="specialist probes", disable=not progress):
-        trained[task] = train_task(datas[task], layers, "eos")
-    general = train_general(datas, layers, "eos")
-    return manifest, trained, general, datas
+def train_all_layers(datas: dict[str, TaskData], layers: list[int], progress: bool = True) -> tuple[dict, dict]:
+    """Per task a probe at every layer (the paper's layer curves, temporal profile, transfer and INLP) and
+    the general probe pooled over tasks; grouped by base request on the training split."""
+    trained = {task: train_task(data, layers, "eos")
+               for task, data in tqdm(datas.items(), desc="probes per layer", disable=not progress)}
+    return trained, train_general(datas, layers, "eos")
 
 
 # -- probes for live monitoring ----------------------------------------------------------------------
-def token_readings(probe: LinearProbe, data: TaskData, layer: int, layers: list[int], token_layers: list[int],
-                   rows: np.ndarray) -> list[tuple[list[float], list[int]]]:
-    """Per row: the probe's P(satisfied) at the last prompt token and at every generated token (the
-    sequence the live monitor sees), from the stored every-token residuals."""
-    t = token_layers.index(layer)
-    out = []
-    for i in np.flatnonzero(rows):
-        start, end = int(data.offsets[i]), int(data.offsets[i + 1])
-        x = np.concatenate([data.positions[i, 0, layers.index(layer)].numpy()[None],
-                            data.tokens[start:end, t].float().numpy()])
-        out.append((probe.proba(x).tolist(), list(range(-1, end - start))))
-    return out
-
-
 def flag_rate(readings: list[tuple[list[float], list[int]]], threshold: float, config) -> float:
     from steerer.monitor import first_flag
 
@@ -357,46 +278,3 @@ def calibrate_flag_threshold(compliant: list[tuple[list[float], list[int]]], tar
     grid = np.round(np.linspace(0.02, 0.98, 49), 4)
     ok = [t for t in grid if flag_rate(compliant, float(t), config) <= target_false_flag_rate]
     return float(max(ok)) if ok else 0.02
-
-
-def token_matrix(data: TaskData, layer: int, token_layers: list[int], rows: np.ndarray,
-                 stride: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every `stride`-th generated token's residual of the given rows, labelled with the response's verdict."""
-    t = token_layers.index(layer)
-    xs, ys, gs = [], [], []
-    for i in np.flatnonzero(rows):
-        start, end = int(data.offsets[i]), int(data.offsets[i + 1])
-        chunk = data.tokens[start:end:stride, t].float().numpy()
-        xs.append(chunk)
-        ys.append(np.full(len(chunk), data.labels[i]))
-        gs.append(np.full(len(chunk), data.groups[i]))
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
-
-
-def train_token_probe(data: TaskData, layer: int, token_layers: list[int]) -> LinearProbe:
-    """A probe on generated tokens' residuals (labelled with the final verdict), so it is calibrated for
-    reading mid-generation states, not just the EOS token."""
-    return train_logreg(*token_matrix(data, layer, token_layers, data.split == "train"))
-
-
-def out_of_fold_readings(probe: LinearProbe, position: str, data: TaskData, layer: int, layers: list[int],
-                         token_layers: list[int]) -> tuple[list, list]:
-    """Per-token readings of training responses, each from a probe fitted without that response's base
-    request (grouped folds): (compliant, violating). In-sample readings are overconfident, and flag
-    thresholds calibrated on them fire far more often on new responses."""
-    train = np.flatnonzero(data.split == "train")
-    x_eos = data.positions[:, POSITIONS.index("eos"), layers.index(layer)].numpy()
-    ok, bad = [], []
-    for tr, va in _folds(data.labels[train], data.groups[train]):
-        fit_rows = np.zeros(len(data.rows), dtype=bool)
-        fit_rows[train[tr]] = True
-        if position == "eos":
-            fold_probe = fit_like(probe, x_eos[fit_rows], data.labels[fit_rows])
-        else:
-            with threadpool_limits(1):
-                fold_probe = fit_logreg(*token_matrix(data, layer, token_layers, fit_rows)[:2], probe.c or 0.01)
-        val = np.zeros(len(data.rows), dtype=bool)
-        val[train[va]] = True
-        ok += token_readings(fold_probe, data, layer, layers, token_layers, val & (data.labels == 1))
-        bad += token_readings(fold_probe, data, layer, layers, token_layers, val & (data.labels == 0))
-    return ok, bad

@@ -23,13 +23,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from steerer import conditioning, lens
+
+FORMAT_VERSION = 2  # 2 added parameter conditioning (optional tensors); format 1 banks still load
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "probes.safetensors"
 DEFAULT_BANK = Path(__file__).resolve().parents[1] / "probes" / "banks" / "smollm2-135m-instruct"
 DIRECTION_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored unit direction (float rounding, bf16 saves)
+TENSOR_NAMES = ("weights", "biases", "directions", "variant_weights", "variant_biases", "input_weights",
+                "lens_weights")
 PROBE_FIELDS = {"task": str, "layer": int, "position": str, "polarity": str, "threshold": float, "method": str,
-                "flag_threshold": float | None, "metrics": dict, "reliable": bool | None}
+                "flag_threshold": float | None, "metrics": dict, "reliable": bool | None,
+                "conditioning": dict | None, "steer_layer": int | None}
 
 
 class BankError(ValueError):
@@ -49,6 +55,15 @@ class Probe:
     # Held-out AUROC's 95% interval clears chance (None: not measured, e.g. a bank from before this field).
     # Only a probe with reliable=True flags and steers by default.
     reliable: bool | None = None
+    # How the request's params select and shift this probe (`steerer.conditioning`); None = not conditioned.
+    conditioning: dict | None = None
+    # Where steering along this probe's direction is added (None: at `layer`). Reading and steering need not
+    # share a layer: a probe may read best where steering does little (e.g. the last layer).
+    steer_layer: int | None = None
+
+    @property
+    def steering_layer(self) -> int:
+        return self.layer if self.steer_layer is None else self.steer_layer
 
     @property
     def auroc_ci(self) -> tuple[float, float] | None:
@@ -73,9 +88,15 @@ class ProbeBank:
     probes: list[Probe]
     weights: torch.Tensor  # [K, d] raw residual space
     biases: torch.Tensor  # [K]
-    directions: torch.Tensor  # [K, d] unit, toward satisfaction
+    directions: torch.Tensor  # [K, d] unit, toward satisfaction, in the residual space of each steering layer
     version: str = "0"
     extra: dict = field(default_factory=dict)
+    # Parameter conditioning (empty when no probe declares any): weight rows selected by a request's params,
+    # and coefficients of scalar inputs computed from them, for the K probe rows then the V variant rows.
+    variant_weights: torch.Tensor | None = None  # [V, d]
+    variant_biases: torch.Tensor | None = None  # [V]
+    input_weights: torch.Tensor | None = None  # [K + V, F]
+    lens_weights: torch.Tensor | None = None  # [K + V, 2] (or [K + V, 0] when no probe declares a lens)
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size < 1:
@@ -89,7 +110,31 @@ class ProbeBank:
         if repeated:
             raise BankError(f"bank has several probes for one task: {', '.join(repeated)}")
         k, d = len(self.probes), self.hidden_size
-        for name, shape in (("weights", (k, d)), ("biases", (k,)), ("directions", (k, d))):
+        if self.variant_weights is None:
+            self.variant_weights = torch.zeros(0, d)
+        if self.variant_biases is None:
+            self.variant_biases = torch.zeros(len(self.variant_weights) if self.variant_weights.dim() else 0)
+        v = int(self.variant_weights.shape[0]) if self.variant_weights.dim() == 2 else -1
+        # Zero-width tables carry no data: re-derived, so replacing the variant rows needs no new empty tables.
+        if self.input_weights is None or (isinstance(self.input_weights, torch.Tensor)
+                                          and self.input_weights.dim() == 2 and self.input_weights.shape[1] == 0):
+            self.input_weights = torch.zeros(k + max(v, 0), 0)
+        f = int(self.input_weights.shape[1]) if self.input_weights.dim() == 2 else -1
+        lens_width = lens.FEATURES if any(conditioning.lens_param(p.conditioning) for p in self.probes) else 0
+        if self.lens_weights is None or (isinstance(self.lens_weights, torch.Tensor) and self.lens_weights.dim() == 2
+                                         and self.lens_weights.shape[1] == 0 and lens_width == 0):
+            self.lens_weights = torch.zeros(k + max(v, 0), lens_width)
+        for i, probe in enumerate(self.probes):
+            try:
+                conditioning.check(probe.conditioning, max(v, 0))
+            except conditioning.ConditioningError as exc:
+                raise BankError(f"probes[{i}] ({probe.task}): {exc}") from None
+            if len(conditioning.input_values(probe.conditioning, {})) > f:
+                raise BankError(f"probes[{i}] ({probe.task}) declares more conditioning inputs than input_weights has "
+                                f"columns ({f})")
+        for name, shape in (("weights", (k, d)), ("biases", (k,)), ("directions", (k, d)),
+                            ("variant_weights", (v, d)), ("variant_biases", (v,)), ("input_weights", (k + v, f)),
+                            ("lens_weights", (k + v, lens_width))):
             tensor = getattr(self, name)
             if not isinstance(tensor, torch.Tensor):
                 raise BankError(f"bank {name} is a {type(tensor).__name__}, expected a tensor")
@@ -98,10 +143,12 @@ class ProbeBank:
             if tuple(tensor.shape) != shape:
                 raise BankError(f"bank {name} has shape {tuple(tensor.shape)}, expected {shape}")
             tensor = tensor.float().contiguous()
-            bad = ~torch.isfinite(tensor.reshape(k, -1)).all(dim=1)  # checked after the cast: fp64 can overflow
+            flat = tensor.reshape(len(tensor), -1) if tensor.numel() else tensor.reshape(len(tensor), 0)
+            bad = ~torch.isfinite(flat).all(dim=1)  # checked after the cast: fp64 can overflow
             if bool(bad.any()):
-                raise BankError(f"bank {name} has non-finite values (NaN or inf) for probe(s) "
-                                f"{', '.join(tasks[i] for i in bad.nonzero().flatten().tolist())}")
+                rows = bad.nonzero().flatten().tolist()
+                names = ", ".join(tasks[i] if name in ("weights", "biases", "directions") else f"row {i}" for i in rows)
+                raise BankError(f"bank {name} has non-finite values (NaN or inf) for probe(s) {names}")
             setattr(self, name, tensor)
         norms = self.directions.norm(dim=1)
         off = ((norms - 1).abs() > DIRECTION_TOLERANCE).nonzero().flatten().tolist()
@@ -118,8 +165,7 @@ class ProbeBank:
         device = torch.device(device)
         if self.weights.device == device:
             return self
-        return replace(self, weights=self.weights.to(device), biases=self.biases.to(device),
-                       directions=self.directions.to(device))
+        return replace(self, **{name: getattr(self, name).to(device) for name in TENSOR_NAMES})
 
     @property
     def tasks(self) -> list[str]:
@@ -127,7 +173,12 @@ class ProbeBank:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return tuple(sorted({p.layer for p in self.probes}))
+        """Every layer the runtime touches: where probes read and where their steering is added."""
+        return tuple(sorted({p.layer for p in self.probes} | {p.steering_layer for p in self.probes}))
+
+    @property
+    def steering_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({p.steering_layer for p in self.probes}))
 
     def index(self, task: str) -> int:
         for i, probe in enumerate(self.probes):
@@ -139,6 +190,35 @@ class ProbeBank:
         """[B, K] logits of P(satisfied) from the residuals tapped at each probe's layer."""
         stacked = torch.stack([captured[p.layer] for p in self.probes])  # [K, B, d]
         return torch.einsum("kbd,kd->bk", stacked.float(), self.weights) + self.biases
+
+    @property
+    def row_weights(self) -> torch.Tensor:
+        """[K + V, d]: the probes' own rows, then the variant rows (what a request's `request_rows` index)."""
+        return torch.cat([self.weights, self.variant_weights])
+
+    def request_rows(self, params_by_task: dict[str, dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one request: per probe the weight row its params select ([K] long into `row_weights`) and the
+        logit's constant (bias + conditioning inputs, [K]). Tasks without params use the probe's own row."""
+        params_by_task = params_by_task or {}
+        k = len(self.probes)
+        index, offset = list(range(k)), self.biases.tolist()
+        biases = torch.cat([self.biases, self.variant_biases]).tolist()
+        for i, probe in enumerate(self.probes):
+            params = params_by_task.get(probe.task)
+            if params is None or probe.conditioning is None:
+                continue
+            row = conditioning.variant_row(probe.conditioning, params)
+            index[i] = i if row is None else k + row
+            values = conditioning.input_values(probe.conditioning, params)
+            coefs = self.input_weights[index[i]].tolist()
+            offset[i] = biases[index[i]] + sum(c * x for c, x in zip(coefs, values, strict=False))
+        return (torch.tensor(index, dtype=torch.long, device=self.device),
+                torch.tensor(offset, dtype=torch.float32, device=self.device))
+
+    @property
+    def lens_params(self) -> list[str | None]:
+        """Per probe, the param whose words its lens inputs read (None: no lens)."""
+        return [conditioning.lens_param(p.conditioning) for p in self.probes]
 
     def score(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
         """[B, K] P(constraint satisfied) per row and probe."""
@@ -163,9 +243,23 @@ class ProbeBank:
                             dtype=torch.float32)
 
     def subset(self, tasks: list[str]) -> ProbeBank:
+        """The bank with only these tasks' probes (their variant rows renumbered)."""
         picked = [self.index(t) for t in tasks]
-        return replace(self, probes=[self.probes[i] for i in picked], weights=self.weights[picked],
-                       biases=self.biases[picked], directions=self.directions[picked])
+        k, probes, variant_rows = len(self.probes), [], []
+        for i in picked:
+            probe = self.probes[i]
+            cond = probe.conditioning
+            if cond and cond.get("variant") is not None:
+                rows = {key: len(variant_rows) + j for j, key in enumerate(cond["rows"])}
+                variant_rows += list(cond["rows"].values())
+                probe = replace(probe, conditioning=cond | {"rows": rows})
+            probes.append(probe)
+        return replace(self, probes=probes, weights=self.weights[picked], biases=self.biases[picked],
+                       directions=self.directions[picked], variant_weights=self.variant_weights[variant_rows],
+                       variant_biases=self.variant_biases[variant_rows],
+                       input_weights=self.input_weights[picked + [k + r for r in variant_rows]],
+                       lens_weights=self.lens_weights[picked + [k + r for r in variant_rows]]
+                       if any(conditioning.lens_param(p.conditioning) for p in probes) else None)
 
     def check_model(self, fingerprint: str, hidden_size: int) -> None:
         if hidden_size != self.hidden_size:
@@ -180,7 +274,7 @@ class ProbeBank:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            save_file({"weights": self.weights, "biases": self.biases, "directions": self.directions},
+            save_file({name: getattr(self, name).contiguous() for name in TENSOR_NAMES},
                       str(tmp / TENSORS), metadata={"format_version": str(FORMAT_VERSION)})
             manifest = {"format_version": FORMAT_VERSION, "model": self.model, "fingerprint": self.fingerprint,
                         "hidden_size": self.hidden_size, "version": self.version,
@@ -217,7 +311,8 @@ class ProbeBank:
         try:
             return cls(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], probes,
                        tensors["weights"], tensors["biases"], tensors["directions"], str(manifest.get("version", "0")),
-                       {k: v for k, v in manifest.items() if k not in known})
+                       {k: v for k, v in manifest.items() if k not in known}, tensors.get("variant_weights"),
+                       tensors.get("variant_biases"), tensors.get("input_weights"), tensors.get("lens_weights"))
         except BankError as exc:
             raise BankError(f"{folder}: {exc}") from None
 
@@ -234,6 +329,8 @@ def check_probe(probe: Probe, where: str = "probe") -> None:
         raise BankError(f"{where}.task is empty")
     if probe.layer < 0:
         raise BankError(f"{where}.layer must be >= 0, got {probe.layer}")
+    if probe.steer_layer is not None and probe.steer_layer < 0:
+        raise BankError(f"{where}.steer_layer must be >= 0, got {probe.steer_layer}")
     if probe.polarity != "satisfied":
         raise BankError(f"{where}.polarity must be 'satisfied' (probes output P(constraint satisfied))")
     for name in ("threshold", "flag_threshold"):
@@ -268,8 +365,9 @@ def _parse_manifest(manifest, path: Path) -> list[Probe]:
     """The manifest's probes, after checking its structure: a JSON object with typed required keys."""
     if not isinstance(manifest, dict):
         raise BankError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BankError(f"{path}: bank format {manifest.get('format_version')!r:.40}, this steerer reads {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_FORMATS:
+        raise BankError(f"{path}: bank format {manifest.get('format_version')!r:.40}, this steerer reads "
+                        f"{' and '.join(map(str, READABLE_FORMATS))}")
     for key, kind in (("model", str), ("fingerprint", str), ("hidden_size", int), ("probes", list)):
         if key not in manifest:
             raise BankError(f"{path}: missing key {key!r}")
@@ -308,6 +406,33 @@ def muted_notice(bank: ProbeBank, override: str = "--use-unreliable-probes") -> 
         return None
     muted = ", ".join(f"{', '.join(tasks)} ({reason})" for reason, tasks in groups.items())
     return f"steerer: muted probes, no flags or steering: {muted}; {override} to use them"
+
+
+def keep_steering(bank: ProbeBank, source: ProbeBank) -> ProbeBank:
+    """`bank` with each task's steering layer and direction taken from `source` (same model) where it has the
+    task: new probes for reading, steering whose efficacy was measured on the source bank."""
+    source.check_model(bank.fingerprint, bank.hidden_size)
+    directions = bank.directions.clone()
+    probes = list(bank.probes)
+    for i, probe in enumerate(bank.probes):
+        if probe.task in source.tasks:
+            j = source.index(probe.task)
+            directions[i] = source.directions[j]
+            probes[i] = replace(probe, steer_layer=source.probes[j].steering_layer)
+    extra = bank.extra | {"steering_from": {"version": source.version,
+                                            "tasks": [t for t in bank.tasks if t in source.tasks]}}
+    return replace(bank, probes=probes, directions=directions, extra=extra)
+
+
+def content_version(bank: ProbeBank) -> str:
+    """A version that changes whenever the bank's content does: a hash of its tensors and probe records."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in TENSOR_NAMES:
+        h.update(getattr(bank, name).detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps([asdict(p) for p in bank.probes], sort_keys=True).encode())
+    return f"{bank.fingerprint[:8]}-{h.hexdigest()[:12]}"
 
 
 def fold_scaler(weight: torch.Tensor, bias: float, mean: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, float]:

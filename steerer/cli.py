@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bank", default=None, help="probe bank folder (default: the shipped bank)")
     gen.add_argument("--use-unreliable-probes", action="store_true",
                      help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance")
+    gen.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                     help="hf: transformers (default); vllm: vLLM's CPU build, compiled (needs the vLLM venv)")
     import importlib
     from importlib.metadata import entry_points
 
@@ -143,7 +145,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--alpha must be a finite number")
     if (args.steer_direction is None) != (args.steer_layer is None):
         raise UsageError("--steer-direction and --steer-layer go together")
-    if args.constraint or args.policy != "off":
+    if args.engine == "vllm":
+        from steerer.engine.vllm import MISSING, cli_environment, vllm_installed
+
+        if not vllm_installed():
+            raise UsageError(MISSING)
+        cli_environment(quiet=True)
+        if args.steer_direction or args.layers:
+            raise UsageError("--engine vllm runs the monitored path only: no --steer-direction or --layers")
+        if args.device not in ("auto", "cpu"):
+            raise UsageError("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
+    if args.constraint or args.policy != "off" or args.engine == "vllm":
         return _generate_monitored(args)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     try:
@@ -179,7 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_monitored(args: argparse.Namespace) -> int:
-    """Generation through the Steerer: tokens stream to stdout, flags to stderr as they happen."""
+    """Generation through the Steerer: tokens stream to stdout, flags (predictions) and detections (certain
+    violations) to stderr as they happen."""
     from steerer.bank import ProbeBank
     from steerer.constraints import Constraint, validate_request
     from steerer.core import Request, Steerer, TokenEvent
@@ -187,7 +200,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     from steerer.model import load_model
     from steerer.policy import SteeringPolicy
 
-    if not args.constraint:
+    if not args.constraint and args.policy != "off":
         raise UsageError("--policy steers along constraint probes: name at least one --constraint")
     if args.steer_direction or args.layers:
         raise UsageError("--constraint cannot be combined with --steer-direction or --layers")
@@ -198,23 +211,33 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     validate_request(request)  # before the bank and the model load
     bank = ProbeBank.load(args.bank)
     validate_request(request, bank.tasks)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     if not args.use_unreliable_probes:
         for constraint in constraints:
             probe = bank.probes[bank.index(constraint.task)]
             if not probe.reliable:
                 print(f"steerer: warning: the {probe.task} probe is muted, no flags or steering "
                       f"({probe.unreliable_reason()}); --use-unreliable-probes to use it", file=sys.stderr)
-    with Steerer(lm, bank, use_unreliable_probes=args.use_unreliable_probes) as steerer:
+    if args.engine == "vllm":
+        from steerer.engine.vllm.driver import VLLMSteerer
+
+        engine = VLLMSteerer(bank, args.model, dtype=args.dtype, capacity=1, max_num_seqs=1,
+                             use_unreliable_probes=args.use_unreliable_probes)
+    else:
+        engine = Steerer(load_model(args.model, dtype=args.dtype, device=args.device), bank,
+                         use_unreliable_probes=args.use_unreliable_probes)
+    with engine as steerer:
         steerer.validate(request)
         result = None
         for item in steerer.generate([request]):
             if isinstance(item, TokenEvent):
                 if not args.json:
                     print(item.text, end="", flush=True)
-                for flag in item.flags:
+                for flag in item.flags:  # a probe's prediction
                     state = "raised" if flag.raised else "cleared"
                     print(f"\n[flag {state}: {flag.task} at token {flag.token_index}, risk {flag.risk:.2f}]",
+                          file=sys.stderr, flush=True)
+                for detection in item.detections:  # certain: the text so far already breaks the constraint
+                    print(f"\n[DETECTED violation: {detection.task} broken at token {detection.token_index}]",
                           file=sys.stderr, flush=True)
             else:
                 result = item
@@ -229,7 +252,8 @@ def _generate_monitored(args: argparse.Namespace) -> int:
         p_end = "no reading" if v.p_satisfied_end is None else f"P(satisfied) at end {v.p_satisfied_end:.2f}"
         predicted = "probe unreliable (muted)" if v.probe_muted else \
             f"predicted {'violation' if v.predicted_violation else 'ok'}{'' if v.probe_reliable else ' (probe unreliable)'}"
-        print(f"[{v.task}: {predicted} ({p_end}), checker: {actual}; "
+        detected = "" if v.detected_at is None else f", detected at token {v.detected_at}"
+        print(f"[{v.task}: {predicted} ({p_end}), checker: {actual}{detected}; "
               f"steered {result.steered_tokens[v.task]} tokens]", file=sys.stderr)
     return 0
 

@@ -27,6 +27,7 @@ events), so deciding it costs no device read.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import Counter
@@ -38,9 +39,25 @@ import torch
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint, check_constraint, validate_request
 from steerer.detokenize import IncrementalDetokenizer
+from steerer.lens import LensWeights, token_ids, words_of
 from steerer.monitor import FlagEvent, Monitor, MonitorConfig
 from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy
 from steerer.taps import LayerSteering, Where
+from steerer.tasks import get_task
+from steerer.tasks.base import Detector
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A violation the text so far already decides (certain, unlike a probe's flag, which predicts).
+
+    `token_index` is the token that broke the constraint (the offline onset rule's index: the token that
+    wrote the deciding character). The event arrives with the token at which the violation became certain:
+    the same token, except for term_exclusion, where a word is known to be whole only when the next
+    character (or the end) arrives, usually one token later."""
+
+    task: str
+    token_index: int
 
 
 @dataclass
@@ -52,6 +69,7 @@ class TokenEvent:
     risks: dict[str, float]  # smoothed risk per constraint after reading the previous token
     steering: dict[str, float]  # alpha applied per constraint in the pass that chose this token
     flags: list[FlagEvent] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)  # violations this token made certain
 
 
 @dataclass
@@ -65,6 +83,7 @@ class Verdict:
     satisfied: bool | None  # the checker's verdict on the final text (None if not checkable)
     probe_reliable: bool = True  # the bank marks the probe reliable (its AUROC interval clears chance)
     probe_muted: bool = False  # unreliable and not overridden: no prediction, no flags, no steering
+    detected_at: int | None = None  # token that broke the constraint, where a prefix decided it (`Detection`)
 
 
 @dataclass
@@ -129,6 +148,11 @@ class _Row:
     flagged: set[int] = field(default_factory=set)  # conditional columns whose flag is up
     pending: tuple[list[float], list[float], list[FlagEvent]] | None = None  # readings for the next token
     eos: bool = False
+    policies: dict[str, SteeringPolicy] = field(default_factory=dict)
+    detectors: dict[str, Detector] = field(default_factory=dict)  # tasks a prefix may still decide
+    detected: dict[str, int] = field(default_factory=dict)  # task -> token that broke it
+    length: int = 0  # characters of text so far
+    ends: list[int] = field(default_factory=list)  # text length after each token (rows with detectors)
 
 
 class Controller:
@@ -136,21 +160,27 @@ class Controller:
 
     def __init__(self, bank: ProbeBank, tokenizer: Any, *, capacity: int = 128, device: str | torch.device = "cpu",
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
-                 check: bool = True, use_unreliable_probes: bool = False):
+                 check: bool = True, use_unreliable_probes: bool = False, lens: LensWeights | None = None,
+                 stop_steering_on_detection: bool = False):
         self.bank = bank
         self.tokenizer = tokenizer
         self.capacity = capacity
         self.device = torch.device(device)
         self.check = check  # False: Verdict.satisfied stays None (the server checks off the model thread)
         self.where = Where(where)
+        # True: once a task's violation is detected, its conditional steering stops from the next pass (the
+        # violation cannot be undone). False (default): it goes on steering the rest of the text.
+        self.stop_steering_on_detection = stop_steering_on_detection
         on_device = bank.to(self.device)
         # Probes whose measured reliability does not clear chance neither flag nor steer, unless overridden.
         self.muted = bank.muted(use_unreliable_probes)
-        self.monitor = Monitor(on_device, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted)
+        self.monitor = Monitor(on_device, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted,
+                               lens=lens)
+        self._lens_params = {p.task: param for p, param in zip(bank.probes, bank.lens_params, strict=True) if param}
         self.policies = PolicyTable(on_device, capacity, self.where, muted=self.muted)
         self.steering: dict[int, LayerSteering] = self.policies.steering  # what the engine's taps add
         self.tap_layers: tuple[int, ...] = bank.layers
-        self._layer_of = [p.layer for p in bank.probes]
+        self._layer_of = [p.steering_layer for p in bank.probes]  # where each probe's steering is added
         self._muted = self.muted.tolist()
         self._free = list(range(capacity - 1, -1, -1))
         self._rows: dict[int, _Row] = {}
@@ -187,7 +217,10 @@ class Controller:
         slot = self._free.pop()
         tasks = [c.task for c in spec.constraints]
         policies = {t: spec.policy_for(t) for t in tasks}
-        self.monitor.register(slot, tasks)
+        params = {c.task: dict(c.params) for c in spec.constraints}
+        lens_ids = {t: token_ids(self.tokenizer, words_of(params[t], self._lens_params[t]))
+                    for t in tasks if t in self._lens_params}
+        self.monitor.register(slot, tasks, params, lens_ids)
         self.policies.set(slot, policies)
         columns = [self.bank.index(t) for t in tasks]
         always, conditional = set(), {}
@@ -199,8 +232,10 @@ class Controller:
                 conditional[k] = self._layer_of[k]
             else:
                 always.add(self._layer_of[k])
+        detectors = {t: d for t in tasks if (d := get_task(t).detect(params[t])) is not None}
         row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
-                   IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional)
+                   IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional,
+                   policies=policies, detectors=detectors)
         self._users.update(always)
         self._rows[slot] = row
         return slot
@@ -287,8 +322,42 @@ class Controller:
             text += row.detok.flush()
         for task, alpha in zip(row.tasks, applied, strict=True):
             row.steered[task] += alpha != 0
+        detections = self._detect(slot, row, text, recorded, final) if row.detectors else []
         return TokenEvent(row.request_id, index, token, text, dict(zip(row.tasks, risks, strict=True)),
-                          dict(zip(row.tasks, applied, strict=True)), flags)
+                          dict(zip(row.tasks, applied, strict=True)), flags, detections)
+
+    def _detect(self, slot: int, row: _Row, text: str, recorded: bool, final: bool) -> list[Detection]:
+        """Feed the token's text to the row's detectors: the violations it made certain (each once)."""
+        row.length += len(text)
+        if recorded:
+            row.ends.append(row.length)
+        elif row.ends:
+            row.ends[-1] = row.length  # text an EOS flushed belongs to the tokens before it
+        found = []
+        for task, detector in list(row.detectors.items()):
+            position = detector.feed(text, final)
+            if position is None:
+                continue
+            del row.detectors[task]
+            index = min(bisect.bisect_left(row.ends, position), max(len(row.ends) - 1, 0))
+            row.detected[task] = index
+            found.append(Detection(task, index))
+            if self.stop_steering_on_detection:
+                self._stop_conditional(slot, row, task)
+        if final:
+            row.detectors.clear()
+        return found
+
+    def _stop_conditional(self, slot: int, row: _Row, task: str) -> None:
+        k = self.bank.index(task)
+        if k not in row.conditional:
+            return
+        layer = row.conditional.pop(k)
+        if k in row.flagged:
+            row.flagged.discard(k)
+            self._users[layer] -= 1
+        row.policies[task] = OFF
+        self.policies.set(slot, row.policies)
 
     def finish(self, slot: int, finish_reason: str | None = None, prompt_tokens: int = 0,
                tokens: list[int] | None = None) -> Result:
@@ -298,6 +367,8 @@ class Controller:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         verdicts = build_verdicts(self.monitor, slot, tuple(row.spec.constraints), torch.tensor(row.columns,
                                   dtype=torch.long), text, self.check)
+        for verdict in verdicts:
+            verdict.detected_at = row.detected.get(verdict.task)
         traces = self.monitor.traces_for(slot, row.tasks)
         reason = finish_reason or ("eos" if row.eos else "length")
         result = Result(row.request_id, text, tokens, reason, verdicts, prompt_tokens, dict(row.steered),

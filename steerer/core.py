@@ -18,15 +18,24 @@ import torch
 
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
-from steerer.controller import Controller, Result, TokenEvent, Verdict, build_verdicts, check_verdicts
+from steerer.controller import (
+    Controller,
+    Detection,
+    Result,
+    TokenEvent,
+    Verdict,
+    build_verdicts,
+    check_verdicts,
+)
 from steerer.engine.base import Engine
 from steerer.generation import Generation, RunningBatch, SamplingParams, StepView
+from steerer.lens import lens_for
 from steerer.model import LoadedModel, chat_prompt
 from steerer.monitor import Monitor, MonitorConfig
 from steerer.policy import OFF, PolicyTable, SteeringPolicy
 from steerer.taps import Where
 
-__all__ = ["Request", "Result", "Steerer", "TokenEvent", "Verdict", "build_verdicts", "check_verdicts",
+__all__ = ["Detection", "Request", "Result", "Steerer", "TokenEvent", "Verdict", "build_verdicts", "check_verdicts",
            "results_as_dict"]
 
 
@@ -49,12 +58,14 @@ class Steerer:
 
     `engine`: the backend (default `HFEngine(lm)` on the model's device); the Steerer installs its taps and
     steering on it and takes them off in `close()`.
+    `stop_steering_on_detection`: stop a task's conditional steering once its violation is detected (see
+    `Controller`); off by default, so steering goes on shaping the rest of the text.
     """
 
     def __init__(self, lm: LoadedModel, bank: ProbeBank, monitor_config: MonitorConfig | None = None,
                  capacity: int = 128, where: Where = Where.GENERATED, record: bool = False,
                  check_bank: bool = True, check: bool = True, use_unreliable_probes: bool = False,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, stop_steering_on_detection: bool = False):
         if check_bank:
             bank.check_model(lm.fingerprint, lm.hidden_size)
         self.lm = lm
@@ -71,7 +82,8 @@ class Steerer:
         self.device = torch.device(engine.device)
         self.controller = Controller(bank, lm.tokenizer, capacity=capacity, device=self.device,
                                      monitor_config=monitor_config, where=where, record=record, check=check,
-                                     use_unreliable_probes=use_unreliable_probes)
+                                     use_unreliable_probes=use_unreliable_probes, lens=lens_for(bank, lm.model),
+                                     stop_steering_on_detection=stop_steering_on_detection)
         engine.install(self.controller.tap_layers, self.controller.steering)
         self.batch = RunningBatch(engine, self, tap_eos=True)
         self._pending: list[TokenEvent] = []

@@ -44,6 +44,7 @@ from steerer.constraints import Constraint
 from steerer.controller import Controller, Result, RowSpec, TokenEvent
 from steerer.engine.hf import eos_token_ids
 from steerer.generation import to_host
+from steerer.lens import lens_for
 from steerer.model import model_fingerprint
 from steerer.monitor import Monitor, MonitorConfig
 from steerer.policy import OFF, SteeringPolicy
@@ -86,7 +87,7 @@ class SteererLogitsProcessor(LogitsProcessor):
         self.device = next(model.parameters()).device
         self.controller = Controller(bank, tokenizer, capacity=capacity, device=self.device,
                                      monitor_config=monitor_config, where=where, record=record,
-                                     use_unreliable_probes=use_unreliable_probes)
+                                     use_unreliable_probes=use_unreliable_probes, lens=lens_for(bank, model))
         for spec in [rows] if isinstance(rows, RowSpec) else rows:
             self.controller.validate(spec)
         self.muted = self.controller.muted  # as in Steerer: unreliable probes neither flag nor steer

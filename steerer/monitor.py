@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steerer.bank import ProbeBank
+from steerer.lens import MAX_LENS_TOKENS, LensWeights, id_table
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Monitor:
     record: bool = False
     events: list[FlagEvent] = field(default_factory=list)
     muted: torch.Tensor | None = None  # [K] bool; None = none muted
+    lens: LensWeights | None = None  # the model's final norm and unembedding, for probes with lens inputs
 
     def __post_init__(self) -> None:
         k = len(self.bank.probes)
@@ -67,9 +69,28 @@ class Monitor:
         self.first_flag = torch.full((self.capacity, k), -1, dtype=torch.long, device=device)
         self.last_p = torch.zeros(self.capacity, k, device=device)
         self.eos_p = torch.full((self.capacity, k), float("nan"), device=device)
+        # Per row: the weight row each probe reads with (its request's params may pick a variant) and the
+        # logit's constant (bias + conditioning inputs); see `ProbeBank.request_rows`.
+        self.row_weights = self.bank.row_weights.to(device)  # [K + V, d]
+        self.row_index = torch.arange(k, device=device).repeat(self.capacity, 1)  # [capacity, K]
+        self.row_offset = self.bank.biases.to(device).repeat(self.capacity, 1)  # [capacity, K]
+        # Probes with lens inputs: per row the token ids of its request's words (padded, masked).
+        self.lens_probes = [k for k, param in enumerate(self.bank.lens_params) if param]
+        if self.lens_probes and self.lens is None:
+            raise ValueError("probes " + ", ".join(self.bank.tasks[k] for k in self.lens_probes) + " read the "
+                             "logit lens of the request's words: the monitor needs the model's lens weights")
+        if self.lens_probes:
+            self.lens = LensWeights(self.lens.norm_weight.to(device), self.lens.eps, self.lens.unembedding.to(device))
+            self.row_lens = self.bank.lens_weights.to(device)  # [K + V, 2]
+            self.lens_ids = torch.zeros(self.capacity, k, MAX_LENS_TOKENS, dtype=torch.long, device=device)
+            self.lens_mask = torch.zeros(self.capacity, k, MAX_LENS_TOKENS, dtype=torch.bool, device=device)
         self.traces: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
-    def register(self, row: int, tasks: list[str]) -> None:
+    def register(self, row: int, tasks: list[str], params: dict[str, dict] | None = None,
+                 lens_ids: dict[str, list[int]] | None = None) -> None:
+        """Start monitoring slot `row` for `tasks`; `params` (task -> the request's params) conditions the
+        probes that declare it (e.g. the bound of a count limit, the target sentiment); `lens_ids` (task ->
+        token ids of the request's words, `steerer.lens.token_ids`) feeds probes with lens inputs."""
         if not 0 <= row < self.capacity:
             raise ValueError(f"row slot {row} outside the monitor's capacity {self.capacity}")
         active = [False] * len(self._muted)
@@ -77,6 +98,10 @@ class Monitor:
             k = self.bank.index(task)
             active[k] = not self._muted[k]
         self.active[row] = torch.tensor(active)
+        self.row_index[row], self.row_offset[row] = self.bank.request_rows(params)
+        for k in self.lens_probes:
+            ids, mask = id_table((lens_ids or {}).get(self.bank.tasks[k], []))
+            self.lens_ids[row, k], self.lens_mask[row, k] = ids, mask
         for table in (self.smoothed, self.last_p):
             table[row] = 0
         self.seen[row] = False
@@ -97,7 +122,7 @@ class Monitor:
         Pure tensor work, no host reads: returns the smoothed risk [B, K] and the flags raised and cleared
         [B, K] (bool), for the caller to bring to the host in its one transfer and pass to `flag_events`.
         """
-        p = self.bank.score(residuals)  # [B, K]
+        p = self.score(rows, residuals)  # [B, K]
         risk = 1.0 - p
         beta = self.config.smoothing
         smoothed = torch.where(self.seen[rows, None], beta * self.smoothed[rows] + (1 - beta) * risk, risk)
@@ -118,6 +143,17 @@ class Monitor:
         first = self.first_flag[rows]
         self.first_flag[rows] = torch.where(raised & (first < 0), index[:, None].expand_as(first), first)
         return smoothed, raised, cleared
+
+    def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor]) -> torch.Tensor:
+        """[B, K] P(satisfied): each row's residual at each probe's layer, read with the weight row and
+        constant its request selected (one gather and one batched product, whatever the mix of params)."""
+        stacked = torch.stack([residuals[p.layer] for p in self.bank.probes]).float()  # [K, B, d]
+        index = self.row_index[rows]
+        logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index]) + self.row_offset[rows]
+        for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
+            features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
+            logits[:, k] = logits[:, k] + (self.row_lens[index[:, k]] * features).sum(-1)
+        return torch.sigmoid(logits)
 
     def flag_events(self, rows: list[int], index: list[int], smoothed: torch.Tensor, raised: torch.Tensor,
                     cleared: torch.Tensor) -> list[FlagEvent]:

@@ -100,8 +100,9 @@ class PolicyTable:
         self.alphas = torch.zeros(self.capacity, k, device=device)
         self.layer_columns: dict[int, torch.Tensor] = {}
         self.steering: dict[int, LayerSteering] = {}
-        for layer in self.bank.layers:
-            columns = torch.tensor([i for i, p in enumerate(self.bank.probes) if p.layer == layer], device=device)
+        for layer in self.bank.steering_layers:
+            columns = torch.tensor([i for i, p in enumerate(self.bank.probes) if p.steering_layer == layer],
+                                   device=device)
             self.layer_columns[layer] = columns
             self.steering[layer] = LayerSteering(self.bank.directions[columns], self.where)
 

@@ -13,7 +13,16 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from probes.train import auroc_ci, is_reliable
-from steerer.bank import DEFAULT_BANK, MANIFEST, TENSORS, BankError, Probe, ProbeBank, muted_notice
+from steerer.bank import (
+    DEFAULT_BANK,
+    FORMAT_VERSION,
+    MANIFEST,
+    TENSORS,
+    BankError,
+    Probe,
+    ProbeBank,
+    muted_notice,
+)
 from steerer.generation import StepView
 from steerer.monitor import Monitor, MonitorConfig
 from steerer.policy import PolicyTable, SteeringPolicy
@@ -47,7 +56,7 @@ def test_a_saved_bank_loads_back_with_its_reliability(saved):
     bank = ProbeBank.load(saved)
     assert [p.reliable for p in bank.probes] == [True, True] and bank.version == "s"
     manifest = json.loads((saved / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["probes"][0]["reliable"] is True
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["probes"][0]["reliable"] is True
 
 
 def test_an_old_manifest_without_reliability_loads_as_unknown(saved):
@@ -102,7 +111,7 @@ def _set(path: str, value):
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (_set("format_version", 2), "bank format 2, this steerer reads 1"),
+    (_set("format_version", 3), "bank format 3, this steerer reads 1 and 2"),
     (_set("model", KeyError), "missing key 'model'"),
     (_set("hidden_size", "16"), "hidden_size must be an integer"),
     (_set("hidden_size", True), "hidden_size must be an integer"),
@@ -276,3 +285,71 @@ def test_the_client_summary_says_when_a_probe_is_muted_or_has_no_reading(capsys)
     assert "topic: probe unreliable (muted, no reading), satisfied;" in err
     assert "lowercase: predicted violation (p=0.10), unchecked, flagged, steered 3" in err
     assert "sentiment: predicted ok (no reading) [probe unreliable], unchecked, not flagged, steered 0" in err
+
+
+# -- parameter conditioning ------------------------------------------------------------------------------------
+def conditioned_bank() -> ProbeBank:
+    """word_count reads coordinate 0 with its own row, coordinate 2 for an upper bound, 3 for a lower bound,
+    each shifted by a coefficient times log(limit); lowercase is not conditioned."""
+    plain = small_bank()
+    word_count = replace(plain.probes[0], conditioning={"variant": "bound", "rows": {"upper": 0, "lower": 1},
+                                                         "inputs": [{"param": "limit", "transform": "log"}]})
+    variant_weights = torch.zeros(2, D)
+    variant_weights[0, 2] = variant_weights[1, 3] = 1.0
+    input_weights = torch.tensor([[0.0], [0.0], [-1.0], [0.5]])  # rows: word_count, lowercase, upper, lower
+    return replace(plain, probes=[word_count, plain.probes[1]], variant_weights=variant_weights,
+                   variant_biases=torch.tensor([0.25, -0.25]), input_weights=input_weights)
+
+
+def test_params_select_a_variant_row_and_shift_the_logit():
+    bank = conditioned_bank()
+    x = torch.arange(1.0, D + 1.0)  # coordinate i holds i + 1
+    monitor = Monitor(bank, capacity=4)
+    monitor.register(0, ["word_count", "lowercase"], {"word_count": {"relation": "at most", "limit": 100}})
+    monitor.register(1, ["word_count"], {"word_count": {"relation": "at least", "limit": 100}})
+    monitor.register(2, ["word_count"])  # no params: the probe's own row
+    monitor.register(3, ["word_count"], {"word_count": {"relation": "less than", "limit": 1}})
+    captured = {1: x.repeat(4, 1), 2: x.repeat(4, 1)}
+    p = monitor.score(torch.arange(4), captured)
+    log100 = math.log(100)
+    expected = torch.tensor([[3 + 0.25 - log100, 2.0], [4 - 0.25 + 0.5 * log100, 2.0], [1.0, 2.0],
+                             [3 + 0.25 - 0.0, 2.0]])
+    torch.testing.assert_close(p, torch.sigmoid(expected))
+
+
+def test_a_conditioned_bank_saves_loads_and_subsets(tmp_path):
+    bank = conditioned_bank()
+    loaded = ProbeBank.load(bank.save(tmp_path / "cond"))
+    params = {"word_count": {"relation": "at least", "limit": 20}}
+    for got, want in zip(loaded.request_rows(params), bank.request_rows(params), strict=True):
+        torch.testing.assert_close(got, want)
+    only = loaded.subset(["word_count"])
+    index, offset = only.request_rows(params)
+    assert only.variant_weights.shape == (2, D) and only.input_weights.shape == (3, 1)
+    torch.testing.assert_close(only.row_weights[index[0]], bank.variant_weights[1])
+    torch.testing.assert_close(offset[0], torch.tensor(-0.25 + 0.5 * math.log(20)))
+    assert ProbeBank.load(small_bank().save(tmp_path / "plain")).variant_weights.shape == (0, D)
+
+
+@pytest.mark.parametrize(("conditioning", "message"), [
+    ({"variant": "mood", "rows": {"a": 0}}, "unknown conditioning variant 'mood'"),
+    ({"variant": "bound", "rows": {"upper": 5}}, "variant rows in \\[0, 2\\)"),
+    ({"inputs": [{"param": "limit", "transform": "cube"}]}, "conditioning input must be"),
+    ({"inputs": [{"param": "limit"}, {"param": "limit"}]}, "more conditioning inputs than input_weights"),
+    ({"weights": []}, "conditioning must be an object"),
+])
+def test_malformed_conditioning_is_refused(conditioning, message):
+    bank = conditioned_bank()
+    with pytest.raises(BankError, match=message):
+        replace(bank, probes=[replace(bank.probes[0], conditioning=conditioning), bank.probes[1]])
+
+
+def test_steering_may_live_at_another_layer_than_the_reading(tmp_path):
+    bank = small_bank(steer_layer=5)  # word_count reads at layer 1, steers at layer 5; lowercase both at 2
+    loaded = ProbeBank.load(bank.save(tmp_path / "b"))
+    assert loaded.probes[0].steering_layer == 5 and loaded.probes[1].steering_layer == 2
+    assert loaded.layers == (1, 2, 5) and loaded.steering_layers == (2, 5)
+    table = PolicyTable(loaded, capacity=2)
+    assert sorted(table.steering) == [2, 5]
+    with pytest.raises(BankError, match="steer_layer must be >= 0"):
+        small_bank(steer_layer=-1)

@@ -320,3 +320,16 @@ def test_tiny_build_labels_resumes_and_never_duplicates(lm, tmp_path):
     assert manifest["tasks"]["word_count"]["generated"] == 6
     rounds = corpus.load_rounds(tmp_path)
     assert [(r["task"], r["round"]) for r in rounds] == [("word_count", 0), ("term_exclusion", 0), ("word_count", 1)]
+
+
+def test_relabel_recomputes_labels_and_onsets_in_place(lm, tmp_path):
+    config = corpus.CorpusConfig(tasks=("lowercase",), per_task=3, round_size=3, batch_size=3, max_new_tokens=6,
+                                 max_new_tokens_other=6, max_rounds=1, class_cap=1.0, aid_cap=1.0)
+    corpus.build_corpus(lm, tmp_path, config, progress=False, command="test")
+    rows = corpus.load_corpus(tmp_path)
+    assert corpus.relabel_onsets(tmp_path, lm.tokenizer) == {"lowercase": 0}  # today's rules made them
+    path = tmp_path / "lowercase.jsonl.gz"
+    stale = [dict(r, onset=99, satisfied=False) for r in rows]
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in stale).encode()))
+    assert corpus.relabel_onsets(tmp_path, lm.tokenizer) == {"lowercase": len(rows)}
+    assert corpus.load_corpus(tmp_path) == rows

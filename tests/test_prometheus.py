@@ -53,7 +53,13 @@ def server(lm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bank")
     # lowercase reads risk ~0.98 (flags, steering, predicted violations); the others ~0.02.
     placeholder_bank(lm.fingerprint, lm.hidden_size, "p1", {"lowercase": -4.0}).save(folder)
-    with ServerProcess("--bank", str(folder), "--max-batch", "4", "--max-queue", "1") as proc:
+    # An A/B experiment on lowercase, so the per-arm panels have data (traffic carries experiment keys).
+    experiments = folder / "experiments.json"
+    experiments.write_text(json.dumps({"experiments": [{"name": "lc", "arms": [
+        {"name": "control", "weight": 1, "policies": {"lowercase": "off"}},
+        {"name": "steered", "weight": 1, "policies": {"lowercase": "constant:4"}}]}]}))
+    with ServerProcess("--bank", str(folder), "--max-batch", "4", "--max-queue", "1", "--experiments",
+                       str(experiments), "--outcome-log", str(folder / "outcomes.sqlite")) as proc:
         yield proc
 
 
@@ -103,15 +109,17 @@ def traffic(server: ServerProcess) -> None:
     """Streams and unary calls with constraints and steering, a few bad requests, one RESOURCE_EXHAUSTED."""
     words = ("word_count", {"relation": "at most", "limit": 40})
     with SteererClient(server.target) as client:
-        def one(stream: bool) -> None:
+        def one(i: int) -> None:
+            stream = i % 2 == 0
             kwargs = dict(constraints=[("lowercase", {}), words, ("json_format", {})], policy="conditional:4",
-                          max_new_tokens=6, ignore_eos=True)
+                          max_new_tokens=6, ignore_eos=True, experiment_key=f"user-{i}")
             if stream:
                 list(client.stream("Name three colors.", **kwargs))
             else:
                 client.generate("What is the capital of France?", **kwargs)
 
-        threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(4)]
+        # Keys 0-3 land in both arms of the experiment "lc" (steered, steered, steered, control).
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -178,6 +186,11 @@ def test_every_dashboard_query_returns_data(server, prometheus):
         answers = [(title, expr, query(prometheus, expr)) for title, expr in queries]
         return [a for a in answers if not any(math.isfinite(v) for v in a[2])]
 
+    # The traffic's responses write capitals under a lowercase constraint the stand-in probe always flags:
+    # detections and flag leads were counted, apart from flags (zero-valued series alone would pass below).
+    for expr in ('sum(steerer_violations_detected_total{task="lowercase"})',
+                 'sum(steerer_flag_lead_tokens_count{task="lowercase"})'):
+        wait_until(lambda expr=expr: (v := query(prometheus, expr)) and v[0] > 0, f"{expr} > 0", timeout=30)
     # Recording happens at scrape time; rule-free queries see it at once, but allow a few evaluations.
     deadline = time.monotonic() + 30
     while (missing := empty()) and time.monotonic() < deadline:

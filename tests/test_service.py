@@ -628,3 +628,12 @@ def test_generated_code_is_not_committed_and_follows_the_proto(tmp_path):
     (root / proto.PROTO_FILE).write_text(source.replace("message Usage {", "message Usage {\n  int32 regenerated_marker = 99;"))
     proto.ensure_generated(root, gen, "gen.steerer.v1")
     assert (out / ".stamp").read_text() != stamp and "regenerated_marker" in (out / "steerer_pb2.py").read_text()
+
+
+def test_without_experiments_keys_join_nothing_and_forcing_is_refused(client):
+    reply = client.generate(PROMPT, constraints=["lowercase"], max_new_tokens=2, experiment_key="user-1")
+    assert list(reply.arms) == [] and reply.experiment_key == "user-1"
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(PROMPT, constraints=["lowercase"], max_new_tokens=2, force_arms={"x": "y"})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this server runs no experiments" in err.value.details()

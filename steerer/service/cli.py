@@ -14,6 +14,7 @@ import sys
 from steerer.policy import POLICY_KINDS  # light: no torch
 
 TOKEN_ENV = "STEERER_AUTH_TOKEN"
+DEFAULT_OUTCOME_LOG = "steerer-outcomes.sqlite"
 
 
 def add_commands(sub) -> None:
@@ -43,10 +44,20 @@ def add_commands(sub) -> None:
                        help="while rows decode, a partial chunk waits this long for more arrivals")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds streams get to finish on shutdown")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    serve.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                       help="hf: transformers (default); vllm: vLLM's CPU build, compiled (needs the vLLM venv)")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", default=None, help="PEM private key")
     serve.add_argument("--auth-token", default=None,
                        help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV} if set)")
+    serve.add_argument("--experiments", default=None,
+                       help="A/B experiments file (.yaml/.json, docs/AB.md); SIGHUP reloads it")
+    serve.add_argument("--outcome-log", default=None,
+                       help=f"SQLite outcome log, one record per finished response (default with --experiments: "
+                            f"{DEFAULT_OUTCOME_LOG} in the working directory; 'none' = off)")
+    serve.add_argument("--outcome-sync", default="normal", choices=["normal", "full"],
+                       help="normal: no record lost to a process kill; full: none to power loss either (an fsync "
+                            "per record)")
     serve.set_defaults(handler=cmd_serve)
 
     client = sub.add_parser("client", help="talk to a running server")
@@ -64,6 +75,8 @@ def add_commands(sub) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--request-id", default="")
     gen.add_argument("--experiment-key", default="")
+    gen.add_argument("--force-arm", action="append", default=[], metavar="EXPERIMENT=ARM",
+                     help="QA: run in this arm of the experiment whatever the key (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--json", action="store_true", help="print the response (or each stream message) as JSON")
     gen.set_defaults(handler=cmd_client_generate)
@@ -106,18 +119,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           batch_wait_max_ms=args.batch_wait_max_ms, prefill_chunk=args.prefill_chunk,
                           admit_wait_ms=args.admit_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_serve_token(args.auth_token),
-                          use_unreliable_probes=args.use_unreliable_probes)
+                          use_unreliable_probes=args.use_unreliable_probes, experiments=args.experiments,
+                          outcome_log=_outcome_log(args.outcome_log, args.experiments),
+                          outcome_sync=args.outcome_sync)
     try:
         config.validate()
     except ValueError as exc:
         raise _usage(str(exc)) from None
+    if args.experiments:  # refuse a bad file before the model loads
+        from steerer.ab.experiments import ExperimentError, load
+
+        try:
+            load(args.experiments)
+        except ExperimentError as exc:
+            raise _usage(str(exc)) from None
     if args.threads is not None and args.threads < 1:
         raise _usage("--threads must be >= 1")
+    if args.engine == "vllm":
+        from steerer.engine.vllm import MISSING, cli_environment, vllm_installed
+
+        if not vllm_installed():
+            raise _usage(MISSING)
+        cli_environment()
+        if args.device not in ("auto", "cpu"):
+            raise _usage("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
     try:
         bank = ProbeBank.load(args.bank)
     except BankError as exc:
         raise _usage(f"{exc}{'' if args.bank else '; pass --bank FOLDER'}") from None
-    lm = load_model(args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+    factory = None
+    if args.engine == "vllm":
+        from steerer.engine.vllm.driver import VLLMModel, VLLMSteerer, scheduler_factory
+
+        first = VLLMSteerer(bank, args.model, dtype=args.dtype, capacity=config.max_batch,
+                            max_num_seqs=config.max_batch,
+                            max_model_len=config.max_prompt_tokens + config.max_new_tokens + 1, check=False,
+                            check_bank=False, use_unreliable_probes=args.use_unreliable_probes,
+                            threads=args.threads, layers="all")  # any bank can be swapped in
+        lm, factory = VLLMModel(first, args.model), scheduler_factory(first)
+    else:
+        lm = load_model(args.model, dtype=args.dtype, threads=args.threads, device=args.device)
     try:
         bank.check_model(lm.fingerprint, lm.hidden_size)
         config.check_context(lm.max_positions)
@@ -127,13 +168,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if notice:
         print(notice, file=sys.stderr, flush=True)
     try:
-        server = SteererServer(lm, bank, config).start()
+        server = SteererServer(lm, bank, config, steerer_factory=factory).start()
     except OSError as exc:
         raise _usage(str(exc)) from None
     print(model_info_line(server), flush=True)
     server.serve_forever()
     print("steerer: stopped", flush=True)
     return 0
+
+
+def _outcome_log(flag: str | None, experiments: str | None) -> str | None:
+    if flag is not None:
+        return None if flag.lower() == "none" else flag
+    return DEFAULT_OUTCOME_LOG if experiments else None
 
 
 def _serve_token(flag: str | None) -> str | None:
@@ -160,7 +207,7 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from steerer.constraints import Constraint
-    from steerer.service.client import build_request
+    from steerer.service.client import build_request, event_lines
 
     constraints = []
     for text in args.constraint:
@@ -170,11 +217,17 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
             raise _usage(str(exc)) from None
         constraints.append((c.task, c.params))
     policy = f"{args.policy}:{args.alpha!r}"
+    forced = {}
+    for text in args.force_arm:
+        name, sep, arm = text.partition("=")
+        if not sep or not name or not arm:
+            raise _usage(f"--force-arm takes EXPERIMENT=ARM, got {text!r}")
+        forced[name] = arm
     try:
         request = build_request(args.prompt, constraints=constraints, policy=policy, system=args.system,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, request_id=args.request_id,
-                                experiment_key=args.experiment_key, check=True)
+                                experiment_key=args.experiment_key, force_arms=forced, check=True)
     except (ValueError, TypeError) as exc:
         raise _usage(str(exc)) from None
 
@@ -195,10 +248,8 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
                 elif message.HasField("token"):
                     sys.stdout.write(message.token.text)
                     sys.stdout.flush()
-                    for flag in message.token.flags:
-                        state = "raised" if flag.raised else "cleared"
-                        print(f"[flag {state}: {flag.task} at token {flag.token_index}, risk {flag.risk:.2f}]",
-                              file=sys.stderr, flush=True)
+                    for line in event_lines(message.token):  # flags (predictions) and detections, apart
+                        print(line, file=sys.stderr, flush=True)
                 else:
                     print(flush=True)
                     _summary(message.final)
@@ -209,17 +260,20 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
 
 def _summary(reply) -> None:
     """Verdicts and usage on stderr, so stdout is just the text."""
+    from steerer.service.client import detection_note
+
     parts = [f"finish {reply.finish_reason}", f"{reply.usage.completion_tokens} tokens", f"bank {reply.bank_version}"]
+    parts += [f"experiment {a.experiment}: arm {a.arm}{' (forced)' if a.forced else ''}" for a in reply.arms]
     for v in reply.verdicts:
         actual = ("satisfied" if v.satisfied else "violated") if v.HasField("satisfied") else "unchecked"
         p = f"p={v.p_satisfied_end:.2f}" if v.HasField("p_satisfied_end") else "no reading"
         steered = reply.usage.steered_tokens.get(v.task, 0)
         if v.probe_muted:
-            parts.append(f"{v.task}: probe unreliable (muted, {p}), {actual}")
+            parts.append(f"{v.task}: probe unreliable (muted, {p}), {actual}{detection_note(v)}")
             continue
         predicted = "violation" if v.predicted_violation else "ok"
         note = "" if v.probe_reliable else " [probe unreliable]"
-        parts.append(f"{v.task}: predicted {predicted} ({p}){note}, {actual}, "
+        parts.append(f"{v.task}: predicted {predicted} ({p}){note}, {actual}{detection_note(v)}, "
                      f"{'flagged' if v.flagged else 'not flagged'}, steered {steered}")
     print("; ".join(parts), file=sys.stderr, flush=True)
 

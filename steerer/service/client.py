@@ -63,15 +63,18 @@ def build_request(prompt: str | list[dict] | None = None, *, constraints: Iterab
                   policy: str | pb2.SteeringPolicy | None = None, system: str | None = None,
                   max_new_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                  request_id: str = "", experiment_key: str = "", check: bool = False) -> pb2.GenerateRequest:
+                  request_id: str = "", experiment_key: str = "", force_arms: Mapping[str, str] | None = None,
+                  check: bool = False) -> pb2.GenerateRequest:
     """A GenerateRequest. Constraints are 'task', (task, params) or (task, params, 'policy:alpha').
+    `experiment_key` enters the server's running experiments; `force_arms` ({experiment: arm}) picks arms (QA).
 
     `check=True` runs `check_request` first, so a request the server would refuse as invalid fails here
     with ValueError; by default the server is the judge (tests send it bad requests on purpose)."""
     specs = _specs(constraints)
     if check:
         check_request(prompt, specs, policy if isinstance(policy, str) else None)
-    request = pb2.GenerateRequest(system=system or "", request_id=request_id, experiment_key=experiment_key)
+    request = pb2.GenerateRequest(system=system or "", request_id=request_id, experiment_key=experiment_key,
+                                  force_arms=dict(force_arms or {}))
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:
@@ -90,6 +93,20 @@ def build_request(prompt: str | list[dict] | None = None, *, constraints: Iterab
             setattr(sampling, name, value)
     sampling.ignore_eos = ignore_eos
     return request
+
+
+def event_lines(token: pb2.TokenEvent) -> list[str]:
+    """One line per flag change (a probe's prediction) and per detection (a certain violation) of a token
+    message, worded apart, for a terminal (`steerer client generate --stream` prints them on stderr)."""
+    lines = [f"[flag {'raised' if f.raised else 'cleared'}: {f.task} at token {f.token_index}, risk {f.risk:.2f}]"
+             for f in token.flags]
+    lines += [f"[DETECTED violation: {d.task} broken at token {d.token_index}]" for d in token.detections]
+    return lines
+
+
+def detection_note(verdict: pb2.Verdict) -> str:
+    """', detected at token N' for a verdict whose violation a prefix decided, else ''."""
+    return f", detected at token {verdict.detected_at}" if verdict.HasField("detected_at") else ""
 
 
 class SteererClient:

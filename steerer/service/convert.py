@@ -8,6 +8,7 @@ arguments, so the same code serves the unary and the streaming RPC.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from steerer.service.proto import POLICY_KIND_CODES, pb2
 
 ROLES = ("system", "user", "assistant")
 MAX_ID_CHARS = 128
+MAX_FORCED_ARMS = 16  # experiments a request may force an arm in (an experiments file holds at most 16)
 CHARS_PER_TOKEN_BOUND = 16  # a prompt this many characters per allowed token is too long without tokenizing
 # Bounds checked on the protobuf message itself (C code, no Python loop over its contents), so that an
 # oversized request is refused in microseconds instead of holding the GIL while it is converted.
@@ -123,6 +125,17 @@ def prompt_from_pb(message: pb2.GenerateRequest, max_messages: int = 2048) -> st
     return chat
 
 
+def forced_arms_from_pb(message: pb2.GenerateRequest) -> dict[str, str]:
+    """`force_arms` (experiment -> arm), bounded like the ids; whether they exist is the servicer's check."""
+    if len(message.force_arms) > MAX_FORCED_ARMS:
+        raise ValueError(f"force_arms names {len(message.force_arms)} experiments; at most {MAX_FORCED_ARMS}")
+    forced = dict(message.force_arms)
+    for name, arm in forced.items():
+        if not 0 < len(name) <= MAX_ID_CHARS or not 0 < len(arm) <= MAX_ID_CHARS or not (name + arm).isprintable():
+            raise ValueError(f"force_arms entries must be non-empty and at most {MAX_ID_CHARS} printable characters")
+    return forced
+
+
 def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     """The library request for a GenerateRequest (the prompt's token count is checked separately)."""
     prompt = prompt_from_pb(message, limits.max_prompt_tokens)  # each message costs tokens of its own
@@ -134,6 +147,7 @@ def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     for name, value in (("request_id", message.request_id), ("experiment_key", message.experiment_key)):
         if len(value) > MAX_ID_CHARS or not value.isprintable():
             raise ValueError(f"{name} must be at most {MAX_ID_CHARS} printable characters")
+    forced_arms_from_pb(message)
     known = known_tasks()
     if len(message.constraints) > len(known):  # each task at most once
         raise ValueError(f"too many constraints: {len(message.constraints)}; at most {len(known)}, one per task")
@@ -157,13 +171,19 @@ def token_to_pb(event: TokenEvent) -> pb2.TokenEvent:
     out.steering.update(event.steering)
     for flag in event.flags:
         out.flags.add(task=flag.task, token_index=flag.token_index, risk=flag.risk, raised=flag.raised)
+    for detection in event.detections:
+        out.detections.add(task=detection.task, token_index=detection.token_index)
     return out
 
 
-def result_to_pb(result: Result, request_id: str, experiment_key: str, model: str) -> pb2.GenerateResponse:
+def result_to_pb(result: Result, request_id: str, experiment_key: str, model: str,
+                 arms: Sequence[Any] = ()) -> pb2.GenerateResponse:
+    """The final message; `arms` are `steerer.ab.experiments.Assignment`s (experiment, arm, forced, version)."""
     out = pb2.GenerateResponse(request_id=request_id, text=result.text, token_ids=result.tokens,
                                finish_reason=result.finish_reason, bank_version=result.bank_version,
                                experiment_key=experiment_key, model=model)
+    for a in arms:
+        out.arms.add(experiment=a.experiment, arm=a.arm, forced=a.forced, version=a.version)
     for v in result.verdicts:
         verdict = out.verdicts.add(task=v.task, predicted_violation=v.predicted_violation, flagged=v.flagged,
                                    probe_reliable=v.probe_reliable, probe_muted=v.probe_muted)
@@ -174,6 +194,8 @@ def result_to_pb(result: Result, request_id: str, experiment_key: str, model: st
             verdict.first_flag_token = v.first_flag_token
         if v.satisfied is not None:
             verdict.satisfied = v.satisfied
+        if v.detected_at is not None:
+            verdict.detected_at = v.detected_at
     out.usage.prompt_tokens = result.prompt_tokens
     out.usage.completion_tokens = len(result.tokens)
     out.usage.steered_tokens.update({k: int(n) for k, n in result.steered_tokens.items()})

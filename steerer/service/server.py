@@ -18,12 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from steerer.ab.experiments import ExperimentError, ExperimentSet, LiveExperiments
+from steerer.ab.outcomes import SYNC_MODES, OutcomeLog
 from steerer.bank import ProbeBank
 from steerer.model import LoadedModel
 from steerer.service.convert import Limits
 from steerer.service.metrics import Metrics
 from steerer.service.proto import SERVICE_NAME, pb2_grpc
-from steerer.service.scheduler import Scheduler
+from steerer.service.scheduler import Scheduler, SteererFactory
 from steerer.service.servicer import SteererServicer, Undecodable
 
 log = logging.getLogger("steerer.service")
@@ -50,6 +52,9 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token: str | None = None
     use_unreliable_probes: bool = False  # flag and steer with probes whose measured AUROC reaches chance too
+    experiments: str | None = None  # experiments file (steerer/ab); reloaded on SIGHUP
+    outcome_log: str | None = None  # SQLite outcome log; None: none (the CLI defaults it with --experiments)
+    outcome_sync: str = "normal"  # SQLite synchronous: normal (safe against a process kill) or full (power loss)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or (self.metrics_port is not None and not 0 <= self.metrics_port <= 65535):
@@ -66,6 +71,12 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file not found: {path}")
+        if self.outcome_sync not in SYNC_MODES:
+            raise ValueError(f"outcome-sync must be one of {', '.join(SYNC_MODES)}")
+        if self.experiments is not None and not Path(self.experiments).is_file():
+            raise ValueError(f"experiments file not found: {self.experiments}")
+        if self.outcome_log is not None and not Path(self.outcome_log).resolve().parent.is_dir():
+            raise ValueError(f"the outcome log's folder does not exist: {Path(self.outcome_log).parent}")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("the auth token is empty (--auth-token or $STEERER_AUTH_TOKEN); give a token, or "
                              "leave both unset to serve without authentication")
@@ -138,7 +149,8 @@ class _DecodeGuard(grpc.ServerInterceptor):
 class SteererServer:
     """A running server around one model and bank. `start()`, then `stop()` (or `serve_forever()`)."""
 
-    def __init__(self, lm: LoadedModel, bank: ProbeBank, config: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, lm: LoadedModel, bank: ProbeBank, config: ServerConfig, metrics: Metrics | None = None,
+                 steerer_factory: SteererFactory | None = None):
         config.validate()
         config.check_context(lm.max_positions)
         self.config = config
@@ -148,9 +160,17 @@ class SteererServer:
                                    batch_wait_max_s=config.batch_wait_max_ms / 1000,
                                    prefill_chunk=config.prefill_chunk, admit_wait_s=config.admit_wait_ms / 1000,
                                    metrics=self.metrics,
-                                   use_unreliable_probes=config.use_unreliable_probes)
+                                   use_unreliable_probes=config.use_unreliable_probes, steerer_factory=steerer_factory)
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, min(128, config.max_new_tokens))
-        self.servicer = SteererServicer(self.scheduler, self.metrics, limits)
+        try:
+            self.experiments = LiveExperiments(config.experiments) if config.experiments else None
+            self.outcome_log = OutcomeLog(config.outcome_log, config.outcome_sync) if config.outcome_log else None
+        except Exception:
+            self.scheduler.stop(drain=False)
+            raise
+        if self.experiments is not None:
+            self._experiments_loaded(self.experiments.current)
+        self.servicer = SteererServicer(self.scheduler, self.metrics, limits, self.experiments, self.outcome_log)
         # One thread per RPC in flight: the batch, the queue and some room for quick RPCs and health checks.
         # Past that gRPC itself answers RESOURCE_EXHAUSTED.
         workers = config.max_batch + config.max_queue + 16
@@ -201,16 +221,46 @@ class SteererServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.scheduler.stop(drain=False, timeout=30)
+        if self.outcome_log is not None:  # every finished response has committed its record by now
+            self.outcome_log.close()
         self.metrics.shutdown()
         self._stopped.set()
 
-    def serve_forever(self) -> None:
-        """Block until SIGTERM or SIGINT, then shut down gracefully."""
-        requested = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def reload_experiments(self) -> bool:
+        """Re-read the experiments file (SIGHUP). A bad file is refused, logged and counted; the experiments
+        in force stay. Requests already assigned keep their arm; later ones use the new file."""
+        if self.experiments is None:
+            log.warning("SIGHUP: no --experiments file to reload")
+            return False
         try:
-            while not requested.wait(0.5):
-                pass
+            experiments = self.experiments.reload()
+        except ExperimentError as exc:
+            self.metrics.experiment_reloads.labels("error").inc()
+            log.error("experiments not reloaded, the previous ones stay in force: %s", exc)
+            return False
+        self._experiments_loaded(experiments)
+        log.info("experiments reloaded from %s: %s", experiments.source, _describe(experiments))
+        return True
+
+    def _experiments_loaded(self, experiments: ExperimentSet) -> None:
+        self.metrics.set_experiments(experiments, self.scheduler.bank.tasks)
+        self.metrics.experiment_reloads.labels("ok").inc()
+        self.metrics.experiment_reloads.labels("error")
+        if self.outcome_log is not None:
+            self.outcome_log.note_experiments(experiments.experiments)
+
+    def serve_forever(self) -> None:
+        """Block until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the experiments file."""
+        requested, reload = threading.Event(), threading.Event()
+        signals = {signal.SIGTERM: requested.set, signal.SIGINT: requested.set}
+        if self.experiments is not None:
+            signals[signal.SIGHUP] = reload.set
+        previous = {sig: signal.signal(sig, lambda *_, act=act: act()) for sig, act in signals.items()}
+        try:
+            while not requested.wait(0.2):
+                if reload.is_set():
+                    reload.clear()
+                    self.reload_experiments()
             log.info("shutting down: draining streams in flight (grace %.0f s)", self.config.grace_s)
             self.stop()
         finally:
@@ -224,8 +274,18 @@ def model_info_line(server: SteererServer) -> str:
     scheme = "tls" if c.tls_cert else "insecure"
     metrics = f"http://{_host(c.host)}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off"
     bank = server.scheduler.bank
-    return (f"steerer: serving {SERVICE_NAME} on {_host(c.host)}:{server.port} ({scheme}), metrics {metrics}, "
+    line = (f"steerer: serving {SERVICE_NAME} on {_host(c.host)}:{server.port} ({scheme}), metrics {metrics}, "
             f"model {server.servicer.lm.name}, bank {bank.version}")
+    if server.experiments is not None:
+        line += f", experiments {_describe(server.experiments.current)}"
+    if server.outcome_log is not None:
+        line += f", outcome log {server.outcome_log.path}"
+    return line
+
+
+def _describe(experiments: ExperimentSet) -> str:
+    running = [e.name for e in experiments.running]
+    return f"{len(experiments.experiments)} ({len(running)} running: {', '.join(running) or 'none'})"
 
 
 

@@ -11,11 +11,13 @@ forward pass.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import grpc
 
+from steerer.ab.experiments import Assignment, LiveExperiments, assignments, key_hash
+from steerer.ab.outcomes import ArmRecord, OutcomeLog, OutcomeRecord, VerdictRecord
 from steerer.bank import MANIFEST, BankError, ProbeBank, muted_notice
 from steerer.core import Request, Result, TokenEvent
 from steerer.model import chat_prompt
@@ -122,10 +126,13 @@ def _rpc(method: str, streaming: bool = False) -> Callable:
 
 
 class SteererServicer(pb2_grpc.SteererServicer):
-    def __init__(self, scheduler: Scheduler, metrics: Metrics, limits: convert.Limits):
+    def __init__(self, scheduler: Scheduler, metrics: Metrics, limits: convert.Limits,
+                 experiments: LiveExperiments | None = None, outcome_log: OutcomeLog | None = None):
         self.scheduler = scheduler
         self.metrics = metrics
         self.limits = limits
+        self.experiments = experiments  # A/B arms for requests with an experiment key (steerer/ab)
+        self.outcome_log = outcome_log  # one record per finished response, committed before it is sent
         self.lm = scheduler.lm
         # Prompts are tokenized on RPC threads, with a private tokenizer: the scheduler thread uses the
         # model's own, and a Rust tokenizer must not be used from two threads at once.
@@ -223,10 +230,28 @@ class SteererServicer(pb2_grpc.SteererServicer):
                               f"{context} positions; ask for at most {max(context - n, 0)} new tokens")
         return request
 
+    def _assign(self, message: pb2.GenerateRequest, request: Request) -> tuple[list[Assignment], Request]:
+        """The request's experiment arms, and the request with their policies in place of its own."""
+        forced = dict(message.force_arms)
+        if self.experiments is None:
+            if forced:
+                raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "force_arms: this server runs no experiments")
+            return [], request
+        tasks = [c.task for c in request.constraints]
+        try:
+            arms = assignments(self.experiments.current, message.experiment_key, tasks, forced)
+        except (KeyError, ValueError) as exc:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"force_arms: {exc.args[0]}") from None
+        if not arms:
+            return arms, request
+        policies = {t: p for a in arms for t, p in a.policies.items() if t in tasks}
+        return arms, dataclasses.replace(request, policies={**request.policies, **policies})
+
     def _run(self, message: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         """Check, queue, and relay one request: TokenEvent messages, then the GenerateResponse."""
         arrived = time.monotonic()
         request = self._check(message)
+        arms, request = self._assign(message, request)
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None and remaining < 10**8 else None
         try:
@@ -237,17 +262,25 @@ class SteererServicer(pb2_grpc.SteererServicer):
         finished = False
         context.add_callback(lambda: self.scheduler.cancel(ticket))  # client gone or deadline: free the slot
         try:
-            last = None
+            last = first = None
+            flags: collections.Counter[str] = collections.Counter()
             for item in self._items(ticket, context):
                 if isinstance(item, TokenEvent):
                     now = time.monotonic()
                     self._observe_token(item, ticket, last, now)
+                    first = first or now
                     last = now
+                    flags.update(f.task for f in item.flags if f.raised)
                     yield convert.token_to_pb(item)
                 elif isinstance(item, Result):
                     finished = True
                     self._observe_result(item)
-                    yield convert.result_to_pb(item, client_id, message.experiment_key, self.lm.name)
+                    latency = time.monotonic() - arrived
+                    self._observe_arms(item, arms, latency)
+                    if self.outcome_log is not None:  # before the response goes out: see steerer/ab/outcomes.py
+                        self._record(message, request, item, arms, client_id, latency,
+                                     None if first is None else first - arrived, flags)
+                    yield convert.result_to_pb(item, client_id, message.experiment_key, self.lm.name, arms)
                     return
                 else:
                     finished = True
@@ -280,6 +313,42 @@ class SteererServicer(pb2_grpc.SteererServicer):
         for flag in event.flags:
             if flag.raised:
                 m.flags.labels(flag.task).inc()
+        for detection in event.detections:
+            m.detected.labels(detection.task).inc()
+
+    def _observe_arms(self, result: Result, arms: list[Assignment], latency: float) -> None:
+        m = self.metrics
+        for a in arms:
+            if a.forced:  # QA traffic: not part of the randomized comparison the arm panels show
+                continue
+            pair = m.arm_label(a.experiment, a.arm)
+            m.arm_requests.labels(*pair).inc()
+            m.arm_latency.labels(*pair).observe(latency)
+            for v in result.verdicts:
+                m.arm_verdicts.labels(*pair, v.task, "unknown" if v.satisfied is None else
+                                      ("no" if v.satisfied else "yes")).inc()
+
+    def _record(self, message: pb2.GenerateRequest, request: Request, result: Result, arms: list[Assignment],
+                request_id: str, latency: float, ttft: float | None, flags: collections.Counter[str]) -> None:
+        """Commit the response's outcome record; a failure is logged and counted, the response still goes out."""
+        try:
+            record = OutcomeRecord(
+                request_id=request_id, key_hash=key_hash(message.experiment_key) if message.experiment_key else None,
+                model=self.lm.name, bank_version=result.bank_version, prompt=request.prompt, system=request.system,
+                response=result.text, token_ids=list(result.tokens), finish_reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens, latency_s=latency, ttft_s=ttft,
+                verdicts=[VerdictRecord(v.task, v.params, request.policy_for(v.task).kind,
+                                        float(request.policy_for(v.task).alpha), v.satisfied, v.predicted_violation,
+                                        v.p_satisfied_end if v.p_satisfied_end is None
+                                        or math.isfinite(v.p_satisfied_end) else None,
+                                        v.probe_muted, v.flagged, v.first_flag_token, flags[v.task],
+                                        int(result.steered_tokens.get(v.task, 0))) for v in result.verdicts],
+                arms=[ArmRecord(a.experiment, a.arm, a.forced, a.version) for a in arms])
+            self.outcome_log.write(record)
+            self.metrics.outcome_records.inc()
+        except Exception:
+            self.metrics.outcome_errors.inc()
+            log.exception("could not write the outcome record of %s", request_id)
 
     def _observe_result(self, result: Result) -> None:
         m = self.metrics
@@ -289,6 +358,8 @@ class SteererServicer(pb2_grpc.SteererServicer):
             # A muted probe made no prediction: "muted", so it never reads as "predicted OK" on a dashboard.
             predicted = "muted" if v.probe_muted else ("yes" if v.predicted_violation else "no")
             m.verdicts.labels(v.task, predicted, violation, "yes" if v.flagged else "no").inc()
+            if v.detected_at is not None and v.first_flag_token is not None:
+                m.lead.labels(v.task).observe(v.detected_at - v.first_flag_token)
         for task, n in result.steered_tokens.items():
             if n:
                 m.steered.labels(task).inc(n)

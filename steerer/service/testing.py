@@ -134,3 +134,40 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
         Path(self.log_path).unlink(missing_ok=True)
+
+
+# Prompts for A/B runs on lowercase (the end-to-end test and benchmarks/ab_e2e.py): everyday list requests
+# that ask for lowercase, so steering toward lowercase has something to move.
+AB_TOPICS = [
+    "staying healthy",
+    "saving money",
+    "learning to cook",
+    "studying for exams",
+    "travelling light",
+    "growing tomatoes",
+    "sleeping better",
+    "writing emails",
+    "keeping a cat",
+    "running a meeting",
+    "learning a language",
+    "cleaning a kitchen",
+    "planning a trip",
+    "reading more books",
+    "making friends",
+    "starting to run",
+    "painting a room",
+    "caring for houseplants",
+    "baking bread",
+    "riding a bike in town",
+    "staying focused",
+    "moving house",
+    "hosting a dinner",
+    "fixing a flat tyre",
+]
+LOWERCASE_SUFFIX = " Write everything in lowercase letters; do not use any capital letters."
+
+
+def lowercase_tips_prompt(i: int, templates: tuple[str, ...] = ("List three tips for {}.",)) -> str:
+    """The i-th A/B prompt: topics cycle fastest, then templates."""
+    template = templates[(i // len(AB_TOPICS)) % len(templates)]
+    return template.format(AB_TOPICS[i % len(AB_TOPICS)]) + LOWERCASE_SUFFIX

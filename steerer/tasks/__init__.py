@@ -1,7 +1,8 @@
 """The constraints a request can name, one `Task` per module of this package.
 
 Each task module defines ``TASK`` (see `steerer.tasks.base.Task`): checker, parameter validation,
-instruction text, parameter sampler, compliant demonstration, violation-onset rule and token budget.
+instruction text, parameter sampler, compliant demonstration, violation detector (where a prefix can decide a
+violation; the onset rule is made from it) or onset rule, and token budget.
 Adding a task is one new file here; ``TASKS`` discovers it. Modules without ``TASK`` (``base``, ``common``,
 ``semantic``) are shared helpers.
 

@@ -6,6 +6,13 @@ ended the response is n. `prefixes[i]` is the decoded text of tokens 0..i. A rul
 token at which a violating response broke the constraint, or None where it can only fail at the end (too
 short, a keyword never mentioned, a tone): the violation then sits at the *end index* (the EOS, or the
 last token when the response was cut off by its length limit).
+
+Where a prefix already decides a violation (a forbidden word written, an at-most limit passed, a capital
+letter, text no JSON can follow), the task has a *detector* (`Task.detect(params)`): an incremental check
+fed the response's text as it grows, which reports the violation once it is certain. The task's onset rule
+is that same detector run over the prefixes (`detector_onset`), so the live monitor (`Controller`) and
+the offline labels cannot disagree. Tasks without a detector (lower limits, keywords, tone, topic,
+register) can still be met later, so only the end decides them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Kind = Literal["structural", "lexical", "semantic"]
 Params = dict[str, Any]
@@ -27,6 +34,23 @@ Checker = Callable[[str, Mapping[str, Any]], bool]
 OnsetRule = Callable[[Mapping[str, Any], Sequence[str]], "int | None"]
 
 
+class Detector(Protocol):
+    """An incremental violation check for one response, fed its text as it grows.
+
+    `feed(delta, final)` appends `delta` (the text the latest token added; `final`: no text follows) and
+    returns, once the text so far decides a violation, the character position in the whole text where the
+    deciding match ends (the violation is attributed to the token that wrote that character); None while
+    the response can still comply. After it has returned a position it is not fed again. Its result depends
+    only on the whole text and `final`, not on how the text was cut into deltas (tested); its cost per call
+    is bounded by the delta (plus a short tail for word matches), not by the text so far.
+    """
+
+    def feed(self, delta: str, final: bool = False) -> int | None: ...
+
+
+DetectorFactory = Callable[[Mapping[str, Any]], "Detector | None"]
+
+
 def end_index(n_tokens: int, ended_by_eos: bool) -> int:
     """The EOS token's index if the response ended with one, else the last generated token's."""
     return n_tokens if ended_by_eos else max(n_tokens - 1, 0)
@@ -35,6 +59,38 @@ def end_index(n_tokens: int, ended_by_eos: bool) -> int:
 def first_index(prefixes: Sequence[str], broken: Callable[[str], bool]) -> int | None:
     """The first i with `broken(prefixes[i])`, for a property that stays broken once broken."""
     return next((i for i, prefix in enumerate(prefixes) if broken(prefix)), None)
+
+
+def detector_onset(make: DetectorFactory) -> OnsetRule:
+    """The onset rule of a task with a detector: the detector run over the response's decoded prefixes,
+    giving the index of the token that wrote the character deciding the violation (None if nothing does).
+    The last prefix is fed as final (no text follows it: the response ended, by EOS or by its length
+    limit). A prefix that does not extend the one before (a decode that changed its mind about an
+    incomplete character) restarts the detector on it."""
+
+    def onset(params: Mapping[str, Any], prefixes: Sequence[str]) -> int | None:
+        detector = make(params)
+        previous = ""
+        for i, prefix in enumerate(prefixes):
+            if detector is None:
+                return None
+            final = i == len(prefixes) - 1
+            if prefix.startswith(previous):
+                found = detector.feed(prefix[len(previous):], final)
+            else:
+                detector = make(params)
+                found = detector.feed(prefix, final)
+            if found is not None:
+                return next(j for j, p in enumerate(prefixes) if len(p) >= found)
+            previous = prefix
+        return None
+
+    return onset
+
+
+def no_detector(params: Mapping[str, Any]) -> None:
+    """The detector of a constraint no prefix can decide (it may still be met later)."""
+    return None
 
 
 def at_the_end(params: Mapping[str, Any], prefixes: Sequence[str]) -> None:
@@ -54,9 +110,22 @@ class Task:
     render: Callable[[Mapping[str, Any]], str]  # the canonical instruction text (params already valid)
     sampler: Callable[[random.Random, float], Params]
     demo_text: Callable[[Mapping[str, Any]], str]  # a compliant answer to `common.DEMO_REQUEST`
-    onset_rule: OnsetRule = at_the_end
+    onset_rule: OnsetRule = at_the_end  # set from `detector` when the task has one
+    detector: DetectorFactory = no_detector  # params -> a fresh Detector, or None (no prefix decides)
     token_budget: int = TOKEN_BUDGET  # new tokens a response needs for its label (dataset building)
     order: int = 1000  # position in the registry (`TASKS` is sorted by it, then by id)
+
+    def __post_init__(self) -> None:
+        # A task with a detector takes its onset rule from it (whatever was passed: `dataclasses.replace`
+        # hands the derived rule back in), so the live detector and the offline rule cannot disagree.
+        if self.detector is not no_detector:
+            object.__setattr__(self, "onset_rule", detector_onset(self.detector))
+
+    def detect(self, params: Mapping[str, Any]) -> Detector | None:
+        """A fresh detector for one response under ``params`` (validated), or None where no prefix can decide
+        a violation of these params (an at-least limit, a keyword, a tone)."""
+        self.validate(params)
+        return self.detector(params)
 
     def validate(self, params: Any) -> None:
         """Raise ``ValueError`` (one line) if ``params`` are malformed for this task."""

@@ -1,5 +1,5 @@
 """Helpers the task modules share: parameter validation, word counting, relations, parameter sampling,
-onset rules for bounds that only grow, and the material for one-shot demonstrations.
+detectors for bounds that only grow, and the material for one-shot demonstrations.
 
 Validators raise ``ValueError`` with a one-line message that starts with the task id, so a bad request or
 dataset row never silently becomes a label.
@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from steerer.tasks.base import Params, first_index
+from steerer.tasks.base import Params
 
 # --------------------------------------------------------------------------------------------------
 # parameter validation
@@ -195,21 +195,77 @@ def tiered_terms(tiers: tuple[tuple[str, ...], ...]):
 
 
 # --------------------------------------------------------------------------------------------------
-# onset of a length violation
+# detection of a length violation
 # --------------------------------------------------------------------------------------------------
 
 
-def length_onset(measure: Callable[[str], int]):
-    """For an upper bound, the first token at which the prefix's count breaks it (counts only grow);
-    None for `at least`, which can only fail at the end."""
+class CharCounter:
+    """Characters so far (code points, whitespace included), by delta."""
 
-    def onset(params: Mapping[str, Any], prefixes: Sequence[str]) -> int | None:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def first_break(self, delta: str, most: int) -> int | None:
+        """Add `delta`; if the count passes `most`, the offset in `delta` just after the character that
+        passed it (0 if it was passed before any character)."""
+        if self.count + len(delta) > most:
+            return max(most + 1 - self.count, 0)
+        self.count += len(delta)
+        return None
+
+
+class WordCounter:
+    """`count_words` of the text so far, by delta: runs of word characters in the delta, less one when the
+    delta continues a word the text so far ended in."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.in_word = False
+
+    def first_break(self, delta: str, most: int) -> int | None:
+        """Add `delta`; if the count passes `most`, the offset in `delta` just after the first character of
+        the word that passed it (0 if it was passed before any character)."""
+        if self.count > most:
+            return 0
+        for m in WORD_RE.finditer(delta):
+            if m.start() == 0 and self.in_word:
+                continue  # the word the text so far ended in goes on
+            self.count += 1
+            if self.count > most:
+                return m.start() + 1
+        if delta:
+            self.in_word = bool(WORD_RE.match(delta[-1]))
+        return None
+
+
+class UpperBoundDetector:
+    """An at-most / less-than limit on a count that only grows: decided once the count passes it, at the
+    character that passed it."""
+
+    def __init__(self, counter, relation: str, limit: int) -> None:
+        self.counter = counter
+        self.most = limit if relation == "at most" else limit - 1  # the largest count that complies
+        self.length = 0
+
+    def feed(self, delta: str, final: bool = False) -> int | None:
+        offset = self.counter.first_break(delta, self.most)
+        if offset is not None:
+            return self.length + offset
+        self.length += len(delta)
+        return None
+
+
+def length_detector(counter: Callable[[], Any]):
+    """For an upper bound, a detector of the first prefix whose count breaks it (counts only grow: O(delta)
+    per token); None for `at least`, which can only fail at the end."""
+
+    def make(params: Mapping[str, Any]) -> UpperBoundDetector | None:
         relation, limit = params["relation"], params["limit"]
         if relation == "at least":
             return None
-        return first_index(prefixes, lambda prefix: not compare(measure(prefix), relation, limit))
+        return UpperBoundDetector(counter(), relation, limit)
 
-    return onset
+    return make
 
 
 # --------------------------------------------------------------------------------------------------

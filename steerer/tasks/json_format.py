@@ -1,24 +1,23 @@
 """json_format: IFEval ``detectable_format:json_format``.
 
 Strip, drop one leading fence marker of each kind in IFEval's order and a trailing fence, strip again, then
-``json.loads``. Bare scalars (``42``, ``"hi"``) are valid JSON there, so they are here. The onset rule asks
-whether a prefix can still become an object or array the checker accepts.
+``json.loads``. Bare scalars (``42``, ``"hi"``, even ``NaN``) are valid JSON there, so they are here. The
+detector (and so the onset rule) asks whether a prefix can still become a text the checker accepts.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from steerer.tasks import common
-from steerer.tasks.base import Task, first_index
+from steerer.tasks.base import Task
 
 # IFEval removes each of these in turn (each at most once, in this order), then one trailing fence.
 FENCES: tuple[str, ...] = ("```json", "```Json", "```JSON", "```")
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_LITERALS = ("true", "false", "null")
 
 
 def validate(params: Any) -> None:
@@ -47,136 +46,173 @@ def check(response: str, params: Mapping[str, Any]) -> bool:
     return True
 
 
-def onset(params: Mapping[str, Any], prefixes: Sequence[str]) -> int | None:
-    """The first token after which the text can no longer be the start of a JSON object or array."""
-    return first_index(prefixes, lambda prefix: not json_prefix_ok(prefix))
-
-
 # -- JSON prefixes -----------------------------------------------------------------------------------------
-def json_prefix_ok(text: str) -> bool:
-    """Whether `text` can still be extended into a response the json checker accepts, given that it must
-    be an object or array: optional whitespace and ```json fence, the value, optional closing fence."""
-    s = text.lstrip()
-    if any(len(s) < len(f) and f.startswith(s) for f in FENCES):
-        return True  # empty, or a fence still being written
+_JSON_WS = " \t\n\r"  # whitespace json.loads allows inside a value
+_NUMBER_CHARS = "0123456789+-.eE"
+_HEX = "0123456789abcdefABCDEF"
+# Python's json.loads (the checker) also takes NaN, Infinity and -Infinity as values.
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+_LITERAL_BY_FIRST = {w[0]: w for w in _LITERALS if w[0] != "-"}
+
+
+def _after_fences(s: str) -> str | None:
+    """IFEval's leading-fence removal on a text that starts with `s` (leading whitespace already stripped):
+    the rest of `s` after it, or None while `s` is too short to say (a fence may still be being written)."""
     for fence in FENCES:
         if s.startswith(fence):
-            s = s[len(fence):].lstrip()
-            break
-    if not s:
-        return True
-    if s[0] not in "{[":
-        return False
-    rest = _scan_json(s)
-    if rest is None:
-        return False
-    return "```".startswith(rest.strip())  # nothing, or (the start of) a closing fence
+            s = s[len(fence):]
+        elif fence.startswith(s):
+            return None
+    return s
 
 
-def _scan_json(s: str) -> str | None:
-    """Scan a JSON value prefix. None if it is broken; else the text after the top-level value closed
-    ("" if the value is still open)."""
-    stack: list[str] = []  # "{" or "["
-    expect = "value"  # value | value_or_end | key | key_or_end | colon | comma_or_end
-    i, n = 0, len(s)
-    while i < n:
-        c = s[i]
-        if c in " \t\r\n":
-            i += 1
-            continue
+class JsonDetector:
+    """Decided at the first character after which no continuation passes the json checker (`check`): an
+    incremental scanner of the checker's pipeline (strip, leading fences in IFEval's order, one JSON value
+    as `json.loads` reads it -- scalars, NaN and Infinity included --, an optional closing fence). Each
+    character is looked at once (O(delta) per token; the state is a stack of open containers and the token
+    being read). Not modelled: nesting deep enough for `json.loads` to hit Python's recursion limit."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.lead: str | None = ""  # text from the first non-whitespace character until the fences are known
+        self.stack: list[str] = []
+        self.expect = "value"  # value | value_or_end | key | key_or_end | colon | comma_or_end | after
+        self.top = True  # no value started yet (whitespace here: any Unicode space, as str.strip drops it)
+        self.string: str | None = None  # "key" or "value" while inside a string
+        self.escape = -1  # -1: not in an escape; 0: after a backslash; 1..4: hex digits of \u read so far
+        self.number: str | None = None
+        self.literal: tuple[str, int] | None = None
+        self.ticks = 0  # backticks of a closing fence after the value
+
+    def feed(self, delta: str, final: bool = False) -> int | None:
+        for c in delta:
+            self.length += 1
+            if self.lead is not None:
+                if not self.lead and c.isspace():
+                    continue
+                self.lead += c
+                rest = _after_fences(self.lead)
+                if rest is None:
+                    continue
+                self.lead = None
+                if not all(self._char(r) for r in rest):
+                    return self.length
+            elif not self._char(c):
+                return self.length
+        return None
+
+    # one character of the text after the leading fences; False: no JSON can follow
+    def _char(self, c: str) -> bool:
+        if self.string is not None:
+            return self._string_char(c)
+        if self.number is not None:
+            if c in _NUMBER_CHARS:
+                self.number += c
+                return any(_NUMBER.fullmatch(self.number + x) for x in ("", "0"))
+            if self.number == "-" and c == "I":
+                self.number, self.literal = None, ("-Infinity", 2)
+                return True
+            complete = _NUMBER.fullmatch(self.number)
+            self.number = None
+            if not complete:
+                return False
+            self._value_done()
+        if self.literal is not None:
+            word, i = self.literal
+            if c != word[i]:
+                return False
+            self.literal = (word, i + 1) if i + 1 < len(word) else None
+            if self.literal is None:
+                self._value_done()
+            return True
+        expect = self.expect
+        if expect == "after":
+            if c.isspace():
+                return self.ticks in (0, 3)
+            if c == "`" and self.ticks < 3:
+                self.ticks += 1
+                return True
+            return False
+        if c in _JSON_WS or (self.top and c.isspace()):
+            return True
         if expect in ("value", "value_or_end"):
+            self.top = False
             if c == "]" and expect == "value_or_end":
-                i, expect = i + 1, _close(stack, "[")
+                self._close()
             elif c in "{[":
-                stack.append(c)
-                i, expect = i + 1, "key_or_end" if c == "{" else "value_or_end"
+                self.stack.append(c)
+                self.expect = "key_or_end" if c == "{" else "value_or_end"
             elif c == '"':
-                end = _scan_string(s, i)
-                if end is None:
-                    return ""  # string still open: fine so far
-                if end < 0:
-                    return None
-                i, expect = end, "comma_or_end"
+                self.string = "value"
             elif c == "-" or c.isdigit():
-                j = i
-                while j < n and s[j] in "0123456789+-.eE":
-                    j += 1
-                number = s[i:j]
-                if j == n:
-                    return "" if any(_NUMBER.fullmatch(number + x) for x in ("", "0")) else None
-                if not _NUMBER.fullmatch(number):
-                    return None
-                i, expect = j, "comma_or_end"
-            elif c in "tfn":
-                word = next((w for w in _LITERALS if w[0] == c), "")
-                chunk = s[i:i + len(word)]
-                if not word.startswith(chunk):
-                    return None
-                if len(chunk) < len(word):
-                    return ""
-                i, expect = i + len(word), "comma_or_end"
+                self.number = c
+            elif c in _LITERAL_BY_FIRST:
+                self.literal = (_LITERAL_BY_FIRST[c], 1)
             else:
-                return None
-        elif expect in ("key", "key_or_end"):
+                return False
+            return True
+        if expect in ("key", "key_or_end"):
             if c == "}" and expect == "key_or_end":
-                i, expect = i + 1, _close(stack, "{")
+                self._close()
             elif c == '"':
-                end = _scan_string(s, i)
-                if end is None:
-                    return ""
-                if end < 0:
-                    return None
-                i, expect = end, "colon"
+                self.string = "key"
             else:
-                return None
-        elif expect == "colon":
+                return False
+            return True
+        if expect == "colon":
             if c != ":":
-                return None
-            i, expect = i + 1, "value"
-        elif expect == "comma_or_end":
-            if c == ",":
-                i, expect = i + 1, "key" if stack[-1] == "{" else "value"
-            elif c == ("}" if stack[-1] == "{" else "]"):
-                i, expect = i + 1, _close(stack, stack[-1])
+                return False
+            self.expect = "value"
+            return True
+        # comma_or_end
+        if c == ",":
+            self.expect = "key" if self.stack[-1] == "{" else "value"
+        elif c == ("}" if self.stack[-1] == "{" else "]"):
+            self._close()
+        else:
+            return False
+        return True
+
+    def _string_char(self, c: str) -> bool:
+        if self.escape == 0:
+            if c == "u":
+                self.escape = 1
+            elif c in '"\\/bfnrt':
+                self.escape = -1
             else:
-                return None
-        if expect == "done":
-            return s[i:]
-    return ""
+                return False
+        elif self.escape > 0:
+            if c not in _HEX:
+                return False
+            self.escape = self.escape + 1 if self.escape < 4 else -1
+        elif c == "\\":
+            self.escape = 0
+        elif c == '"':
+            if self.string == "key":
+                self.expect = "colon"
+            else:
+                self._value_done()
+            self.string = None
+        elif ord(c) < 0x20:  # raw control characters (a newline) are not allowed inside JSON strings
+            return False
+        return True
+
+    def _value_done(self) -> None:
+        self.expect = "after" if not self.stack else "comma_or_end"
+
+    def _close(self) -> None:
+        self.stack.pop()
+        self._value_done()
 
 
-def _close(stack: list[str], opener: str) -> str:
-    stack.pop()
-    return "done" if not stack else "comma_or_end"
+def detector(params: Mapping[str, Any]) -> JsonDetector:
+    return JsonDetector()
 
 
-def _scan_string(s: str, start: int) -> int | None:
-    """Index after the closing quote of the string opening at `start`; None if still open; -1 if broken."""
-    i = start + 1
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            if i + 1 >= len(s):
-                return None
-            esc = s[i + 1]
-            if esc == "u":
-                digits = s[i + 2:i + 6]
-                if not all(d in "0123456789abcdefABCDEF" for d in digits):
-                    return -1
-                if len(digits) < 4:
-                    return None
-                i += 6
-                continue
-            if esc not in '"\\/bfnrt':
-                return -1
-            i += 2
-            continue
-        if c == '"':
-            return i + 1
-        if ord(c) < 0x20:  # raw control characters (a newline) are not allowed inside JSON strings
-            return -1
-        i += 1
-    return None
+def json_prefix_ok(text: str) -> bool:
+    """Whether `text` can still be extended into a response the json checker accepts."""
+    return JsonDetector().feed(text) is None
 
 
 def demo(params: Mapping[str, Any]) -> str:
@@ -186,5 +222,5 @@ def demo(params: Mapping[str, Any]) -> str:
 TASK = Task(
     id="json_format", kind="structural", summary="the whole response is valid JSON (IFEval json_format)",
     checker=check, validator=validate, render=lambda p: "Reply only with valid JSON.", sampler=common.no_params,
-    demo_text=demo, onset_rule=onset, order=30,
+    demo_text=demo, detector=detector, order=30,
 )

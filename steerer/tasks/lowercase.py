@@ -7,11 +7,11 @@ says "not confirmed English" for a bare noun phrase such as "etchings", as langd
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from steerer.tasks import common
-from steerer.tasks.base import Task, first_index
+from steerer.tasks.base import Task
 
 # Frequent English function words: a text with none of them cannot be confirmed as English prose.
 ENGLISH_FUNCTION_WORDS = common.wordset(
@@ -45,9 +45,23 @@ def check(response: str, params: Mapping[str, Any]) -> bool:
     return text.islower() and looks_english(text)
 
 
-def onset(params: Mapping[str, Any], prefixes: Sequence[str]) -> int | None:
-    """The first token that brings an uppercase (or titlecase) letter."""
-    return first_index(prefixes, lambda prefix: any(c.isupper() or c.istitle() for c in prefix))
+class CapitalDetector:
+    """Decided at the first uppercase or titlecase letter (then ``str.islower()`` is False whatever follows):
+    O(delta) per token. No letter at all, or text that is not English, is only known at the end."""
+
+    def __init__(self) -> None:
+        self.length = 0
+
+    def feed(self, delta: str, final: bool = False) -> int | None:
+        for i, c in enumerate(delta):
+            if c.isupper() or c.istitle():
+                return self.length + i + 1
+        self.length += len(delta)
+        return None
+
+
+def detector(params: Mapping[str, Any]) -> CapitalDetector:
+    return CapitalDetector()
 
 
 TASK = Task(
@@ -56,5 +70,5 @@ TASK = Task(
     render=lambda p: "Write everything in lowercase letters; do not use any capital letters.",
     sampler=common.no_params,
     demo_text=lambda p: " ".join(common.DEMO_SENTENCES[:3]).lower(),
-    onset_rule=onset, order=40,
+    detector=detector, order=40,
 )

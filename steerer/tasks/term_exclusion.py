@@ -5,11 +5,11 @@ A case-insensitive whole-word match (``\\b`` both sides), so "oceans" does not v
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from steerer.tasks import common
-from steerer.tasks.base import Task, first_index
+from steerer.tasks.base import Task
 
 # Words to avoid, by how hard they are to avoid in an ordinary answer.
 EXCLUSION_TIERS: tuple[tuple[str, ...], ...] = (
@@ -35,19 +35,38 @@ def check(response: str, params: Mapping[str, Any]) -> bool:
     return not any(common.whole_word_pattern(term).search(text) for term in terms)
 
 
-def onset(params: Mapping[str, Any], prefixes: Sequence[str]) -> int | None:
-    """The token that completes the first forbidden word (whole word, any case) of the final text.
+class TermDetector:
+    """Decided when a forbidden word is known to be whole: the character after it has arrived (not a word
+    character, or the match would not be whole), or the response ended with it. A prefix ending in "ocean"
+    is not yet a violation: the next token may make it "oceans". The position reported is the match's end,
+    so the violation is attributed to the token that completed the word (usually one token before the one
+    that made it certain).
 
-    Matched on the final text, not on each prefix: a prefix ending in "ocean" is not yet a violation if
-    the next token makes it "oceans".
-    """
-    if not prefixes:
+    Per token it searches only a tail: the new text plus the last (longest term + 2) characters before it,
+    enough to hold a match still waiting for its next character and the character before that match. Cost:
+    one regex search per term over that tail."""
+
+    def __init__(self, terms: list[str]) -> None:
+        self.patterns = [common.whole_word_pattern(term) for term in terms]
+        self.keep = max(len(term) for term in terms) + 2
+        self.tail = ""  # the last `keep` characters of the text so far
+        self.start = 0  # position of `tail` in the whole text
+
+    def feed(self, delta: str, final: bool = False) -> int | None:
+        text = self.tail + delta
+        # From position 1 of a cut tail: the boundary checks still see the character before it.
+        begin = 1 if self.start else 0
+        ends = [m.end() for pattern in self.patterns for m in pattern.finditer(text, begin)
+                if m.end() < len(text) or final]
+        if ends:
+            return self.start + min(ends)
+        cut = max(0, len(text) - self.keep)
+        self.tail, self.start = text[cut:], self.start + cut
         return None
-    text = prefixes[-1]
-    ends = [m.end() for term in params["terms"] for m in [common.whole_word_pattern(term).search(text)] if m]
-    if not ends:
-        return None
-    return first_index(prefixes, lambda prefix: len(prefix) >= min(ends))
+
+
+def detector(params: Mapping[str, Any]) -> TermDetector:
+    return TermDetector(list(params["terms"]))
 
 
 def render(p: Mapping[str, Any]) -> str:
@@ -64,5 +83,5 @@ def demo(params: Mapping[str, Any]) -> str:
 TASK = Task(
     id="term_exclusion", kind="lexical", summary="none of the words occurs (IFEval forbidden_words)",
     checker=check, validator=validate, render=render, sampler=common.tiered_terms(EXCLUSION_TIERS),
-    demo_text=demo, onset_rule=onset, order=50,
+    demo_text=demo, detector=detector, order=50,
 )

@@ -1,0 +1,105 @@
+"""`steerer probes train`: committed corpus + cached features -> chosen probes, their measurements, the bank,
+and the paper's report. Nothing here looks at a test split or IFEval before every choice is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from probes import evaluation, ifeval
+from probes.dataset import TaskData
+from probes.features import load_features
+
+GENERALISATION_SPLITS = ("test", "heldout_phrasing", "ifeval")
+
+
+def load_ifeval(corpus: Path, features: Path) -> TaskData | None:
+    """IFEval's responses with their features (split "ifeval"), or None when they were not generated."""
+    if not (corpus / ifeval.FILE).exists():
+        return None
+    rows = [r | {"split": "ifeval", "family": "ifeval", "base_id": r["id"]} for r in ifeval.load(corpus)]
+    return load_features(features, ifeval.TASK, rows)
+
+
+def rows_of(data: TaskData, mask: np.ndarray) -> TaskData:
+    """Some rows' EOS-position data (no per-token readings): enough to measure a probe on them."""
+    rows = [r for r, keep in zip(data.rows, mask, strict=True) if keep]
+    return TaskData(rows, data.positions[torch.from_numpy(np.asarray(mask))], data.tokens[:0],
+                    torch.zeros(len(rows) + 1, dtype=torch.long))
+
+
+def baseline_design(design: evaluation.Design) -> evaluation.Design | None:
+    """The same parameter handling without the residual: how much the request alone predicts (None where the
+    design reads no parameters, so the baseline is a constant)."""
+    if design.describe.get("variant") is None and not design.describe.get("inputs"):
+        return None
+    return dataclasses.replace(design, name=f"{design.name} (params only)", residual=False, lexical=False)
+
+
+def measure_all(probe: evaluation.FittedProbe, data: TaskData, external: TaskData | None) -> dict:
+    out = {split: evaluation.measure(probe, data, data.split == split) for split in GENERALISATION_SPLITS[:2]}
+    out["ifeval"] = evaluation.measure(probe, external, np.ones(len(external.rows), dtype=bool)) \
+        if external is not None and len(external.rows) else None
+    return out
+
+
+def choose_and_measure(task: str, data: TaskData, external: TaskData | None, layers: list[int]) -> dict:
+    """The chosen probe (design, layer, C by family-grouped CV on train), every candidate's CV score, its
+    measurements on every split, the single-probe design's, and the params-only baseline's."""
+    designs = tuple(d for d in evaluation.designs_for(task) if not d.lexical or data.lexical is not None)
+    chosen, scores = evaluation.choose(data, layers, designs)
+    single, _ = evaluation.choose(data, layers, (evaluation.BASE,))
+    result = {"probe": chosen, "cv_scores": scores, "measured": measure_all(chosen, data, external),
+              "single": {"layer": single.layer, "cv_auroc": round(single.cv_auroc, 4),
+                         "measured": measure_all(single, data, external)}}
+    baseline = baseline_design(chosen.design)
+    if baseline is not None:
+        params_only, _ = evaluation.choose(data, [chosen.layer], (baseline,))
+        result["params_only"] = {"cv_auroc": round(params_only.cv_auroc, 4),
+                                 "measured": measure_all(params_only, data, external)}
+    return result
+
+
+def train_corpus(corpus: Path, features: Path, tasks: list[str], token_layers: list[int], lens_of=None,
+                 progress: bool = True) -> tuple[dict[str, TaskData], dict[str, dict]]:
+    """Every task's data and its `choose_and_measure` result (bank probes live at token layers, so their flag
+    thresholds are calibrated on the per-token readings the monitor will see). `lens_of`: (LensWeights,
+    tokenizer) of the model, for the tasks whose designs read the logit lens of the request's words."""
+    external = load_ifeval(corpus, features)
+    datas, results = {}, {}
+    for task in tqdm(tasks, desc="probes", disable=not progress):
+        datas[task] = evaluation.load_task(corpus, features, task)
+        mine = rows_of(external, np.array([r["task"] == task for r in external.rows])) if external else None
+        mine = mine if mine is not None and mine.rows else None  # IFEval has no prompts for some tasks
+        if task in evaluation.LENS_PARAM and lens_of is not None:
+            for data in (datas[task], mine):
+                if data is not None:
+                    evaluation.attach_lexical(data, *lens_of, evaluation.LENS_PARAM[task])
+        results[task] = choose_and_measure(task, datas[task], mine, token_layers)
+    return datas, results
+
+
+def generalisation_summary(results: dict[str, dict]) -> dict[str, dict]:
+    """Per task, the report's generalisation columns (in distribution, held-out phrasing, IFEval) with n and
+    intervals, for the chosen probe, the single-probe design and the params-only baseline."""
+    def cols(measured: dict) -> dict:
+        return {split: (measured[split] if measured.get(split) else None) for split in GENERALISATION_SPLITS}
+
+    out = {}
+    for task, r in results.items():
+        probe = r["probe"]
+        out[task] = {"design": probe.design.name, "layer": probe.layer, "C": probe.c,
+                     "cv_auroc": round(probe.cv_auroc, 4), **cols(r["measured"]),
+                     "single": {"layer": r["single"]["layer"], **cols(r["single"]["measured"])},
+                     "params_only": cols(r["params_only"]["measured"]) if "params_only" in r else None}
+    return out
+
+
+def write_generalisation(out: Path, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generalisation.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,87 @@
+"""Parameter conditioning of bank probes: how a request's parameters select and shift a probe.
+
+A probe for "at most 50 words" and one for "at least 50 words" read the same residual in opposite ways, and a
+probe for "positive" sentiment must not be the one for "negative". A bank probe may therefore declare
+`conditioning` (data in its manifest, computed by the runtime on every backend from the request's params):
+
+- ``variant``: the name of a rule (``VARIANTS``) mapping params to a key; each key has its own weight row
+  (``rows``: key -> row of the bank's ``variant_weights``); an unseen key uses the probe's own row;
+- ``inputs``: scalar inputs computed from params (``{"param": "limit", "transform": "log"}``); their
+  coefficients per row are in ``input_weights``, so the logit gains a per-request constant:
+  w_r . x + b_r + sum_f c_rf * input_f(params);
+- ``lens``: the name of a param holding words (terms, a topic): two per-token inputs, the logit lens of those
+  words at the probe's layer (`steerer.lens`), with coefficients per row in ``lens_weights``.
+
+Everything here is a pure function of params, evaluated once when a request joins; per token the monitor
+only gathers each row's weight row and adds its constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+VARIANTS: dict[str, Callable[[dict], str]] = {
+    "bound": lambda params: "lower" if params.get("relation") == "at least" else "upper",
+    "polarity": lambda params: str(params.get("polarity")),
+    "register": lambda params: str(params.get("register")),
+}
+TRANSFORMS: dict[str, Callable[[float], float]] = {
+    "log": lambda v: math.log(max(v, 1.0)),
+    "identity": lambda v: v,
+}
+MAX_INPUTS = 4
+
+
+class ConditioningError(ValueError):
+    """A probe's conditioning declaration names an unknown rule or is malformed."""
+
+
+def check(conditioning: dict | None, n_variant_rows: int) -> None:
+    """ConditioningError unless the declaration is well formed for a bank with that many variant rows."""
+    if conditioning is None:
+        return
+    if not isinstance(conditioning, dict) or set(conditioning) - {"variant", "rows", "inputs", "lens"}:
+        raise ConditioningError(f"conditioning must be an object with variant/rows/inputs/lens, "
+                                f"got {conditioning!r:.80}")
+    if "lens" in conditioning and not (isinstance(conditioning["lens"], str) and conditioning["lens"]):
+        raise ConditioningError(f"conditioning lens must name a param, got {conditioning['lens']!r:.80}")
+    variant = conditioning.get("variant")
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise ConditioningError(f"unknown conditioning variant {variant!r}; known: {', '.join(VARIANTS)}")
+        rows = conditioning.get("rows")
+        if not isinstance(rows, dict) or not rows or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n_variant_rows for r in rows.values()):
+            raise ConditioningError(f"conditioning rows must map keys to variant rows in [0, {n_variant_rows}), "
+                                    f"got {rows!r:.80}")
+    inputs = conditioning.get("inputs", [])
+    if not isinstance(inputs, list) or len(inputs) > MAX_INPUTS:
+        raise ConditioningError(f"conditioning inputs must be a list of at most {MAX_INPUTS}")
+    for spec in inputs:
+        if not (isinstance(spec, dict) and isinstance(spec.get("param"), str)
+                and spec.get("transform", "identity") in TRANSFORMS):
+            raise ConditioningError(f"conditioning input must be {{param, transform in {sorted(TRANSFORMS)}}}, "
+                                    f"got {spec!r:.80}")
+
+
+def variant_row(conditioning: dict | None, params: dict) -> int | None:
+    """The variant row for these params, or None for the probe's own row."""
+    if not conditioning or conditioning.get("variant") is None:
+        return None
+    return conditioning["rows"].get(VARIANTS[conditioning["variant"]](params))
+
+
+def lens_param(conditioning: dict | None) -> str | None:
+    """The param whose words the probe's lens inputs read, or None."""
+    return (conditioning or {}).get("lens")
+
+
+def input_values(conditioning: dict | None, params: dict) -> list[float]:
+    """The declared scalar inputs for these params (a missing or non-numeric param counts as 0)."""
+    out = []
+    for spec in (conditioning or {}).get("inputs", []):
+        value = params.get(spec["param"])
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        out.append(TRANSFORMS[spec.get("transform", "identity")](float(value)) if ok else 0.0)
+    return out

@@ -1,0 +1,429 @@
+"""`VLLMSteerer`: steerer's monitoring and per-request steering on vLLM's offline engine.
+
+The same `Controller` as the transformers backend, driven from vLLM's step loop in this process (vLLM's
+engine core in-process, one worker): before each `LLMEngine.step()` the controller writes every in-flight
+slot's coefficients into the steering tables the custom op reads; after it, the taps of the rows that
+completed their pass are scored, flags settle, and each row's new token becomes a `TokenEvent`.
+Results are `steerer.controller.Result`, as from `Steerer`.
+
+Threads: with the engine core and worker in this process, the model's kernels run on the thread that calls
+`step`, with that thread's torch intra-op thread count (vLLM's own binding and thread settings apply to worker
+processes it starts, not here). `threads` sets it, at start-up and again on whichever thread calls `step`
+(the count is per OS thread, and vLLM's CPU worker replaces `torch.set_num_threads` with a no-op); None leaves
+it. On a machine shared with other work, OpenMP threads spin-waiting for a descheduled peer make every small op
+slow: use 1 there (the benchmark does).
+
+Matching the transformers loop: a row that samples EOS is kept for one more pass so the EOS token's
+residual is read (vLLM runs with `ignore_eos` and the driver stops rows itself, aborting them in vLLM);
+a row stops at `max_new_tokens` recorded tokens. Steered requests carry a `cache_salt` (`salt.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerer.bank import ProbeBank
+from steerer.controller import Controller, Result, TokenEvent
+from steerer.core import Request
+from steerer.engine.vllm import ARCHITECTURE, LAYERS_KEY, VLLM_VERSION
+from steerer.engine.vllm.state import STATE
+from steerer.generation import MIN_TEMPERATURE
+from steerer.lens import LensWeights
+from steerer.model import chat_prompt, model_fingerprint, resolve_model_path
+from steerer.monitor import MonitorConfig
+from steerer.taps import Where
+
+# Set before vLLM reads them (setdefault: the caller's environment wins).
+ENVIRONMENT = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core and worker in this process: the controller shares memory
+    "VLLM_USE_V2_MODEL_RUNNER": "0",  # the V1 runner's logits-processor interface tells rows apart (rows.py)
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on the CPU backend
+    "VLLM_CPU_OMP_THREADS_BIND": "0",  # read by vLLM's multiprocess executor only; in-process, see `threads`
+}
+
+
+def configure_environment() -> None:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+_SET_NUM_THREADS = torch._C.set_num_threads  # torch.set_num_threads itself; vLLM's CPU worker replaces the latter
+
+
+def use_threads(threads: int | None) -> None:
+    """torch intra-op threads for the calling OS thread (through torch's own function: vLLM's CPU worker
+    replaces `torch.set_num_threads` with a no-op once it has bound its threads)."""
+    if threads and torch.get_num_threads() != threads:
+        _SET_NUM_THREADS(threads)
+
+
+def check_version() -> None:
+    import vllm
+
+    if vllm.__version__ != VLLM_VERSION:
+        raise RuntimeError(f"steerer's vLLM backend is pinned to vllm {VLLM_VERSION}; found {vllm.__version__}")
+
+
+@dataclass
+class _Live:
+    """A request in flight in vLLM: what the driver tracks on the host."""
+
+    slot: int
+    vllm_id: str
+    request: Request
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    started: bool = False  # a pass has completed its prompt
+    closing: bool = False  # chose EOS: one more pass reads the EOS residual
+
+
+class _Embeddings:
+    """Just enough of a transformers model for `model_fingerprint` (config + first embedding rows)."""
+
+    def __init__(self, config, weight: torch.Tensor):
+        self.config, self.weight = config, weight
+
+    def get_input_embeddings(self):
+        return self
+
+
+class VLLMModel:
+    """What the server needs to know of the model (`steerer.model.LoadedModel`'s members it reads), from a
+    running vLLM engine: no transformers model is loaded."""
+
+    def __init__(self, steerer: VLLMSteerer, name: str | None = None):
+        from steerer.model import DEFAULT_MODEL
+
+        config = steerer.engine.model_config.hf_config
+        self.tokenizer = steerer.tokenizer
+        self.name = name or DEFAULT_MODEL
+        self.fingerprint = steerer.fingerprint()
+        self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        value = getattr(config, "max_position_embeddings", None)
+        self.max_positions = int(value) if value else None
+
+
+class VLLMSteerer:
+    """Generate with monitoring and per-request steering on vLLM. `run`/`generate` as `Steerer`'s; `admit`,
+    `step`, `drain`, `cancel`, `validate`, `free_slots`, `in_flight`, `bank` and `close` as the server's
+    scheduler drives them.
+
+    `enforce_eager=False` (default) runs vLLM compiled. `llm_kwargs` go to `vllm.LLM` (e.g. a smaller
+    `max_num_batched_tokens` to force chunked prefill). `layers`: the decoder layers that call the op
+    (default: the bank's; "all": every layer); a later bank on the same engine must use only these.
+    `llm`: reuse the engine of a closed `VLLMSteerer` (a bank swap without rebuilding vLLM); engine options
+    are then ignored.
+    `threads`: torch intra-op threads (see the module docstring); None leaves them as they are.
+    """
+
+    def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
+                 dtype: str = "float32", enforce_eager: bool = False, max_model_len: int = 2048,
+                 monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
+                 check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
+                 seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
+                 threads: int | None = None, llm: Any = None):
+        configure_environment()
+        check_version()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from steerer.engine.vllm.model import op_layers
+        from steerer.engine.vllm.plugin import register
+        from steerer.engine.vllm.rows import SteererRows
+
+        if STATE.installed:
+            raise RuntimeError("another VLLMSteerer holds this process's vLLM plugin state; close it first")
+        register()
+        self.threads = threads
+        use_threads(threads)
+        self.bank = bank
+        self.where = Where(where)
+        self.monitor_config = monitor_config or MonitorConfig()
+        if llm is None:
+            self.path = resolve_model_path(model)
+            overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+            if layers != "all":  # without the key every decoder layer calls the op
+                overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
+            kwargs = dict(model=self.path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
+                          max_num_seqs=max_num_seqs, gpu_memory_utilization=0.3, enable_prefix_caching=True,
+                          async_scheduling=False, seed=seed, hf_overrides=overrides, logits_processors=[SteererRows])
+            kwargs.update(llm_kwargs or {})
+            llm = LLM(**kwargs)
+            use_threads(threads)  # in-process engine start-up leaves its own setting behind
+        self.llm = llm
+        self.engine = self.llm.llm_engine
+        self.path = self.engine.model_config.model
+        config = self.engine.model_config.hf_config
+        self.layers = op_layers(config)
+        if self.layers is None:
+            self.layers = frozenset(range(int(config.num_hidden_layers)))
+        missing = sorted(set(bank.layers) - self.layers)
+        if missing:
+            raise ValueError(f"the bank uses decoder layers {missing} that this vLLM engine does not tap (built "
+                             f"for {sorted(self.layers)}); start an engine for this bank")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if check_bank:
+            bank.check_model(self.fingerprint(), self.hidden_size)
+        self.capacity = capacity
+        self.options = dict(monitor_config=self.monitor_config, where=self.where, capacity=capacity, record=record,
+                            check=check, use_unreliable_probes=use_unreliable_probes)  # for a successor on this engine
+        self.controller = Controller(bank, self.tokenizer, capacity=capacity, device="cpu",
+                                     monitor_config=self.monitor_config, where=self.where, record=record,
+                                     check=check, use_unreliable_probes=use_unreliable_probes,
+                                     lens=self.lens_weights(bank))
+        self._muted = self.controller.muted.tolist()
+        self.eos_token_ids = eos_ids(self.path, self.tokenizer)
+        self._all = torch.arange(capacity)
+        self._live: dict[int, _Live] = {}  # slot -> request in flight
+        self._by_vllm: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._seen_pass = STATE.passes
+        self.stats = {"passes": 0, "chunk_rows": 0, "mixed_passes": 0}  # chunked prefill seen (tests)
+        STATE.install(capacity, self.controller.tap_layers, self.controller.steering)
+
+    # -- the model -------------------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.engine.model_config.hf_config.hidden_size)
+
+    def lens_weights(self, bank: ProbeBank) -> LensWeights | None:
+        """The model's final norm and unembedding, copied out of vLLM's model, when a probe of `bank` reads the
+        logit lens of the request's words (`steerer.lens`); else None."""
+        if not any(bank.lens_params):
+            return None
+
+        def take(m):
+            norm = m.model.norm
+            return norm.weight.detach().float().clone(), float(norm.variance_epsilon), \
+                m.lm_head.weight.detach().float().clone()
+
+        norm_weight, eps, unembedding = self.llm.apply_model(take)[0]
+        return LensWeights(norm_weight, eps, unembedding)
+
+    def fingerprint(self) -> str:
+        """The loaded weights' steerer fingerprint (what a bank is checked against)."""
+        config = self.engine.model_config.hf_config
+        weight = self.llm.apply_model(lambda m: m.model.embed_tokens.weight[:64].detach().clone())[0]
+        return model_fingerprint(_Embeddings(config, weight))
+
+    def close(self) -> None:
+        """Abort what is in flight (the engine stays usable: `VLLMSteerer(bank, llm=old.llm)`) and release the
+        plugin state."""
+        ids = [live.vllm_id for live in self._live.values()]
+        self._live.clear()
+        self._by_vllm.clear()
+        if ids:
+            self.engine.abort_request(ids)
+        STATE.uninstall()
+
+    def __enter__(self) -> VLLMSteerer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    @property
+    def free_slots(self) -> int:
+        return self.controller.free_slots
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def salt(self, request: Request) -> str | None:
+        from steerer.engine.vllm.salt import cache_salt
+
+        return cache_salt(request, self.bank, self._muted, self.where.value, self.monitor_config)
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError (with a message for the user) if the request cannot run on this bank."""
+        self.controller.validate(request)
+
+    def drain(self) -> list[TokenEvent]:
+        """Events produced outside `step` (none here: prefill happens inside vLLM's steps)."""
+        return []
+
+    def admit(self, requests: Iterable[Request]) -> list[Result]:
+        """Validate and hand requests to vLLM's scheduler; they join its running batch at the next step.
+        Returns the requests that finished at once (none: vLLM prefills them within `step`)."""
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        requests = list(requests)
+        if len(requests) > self.controller.free_slots:
+            raise RuntimeError(f"only {self.controller.free_slots} free slots for {len(requests)} requests")
+        for request in requests:
+            self.controller.validate(request)
+        for request in requests:
+            slot = self.controller.add(request)
+            sampling = request.sampling.validate()
+            ids = chat_prompt(self.tokenizer, request.prompt, request.system)
+            greedy = sampling.temperature < MIN_TEMPERATURE
+            params = VLLMSampling(max_tokens=sampling.max_new_tokens + 1, ignore_eos=True,
+                                  temperature=0.0 if greedy else sampling.temperature,
+                                  top_p=1.0 if greedy else sampling.top_p, seed=None if greedy else sampling.seed,
+                                  output_kind=RequestOutputKind.DELTA, detokenize=False,
+                                  extra_args={"steerer_slot": slot})
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            salt = self.salt(request)
+            if salt is not None:
+                prompt["cache_salt"] = salt
+            vllm_id = f"steerer-{next(self._ids)}"
+            self.engine.add_request(vllm_id, prompt, params)
+            self._live[slot] = _Live(slot, vllm_id, request, len(ids))
+            self._by_vllm[vllm_id] = slot
+        return []
+
+    def cancel(self, request_id: str) -> bool:
+        slot = self.controller.slot_of(request_id)
+        if slot is None or slot not in self._live:
+            return False
+        self._drop(slot)
+        self.controller.remove(slot)
+        return True
+
+    def step(self) -> tuple[list[TokenEvent], list[Result]]:
+        """One vLLM step (one forward pass over what its scheduler picked): token events and finished results."""
+        use_threads(self.threads)  # per OS thread: the server steps from its scheduler thread
+        self._coefficients()
+        outputs = self.engine.step()
+        return self._read(outputs)
+
+    def generate(self, requests: Iterable[Request], max_batch: int | None = None) -> Iterator[TokenEvent | Result]:
+        """Run requests to completion, admitting up to `max_batch` at a time; yield events and results."""
+        queue = list(requests)
+        max_batch = min(max_batch or self.capacity, self.capacity)
+        while queue or self._live:
+            room = min(max_batch - self.in_flight, self.controller.free_slots)
+            if queue and room > 0:
+                admitted, queue = queue[:room], queue[room:]
+                self.admit(admitted)
+            events, done = self.step()
+            yield from events
+            yield from done
+
+    def run(self, requests: Iterable[Request], max_batch: int | None = None) -> list[Result]:
+        requests = list(requests)
+        results = [r for r in self.generate(requests, max_batch) if isinstance(r, Result)]
+        by_id = {r.request_id: r for r in results}
+        if all(r.id for r in requests):
+            return [by_id[r.id] for r in requests]
+        return sorted(results, key=lambda r: int(r.request_id.rsplit("-", 1)[-1]))
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _coefficients(self) -> None:
+        """Every in-flight slot's alphas for the next pass, indexed by slot (the op gathers rows from them).
+        A row still in its prompt gets position -1, so `where=generated` gives it zeros (as the HF loop)."""
+        if not self._live:
+            return
+        live = torch.zeros(self.capacity, dtype=torch.bool)
+        positions = torch.full((self.capacity,), -1, dtype=torch.long)
+        slots = list(self._live)
+        live[slots] = True
+        positions[[s for s in slots if self._live[s].started]] = 0
+        self.controller.coefficients(self._all, positions, live)
+
+    def _read(self, outputs) -> tuple[list[TokenEvent], list[Result]]:
+        new_tokens: dict[int, list[int]] = {}
+        for output in outputs:
+            slot = self._by_vllm.get(output.request_id)
+            if slot is not None and output.outputs and output.outputs[0].token_ids:
+                new_tokens[slot] = list(output.outputs[0].token_ids)
+        info = STATE.last_pass()
+        if info is None or info.number == self._seen_pass:
+            if new_tokens:
+                raise RuntimeError("steerer: vLLM produced tokens without a pass the plugin saw")
+            return [], []
+        self._seen_pass = info.number
+        picked, slots, index, closing = [], [], [], []
+        chunks = decoding = 0
+        for row, slot in enumerate(info.slots):
+            if slot < 0 or slot not in self._live:
+                continue
+            if not info.complete(row):  # a prefill chunk that does not reach the prompt's end: no token
+                chunks += 1
+                continue
+            decoding += info.last_positions[row] >= info.prompt_lengths[row]
+            picked.append(row)
+            slots.append(slot)
+            index.append(info.last_positions[row] - info.prompt_lengths[row])
+            closing.append(self._live[slot].closing)
+        self.stats["passes"] += 1
+        self.stats["chunk_rows"] += chunks
+        self.stats["mixed_passes"] += bool(chunks and decoding)
+        expected = {s for s, c in zip(slots, closing, strict=True) if not c}
+        if set(new_tokens) - set(slots) or expected - set(new_tokens):
+            raise RuntimeError(f"steerer: rows that completed a pass {sorted(expected)} and requests with new "
+                               f"tokens {sorted(new_tokens)} differ; vLLM's batch layout moved")
+        if not picked:
+            return [], []
+        rows = torch.tensor(picked)
+        residuals = {layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers}
+        slot_tensor = torch.tensor(slots)
+        observation = self.controller.observe(slot_tensor, torch.tensor(index), residuals, torch.tensor(closing))
+        self.controller.settle(slots, index, closing, observation.tensors())
+        events, results = [], []
+        for slot, is_closing in zip(slots, closing, strict=True):
+            live = self._live[slot]
+            if is_closing:
+                results.append(self._finish(slot, "eos"))
+                continue
+            (token,) = new_tokens[slot][-1:]  # one sampled token per completed pass (no speculative decoding)
+            live.started = True
+            sampling = live.request.sampling
+            eos = token in self.eos_token_ids and not sampling.ignore_eos
+            if not eos:
+                live.tokens.append(token)
+            finished = eos or len(live.tokens) >= sampling.max_new_tokens
+            events.append(self.controller.token(slot, token, not eos, finished))
+            if eos:
+                live.closing = True
+            elif finished:
+                results.append(self._finish(slot, "length"))
+        return events, results
+
+    def _finish(self, slot: int, reason: str) -> Result:
+        live = self._live[slot]
+        self._drop(slot)
+        return self.controller.finish(slot, reason, live.prompt_tokens, live.tokens)
+
+    def _drop(self, slot: int) -> None:
+        live = self._live.pop(slot)
+        self._by_vllm.pop(live.vllm_id, None)
+        self.engine.abort_request([live.vllm_id])
+
+
+def eos_ids(path: str, tokenizer) -> tuple[int, ...]:
+    """The generation config's EOS ids and the tokenizer's (as `steerer.engine.hf.eos_token_ids`)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    eos = list(eos) if isinstance(eos, list | tuple) else [eos]
+    eos.append(tokenizer.eos_token_id)
+    return tuple(sorted({int(e) for e in eos if e is not None}))
+
+
+def scheduler_factory(first: VLLMSteerer) -> Callable[[ProbeBank], VLLMSteerer]:
+    """`steerer_factory` for the server's scheduler: the first call hands over `first`; later ones (a bank
+    swap, a restart after a failed pass) build a `VLLMSteerer` on the same vLLM engine with the same options."""
+    pending = [first]
+    options = dict(first.options, threads=first.threads)
+
+    def make(bank: ProbeBank) -> VLLMSteerer:
+        if pending and pending[0].bank is bank:
+            return pending.pop()
+        pending.clear()
+        return VLLMSteerer(bank, llm=first.llm, **options)
+
+    return make

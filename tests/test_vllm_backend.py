@@ -1,0 +1,289 @@
+"""The vLLM backend end to end (skipped unless vLLM is installed: `scripts/setup-vllm`, then run pytest with
+that venv's python). One compiled fp32 engine serves every test; a small token budget per step forces
+chunked prefill and passes that mix prefill chunks with decoding rows.
+
+References: the transformers backend (run in the main venv, whose transformers vLLM cannot share) and
+plain vLLM (its own Llama, no plugin, in a subprocess with the same engine settings).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+from steerer import Constraint, ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
+from steerer.engine.vllm import ARCHITECTURE, VLLM_VERSION  # noqa: E402
+from steerer.engine.vllm.parity import PROMPTS, parity_requests, result_record  # noqa: E402
+from steerer.model import chat_prompt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_PYTHON = Path(os.environ.get("STEERER_HF_PYTHON", ROOT / ".venv" / "bin" / "python"))
+# 48 tokens per step chunks every prompt; 32-token KV blocks (CPU default: 128) let a 30-token answer fill
+# cached blocks, which the prefix-cache test needs.
+ENGINE = {"max_num_seqs": 8, "max_model_len": 1024, "max_num_batched_tokens": 48, "block_size": 32}
+RISK_TOLERANCE = 2e-3  # |P_vllm - P_hf| per token, fp32 (measured: under 1e-5)
+
+
+# -- the integration points, asserted so an upgrade that moves them fails here first ---------------------------
+def test_pinned_vllm_version_and_internals():
+    assert vllm.__version__ == VLLM_VERSION
+    from vllm import ModelRegistry
+    from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available  # noqa: F401
+    from vllm.inputs import TokensPrompt
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+    from vllm.utils.torch_utils import direct_register_custom_op
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    assert "layer_type" in inspect.signature(LlamaForCausalLM.__init__).parameters
+    assert list(inspect.signature(LlamaDecoderLayer.forward).parameters) == ["self", "positions", "hidden_states",
+                                                                               "residual"]
+    # Only the backbone is compiled, so SteererLlamaForCausalLM.forward (which maps the pass) runs as Python.
+    assert "support_torch_compile" in LlamaModel.__init__.__qualname__
+    assert "support_torch_compile" not in LlamaForCausalLM.__init__.__qualname__
+    assert LlamaForCausalLM.forward.__qualname__ == "LlamaForCausalLM.forward"
+    assert {"query_start_loc", "seq_lens"} <= set(CPUAttentionMetadata.__dataclass_fields__)
+    assert "attn_metadata" in ForwardContext.__dataclass_fields__
+    assert {"batch_size", "removed", "added", "moved"} <= set(BatchUpdate.__dataclass_fields__)
+    assert {m.name for m in MoveDirectionality} == {"UNIDIRECTIONAL", "SWAP"}
+    assert {"update_state", "apply", "is_argmax_invariant"} <= LogitsProcessor.__abstractmethods__
+    assert {"op_name", "op_func", "mutates_args", "fake_impl", "target_lib"} <= set(
+        inspect.signature(direct_register_custom_op).parameters)
+    assert "cache_salt" in TokensPrompt.__annotations__
+    assert "extra_args" in inspect.signature(vllm.SamplingParams).parameters
+    assert {"add_request", "step", "abort_request"} <= set(vars(LLMEngine))
+    assert callable(ModelRegistry.register_model)
+    from vllm import envs
+
+    assert "VLLM_USE_V2_MODEL_RUNNER" in envs.environment_variables
+    # The op's layer list rides in hf_overrides onto the HF config, which the compile-cache key hashes: a graph
+    # compiled for other layers is never served from the cache.
+    from vllm.config import ModelConfig
+
+    from steerer.engine.vllm import LAYERS_KEY
+    from steerer.engine.vllm.plugin import register
+    from steerer.model import resolve_model_path
+
+    register()
+    path = resolve_model_path(None)
+    configs = [ModelConfig(model=path, hf_overrides={"architectures": [ARCHITECTURE], LAYERS_KEY: layers})
+               for layers in ([1, 2], [1, 3])]
+    assert configs[0].hf_config.steerer_layers == [1, 2]
+    assert configs[0].compute_hash() != configs[1].compute_hash()
+
+
+# -- one engine for the rest ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def steerer():
+    from steerer.engine.vllm.driver import VLLMSteerer
+
+    engine = VLLMSteerer(ProbeBank.load(), record=True, max_num_seqs=ENGINE["max_num_seqs"], threads=1,
+                         max_model_len=ENGINE["max_model_len"],
+                         llm_kwargs={k: ENGINE[k] for k in ("max_num_batched_tokens", "block_size")})
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(steerer, tmp_path_factory):
+    """Plain vLLM's greedy tokens, each prompt alone: {tuple(prompt ids): tokens}, computed on first use."""
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def get(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        missing = [p for p in prompts if tuple(p) not in cache]
+        if missing:
+            folder = tmp_path_factory.mktemp("plain")
+            spec = {"prompts": missing, "llm_kwargs": {"model": steerer.path, "dtype": "float32",
+                    "gpu_memory_utilization": 0.3, "enable_prefix_caching": True, "async_scheduling": False,
+                    "seed": 0, **ENGINE}}
+            (folder / "spec.json").write_text(json.dumps(spec))
+            subprocess.run([sys.executable, "-m", "steerer.engine.vllm.parity", "--plain-vllm",
+                            str(folder / "spec.json"), "--out", str(folder / "out.json"), "--max-new-tokens",
+                            str(max_new_tokens)], check=True, cwd=ROOT, timeout=900)
+            for p, tokens in zip(missing, json.loads((folder / "out.json").read_text()), strict=True):
+                cache[tuple(p)] = tokens
+        return [cache[tuple(p)] for p in prompts]
+
+    return get
+
+
+def test_v1_runner_pin_holds_and_the_op_fires_compiled_at_the_banks_layers(steerer):
+    from vllm.config import CompilationMode
+
+    from steerer.engine.vllm.state import STATE
+
+    runner = steerer.llm.collective_rpc(lambda worker: type(worker.model_runner).__module__ + "."
+                                        + type(worker.model_runner).__name__)
+    assert runner == ["vllm.v1.worker.cpu_model_runner.CPUModelRunner"]
+    config = steerer.engine.vllm_config
+    assert not config.use_v2_model_runner
+    assert config.compilation_config.mode != CompilationMode.NONE  # compiled, not eager
+    assert steerer.engine.model_config.architectures == [ARCHITECTURE]
+    # The op sits only at the bank's layers (taps and steering), named in the HF config vLLM hashes.
+    assert steerer.engine.model_config.hf_config.steerer_layers == list(steerer.bank.layers)
+    assert steerer.layers == set(steerer.bank.layers)
+    before = (STATE.passes, STATE.op_calls, STATE.row_updates)
+    steerer.run([Request(PROMPTS[0], sampling=SamplingParams(max_new_tokens=4), id="fires")])
+    passes = STATE.passes - before[0]
+    assert passes >= 4 and STATE.op_calls - before[1] == passes * len(steerer.bank.layers)  # per layer per pass
+    assert STATE.row_updates > before[2]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tmp_path_factory):
+    if not HF_PYTHON.exists():
+        pytest.skip(f"no transformers-backend venv at {HF_PYTHON} (set STEERER_HF_PYTHON)")
+    out = tmp_path_factory.mktemp("hf") / "ref.json"
+    subprocess.run([str(HF_PYTHON), "-m", "steerer.engine.vllm.parity", "--out", str(out)], check=True, cwd=ROOT,
+                   timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return {r["id"]: r for r in json.loads(out.read_text())}
+
+
+def test_parity_with_the_transformers_backend(steerer, hf_reference):
+    """Greedy fp32: unsteered tokens equal, per-token risks within RISK_TOLERANCE; steered tokens equal
+    (at least the first 8 of each request), rows joining a running batch (max_batch=3) under chunked prefill."""
+    before = dict(steerer.stats)
+    results = {r.request_id: result_record(r) for r in steerer.run(parity_requests(), max_batch=3)}
+    assert steerer.stats["chunk_rows"] > before["chunk_rows"]  # prefill was chunked
+    assert steerer.stats["mixed_passes"] > before["mixed_passes"]  # chunks shared passes with decoding rows
+    worst = 0.0
+    for rid, ref in hf_reference.items():
+        got = results[rid]
+        assert got["prompt_tokens"] == ref["prompt_tokens"], rid
+        if rid.endswith("-u"):
+            assert got["tokens"] == ref["tokens"], rid
+            assert got["finish"] == ref["finish"] and got["steered"] == ref["steered"], rid
+        else:
+            assert got["tokens"][:8] == ref["tokens"][:8], rid
+        n = next((i for i, (a, b) in enumerate(zip(got["tokens"], ref["tokens"], strict=False)) if a != b),
+                 min(len(got["tokens"]), len(ref["tokens"])))
+        for task, trace in ref["traces"].items():
+            for a, b in zip(got["traces"][task][: n + 1], trace[: n + 1], strict=False):
+                worst = max(worst, abs(a - b))
+        if got["tokens"] == ref["tokens"]:
+            for task, p in ref["p_end"].items():
+                assert abs(got["p_end"][task] - p) < RISK_TOLERANCE, (rid, task)
+    assert worst < RISK_TOLERANCE
+    steered_equal = sum(results[r]["tokens"] == hf_reference[r]["tokens"] for r in results if r.endswith("-s"))
+    print(f"max |P_vllm - P_hf| = {worst:.2e}; steered requests with identical tokens: {steered_equal}/4")
+
+
+def test_strengths_per_request_in_one_batch(steerer, plain_tokens):
+    """Same prompt, four strengths in one batch: the unsteered row and the alpha-0 row give plain vLLM's tokens
+    alone (and the same probe readings), the steered rows do not."""
+    prompt = PROMPTS[1]
+    c = (Constraint("lowercase", {}), Constraint("json_format", {}))  # two probes, two layers
+    sampling = SamplingParams(max_new_tokens=16)
+    requests = [Request(prompt, c, SteeringPolicy("constant", a), sampling=sampling, id=f"a{i}")
+                for i, a in enumerate((0.0, 24.0, -24.0))] + [Request(prompt, c, sampling=sampling, id="off")]
+    results = {r.request_id: r for r in steerer.run(requests)}
+    (plain,) = plain_tokens([chat_prompt(steerer.tokenizer, prompt)], 16)
+    assert results["off"].tokens == plain
+    assert results["a0"].tokens == plain
+    # Same readings: the two rows are prefilled in different chunks (48 tokens per step), which alone moves
+    # fp32 sums in the last bits; that steering adds exact zeros is checked bit for bit in test_vllm_state.py.
+    gap = max(abs(a - b) for a, b in zip(results["a0"].traces["lowercase"], results["off"].traces["lowercase"],
+                                         strict=True))
+    assert gap < 1e-4
+    assert results["a1"].tokens != plain and results["a2"].tokens != plain
+    assert results["a1"].steered_tokens["lowercase"] == len(results["a1"].tokens) - 1 + (
+        results["a1"].finish_reason == "eos")
+
+
+def _continuation(steerer, prompt: str, answer: list[int]) -> list[dict]:
+    text = steerer.tokenizer.decode(answer, skip_special_tokens=True)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": text},
+            {"role": "user", "content": "Say it again, shorter."}]
+
+
+def test_prefix_cache_never_serves_steered_kv_to_unsteered_requests(steerer, plain_tokens, monkeypatch):
+    """A steered turn, then an unsteered follow-up whose prompt starts with the steered turn (prompt + answer):
+    with the salt it gives plain vLLM's tokens; without the salt (control) its probe readings change, so
+    the steered KV really would leak."""
+    c = (Constraint("lowercase", {}), Constraint("json_format", {}))
+    sampling = SamplingParams(max_new_tokens=32)
+
+    def two_turns(prompt: str) -> tuple[Request, object]:
+        (first,) = steerer.run([Request(prompt, c, SteeringPolicy("constant", 24.0), sampling=sampling, id="t1")])
+        follow = Request(_continuation(steerer, prompt, first.tokens), c, sampling=sampling, id="t2")
+        (second,) = steerer.run([follow])
+        return follow, second
+
+    follow, second = two_turns(PROMPTS[2])
+    (plain,) = plain_tokens([chat_prompt(steerer.tokenizer, follow.prompt)], 32)
+    assert second.tokens == plain
+
+    # Control, on a prompt no earlier test used: without the salt the follow-up reads the steered turn's KV,
+    # and its probe readings move far beyond float noise (different chunking alone moves them ~1e-6).
+    monkeypatch.setattr(type(steerer), "salt", lambda self, request: None)
+    follow_leak, leaked = two_turns(PROMPTS[3])
+    monkeypatch.setattr(type(steerer), "salt", lambda self, request: "isolated")  # a cache key of its own
+    (isolated,) = steerer.run([follow_leak])
+    monkeypatch.undo()
+    moved = max(abs(a - b) for a, b in zip(leaked.traces["lowercase"], isolated.traces["lowercase"], strict=False))
+    assert moved > 1e-3
+
+
+# -- the command line: `steerer generate|serve --engine vllm`, real processes ---------------------------------------
+CLI_CONSTRAINTS = (Constraint("lowercase", {}), Constraint("json_format", {}))
+
+
+def _reference(steerer, max_new_tokens: int = 8):
+    request = Request(PROMPTS[0], CLI_CONSTRAINTS, SteeringPolicy("constant", 24.0),
+                      sampling=SamplingParams(max_new_tokens=max_new_tokens), id="cli")
+    (result,) = steerer.run([request])
+    return result
+
+
+def test_cli_generate_with_engine_vllm(steerer):
+    """`steerer generate --engine vllm --json`: stdout is the result alone (vLLM's logs go to stderr), with the
+    tokens this engine gives the same steered request."""
+    ref = _reference(steerer)
+    proc = subprocess.run([sys.executable, "-m", "steerer.cli", "generate", "--engine", "vllm", "--prompt", PROMPTS[0],
+                           "--constraint", "lowercase", "--constraint", "json_format", "--policy", "constant",
+                           "--alpha", "24", "--max-new-tokens", "8", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["tokens"] == ref.tokens
+    assert out["steered_tokens"] == ref.steered_tokens
+    assert [v["task"] for v in out["verdicts"]] == ["lowercase", "json_format"]
+
+
+def test_serve_with_engine_vllm(steerer, tmp_path):
+    """`steerer serve --engine vllm`: ready line on stdout, model info from the vLLM engine, a steered request's
+    tokens as this engine gives them, streamed tokens; then a bank at other layers swapped in on the same engine
+    (ReloadProbeBank) serves the next request."""
+    from steerer.service.client import SteererClient
+    from steerer.service.testing import ServerProcess, placeholder_bank
+
+    ref = _reference(steerer)
+    other = placeholder_bank(steerer.fingerprint(), steerer.hidden_size, "vllm-swap")
+    assert set(other.layers) != set(steerer.bank.layers)
+    other_path = other.save(tmp_path / "swap")
+    with ServerProcess("--engine", "vllm", "--metrics-port", "-1", "--max-batch", "4", "--max-prompt-tokens", "512",
+                       "--max-new-tokens", "64", "--threads", "1", startup_s=900) as server, SteererClient(server.target) as client:
+        info = client.model_info()
+        assert info.fingerprint == steerer.fingerprint() and info.num_layers == 30
+        kwargs = dict(constraints=["lowercase", "json_format"], policy="constant:24", max_new_tokens=8)
+        reply = client.generate(PROMPTS[0], timeout=300, **kwargs)
+        assert list(reply.token_ids) == ref.tokens
+        assert dict(reply.usage.steered_tokens) == ref.steered_tokens
+        assert {v.task for v in reply.verdicts} == {"lowercase", "json_format"}
+        streamed = list(client.stream(PROMPTS[0], timeout=300, **kwargs))
+        events = [m.WhichOneof("event") for m in streamed]
+        assert events[-1] == "final" and events[:-1] and set(events[:-1]) == {"token"}
+        assert list(streamed[-1].final.token_ids) == ref.tokens
+        swapped = client.reload_bank(str(other_path), timeout=300)
+        assert swapped.bank_version == "vllm-swap" and swapped.previous_version == steerer.bank.version
+        after = client.generate(PROMPTS[0], timeout=300, **kwargs)
+        assert after.bank_version == "vllm-swap" and 1 <= len(after.token_ids) <= 8
