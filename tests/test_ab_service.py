@@ -17,17 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from steerer.ab.analysis import analyse, write_report
 from steerer.service.client import SteererClient
-from steerer.service.testing import ServerProcess, lowercase_tips_prompt
+from steerer.service.testing import ServerProcess, lowercase_tips_prompt, metric_value
 
 EXPERIMENTS = {
     "experiments": [
@@ -49,12 +47,7 @@ def prompt(i: int) -> str:
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(server, name, **labels)
 
 
 def wait_until(condition, what: str, timeout: float = 120.0) -> None:

@@ -16,17 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from steerer.service.client import SteererClient, build_request
 from steerer.service.proto import pb2
-from steerer.service.testing import ServerProcess, broken_bank, free_port, placeholder_bank
+from steerer.service.testing import ServerProcess, broken_bank, free_port, metric_value, placeholder_bank
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "SERVICE.md"
@@ -71,13 +69,7 @@ def client(server):
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The current value of one sample on the server's /metrics (0 if absent)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(server, name, **labels)
 
 
 def wait_for(predicate, timeout: float = 30.0, every: float = 0.05) -> float:

@@ -171,3 +171,17 @@ def lowercase_tips_prompt(i: int, templates: tuple[str, ...] = ("List three tips
     """The i-th A/B prompt: topics cycle fastest, then templates."""
     template = templates[(i // len(AB_TOPICS)) % len(templates)]
     return template.format(AB_TOPICS[i % len(AB_TOPICS)]) + LOWERCASE_SUFFIX
+
+
+def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
+    """The current value of one sample on a running server's /metrics (0 if absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
