@@ -16,7 +16,6 @@ the best is refitted on all training rows. Every reported AUROC carries a 95% st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from probes.corpus import load_corpus
 from probes.dataset import POSITIONS, TaskData
 from probes.features import load_features
 from probes.train import auroc, auroc_ci, best_threshold
-from steerer import lens
+from steerer import conditioning, lens
 from steerer.lens import LensWeights
 
 CS = (0.001, 0.01, 0.1)
@@ -53,42 +52,50 @@ def load_task(corpus: Path, features: Path, task: str, partial: bool = False) ->
 # -- designs -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Design:
-    """How a request's parameters enter a probe: which variant (a separate probe) and which extra inputs."""
+    """How a request's parameters enter a probe, as the bank declares it (`steerer.conditioning`): the same
+    rules pick the variant and compute the inputs here and in the runtime, so they cannot disagree."""
 
     name: str
-    variant: Callable[[dict], str] = lambda params: "all"
-    extras: Callable[[dict], list[float]] = lambda params: []
-    describe: dict = field(default_factory=dict)  # the runtime's declaration of the same (bank manifest)
-    residual: bool = True  # False: a baseline reading params only (how much the request alone predicts)
-    lexical: bool = False  # add the logit lens of the request's words (`Lens`) as inputs
+    conditioning: dict = field(default_factory=dict)  # the bank manifest's `conditioning` ({} = none)
+    residual: bool = True  # False: a baseline reading params (or the lens) only, not the residual
 
+    def variant(self, params: dict) -> str:
+        return "all" if self.variant_rule is None else conditioning.VARIANTS[self.variant_rule](params)
 
-def _bound(params: dict) -> str:
-    return "lower" if params.get("relation") == "at least" else "upper"
+    def extras(self, params: dict) -> list[float]:
+        return conditioning.input_values(self.conditioning, params)
 
+    @property
+    def variant_rule(self) -> str | None:
+        return self.conditioning.get("variant")
 
-def _log_limit(params: dict) -> list[float]:
-    return [math.log(max(float(params["limit"]), 1.0))]
+    @property
+    def lens_param(self) -> str | None:
+        return conditioning.lens_param(self.conditioning)
+
+    @property
+    def lexical(self) -> bool:
+        """Reads the logit lens of the request's words (`steerer.lens`)."""
+        return self.lens_param is not None
 
 
 BASE = Design("single")
+_BOUND = {"variant": "bound"}
+_LOG_LIMIT = {"variant": "bound", "inputs": [{"param": "limit", "transform": "log"}]}
 DESIGNS: dict[str, tuple[Design, ...]] = {
-    "char_count": (BASE, Design("per_bound", _bound, describe={"variant": "bound"}),
-                   Design("per_bound+log_limit", _bound, _log_limit,
-                          {"variant": "bound", "inputs": [{"param": "limit", "transform": "log"}]})),
-    "word_count": (BASE, Design("per_bound", _bound, describe={"variant": "bound"}),
-                   Design("per_bound+log_limit", _bound, _log_limit,
-                          {"variant": "bound", "inputs": [{"param": "limit", "transform": "log"}]})),
-    "sentiment": (BASE, Design("per_polarity", lambda p: p["polarity"], describe={"variant": "polarity"})),
-    "register": (BASE, Design("per_register", lambda p: p["register"], describe={"variant": "register"})),
+    "char_count": (BASE, Design("per_bound", _BOUND), Design("per_bound+log_limit", _LOG_LIMIT)),
+    "word_count": (BASE, Design("per_bound", _BOUND), Design("per_bound+log_limit", _LOG_LIMIT)),
+    "sentiment": (BASE, Design("per_polarity", {"variant": "polarity"})),
+    "register": (BASE, Design("per_register", {"variant": "register"})),
 }
-
-
 for _task, _param in (("term_exclusion", "terms"), ("keyword_inclusion", "terms"), ("topic", "topic")):
     # the lens alone is two inputs (a 576-d residual overfits a few hundred rows); both are candidates
-    DESIGNS[_task] = (BASE, Design("single+lens", lexical=True, describe={"lens": _param}),
-                      Design("lens", lexical=True, residual=False, describe={"lens": _param}))
-LENS_PARAM = {"term_exclusion": "terms", "keyword_inclusion": "terms", "topic": "topic"}
+    DESIGNS[_task] = (BASE, Design("single+lens", {"lens": _param}), Design("lens", {"lens": _param}, residual=False))
+
+
+def lens_param(task: str) -> str | None:
+    """The param whose words some design of `task` reads through the lens (None: no lens design)."""
+    return next((d.lens_param for d in designs_for(task) if d.lens_param), None)
 
 
 def designs_for(task: str) -> tuple[Design, ...]:
@@ -237,7 +244,7 @@ def within_variant_auroc(probe: FittedProbe, y: np.ndarray, p: np.ndarray, param
     """Mean AUROC within each parameter value (weighted by rows; values with both classes only): what the
     residual adds beyond the prior a parameter value carries (e.g. 'negative' is rarely met). None when the
     probe has no variants or no value has both classes."""
-    if probe.design.describe.get("variant") is None:
+    if probe.design.variant_rule is None:
         return None
     keys = np.array([probe.design.variant(q) for q in params])
     parts = [(int((keys == k).sum()), auroc(y[keys == k], p[keys == k])) for k in sorted(set(keys.tolist()))
@@ -326,13 +333,8 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
 
     weight, bias, own_inputs, own_lens = split_weight(probe.fallback)
     variant_rows = [(key, *split_weight(fit)) for key, fit in sorted(probe.variants.items())
-                    if design.describe.get("variant")]
-    conditioning = None
-    if design.describe:
-        conditioning = {"inputs": design.describe.get("inputs", [])}
-        for key in ("variant", "lens"):
-            if design.describe.get(key):
-                conditioning[key] = design.describe[key]
+                    if design.variant_rule]
+    declared = {"inputs": []} | design.conditioning if design.conditioning else None
     train = data.split == "train"
     ok = token_readings(probe, data, train & (data.labels == 1), token_layers)
     bad = token_readings(probe, data, train & (data.labels == 0), token_layers)
@@ -353,7 +355,7 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
     steer_at = steering_layer(data)
     record = {"task": task, "layer": probe.layer, "position": "eos", "polarity": "satisfied",
               "threshold": round(probe.threshold, 6), "method": "logreg", "flag_threshold": round(flag_threshold, 6),
-              "metrics": metrics, "reliable": reliable, "conditioning": conditioning, "steer_layer": steer_at}
+              "metrics": metrics, "reliable": reliable, "conditioning": declared, "steer_layer": steer_at}
     return BankEntry(record, weight, bias, class_direction(data, steer_at), own_inputs, own_lens, variant_rows)
 
 

@@ -36,9 +36,10 @@ def rows_of(data: TaskData, mask: np.ndarray) -> TaskData:
 def baseline_design(design: evaluation.Design) -> evaluation.Design | None:
     """The same parameter handling without the residual: how much the request alone predicts (None where the
     design reads no parameters, so the baseline is a constant)."""
-    if design.describe.get("variant") is None and not design.describe.get("inputs"):
+    if design.variant_rule is None and not design.extras({}):
         return None
-    return dataclasses.replace(design, name=f"{design.name} (params only)", residual=False, lexical=False)
+    plain = {k: v for k, v in design.conditioning.items() if k != "lens"}
+    return dataclasses.replace(design, name=f"{design.name} (params only)", conditioning=plain, residual=False)
 
 
 def measure_all(probe: evaluation.FittedProbe, data: TaskData, external: TaskData | None) -> dict:
@@ -76,10 +77,11 @@ def train_corpus(corpus: Path, features: Path, tasks: list[str], token_layers: l
         datas[task] = evaluation.load_task(corpus, features, task)
         mine = rows_of(external, np.array([r["task"] == task for r in external.rows])) if external else None
         mine = mine if mine is not None and mine.rows else None  # IFEval has no prompts for some tasks
-        if task in evaluation.LENS_PARAM and lens_of is not None:
+        param = evaluation.lens_param(task)
+        if param and lens_of is not None:
             for data in (datas[task], mine):
                 if data is not None:
-                    evaluation.attach_lexical(data, *lens_of, evaluation.LENS_PARAM[task])
+                    evaluation.attach_lexical(data, *lens_of, param)
         results[task] = choose_and_measure(task, datas[task], mine, token_layers)
     return datas, results
 

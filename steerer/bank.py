@@ -1,7 +1,8 @@
 """The probe bank: one linear probe per task at its own layer, stored as data (safetensors + JSON).
 
 Probes are kept in raw residual space: the training scaler is folded into the weights, so scoring a
-token is one batched matmul over the tapped residuals, `sigmoid(x @ w + b)` = P(constraint satisfied).
+token is one batched matmul over the tapped residuals, `sigmoid(x @ w + b)` = P(constraint satisfied), with
+the weight row and constant a request's params select (`request_rows`; the monitor scores).
 Each probe also carries a unit steering direction, signed toward satisfaction, and its measured
 reliability (held-out AUROC with a 95% bootstrap interval): a probe whose interval reaches chance is
 marked `reliable: false`, and the serving side mutes it unless told otherwise.
@@ -186,11 +187,6 @@ class ProbeBank:
                 return i
         raise KeyError(f"no probe for task {task!r} in the bank; it has {', '.join(self.tasks)}")
 
-    def logits(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
-        """[B, K] logits of P(satisfied) from the residuals tapped at each probe's layer."""
-        stacked = torch.stack([captured[p.layer] for p in self.probes])  # [K, B, d]
-        return torch.einsum("kbd,kd->bk", stacked.float(), self.weights) + self.biases
-
     @property
     def row_weights(self) -> torch.Tensor:
         """[K + V, d]: the probes' own rows, then the variant rows (what a request's `request_rows` index)."""
@@ -219,10 +215,6 @@ class ProbeBank:
     def lens_params(self) -> list[str | None]:
         """Per probe, the param whose words its lens inputs read (None: no lens)."""
         return [conditioning.lens_param(p.conditioning) for p in self.probes]
-
-    def score(self, captured: dict[int, torch.Tensor]) -> torch.Tensor:
-        """[B, K] P(constraint satisfied) per row and probe."""
-        return torch.sigmoid(self.logits(captured))
 
     @property
     def unreliable(self) -> list[str]:

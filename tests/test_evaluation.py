@@ -4,6 +4,8 @@ runtime exactly as it was measured."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -77,8 +79,7 @@ def test_a_banked_conditioned_probe_scores_as_measured(tmp_path):
 
 def test_params_only_baseline_reads_no_residual():
     data = synthetic()
-    baseline = evaluation.Design("params", evaluation.DESIGNS["word_count"][2].variant,
-                                 evaluation.DESIGNS["word_count"][2].extras, residual=False)
+    baseline = dataclasses.replace(evaluation.DESIGNS["word_count"][2], name="params", residual=False)
     probe, _ = evaluation.choose(data, [0], (baseline,))
     assert probe.variants["upper"].weight.shape == (1,)  # log(limit) only
     assert np.isfinite(probe.cv_auroc)
