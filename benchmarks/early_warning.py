@@ -13,14 +13,19 @@ the checker's final verdict:
   JSON counts any disagreement (`detector_disagreements`, expected 0);
 * for a compliant response, any flag at all is a false flag.
 
-Writes benchmarks/results/early_warning.json:
-    {"tasks": {TASK: {"violations", "flagged_at_least_3_early", "lead_tokens", "compliant", "false_flag_rate",
-                      "flagged", "median_lead", "detected", "detector_disagreements"}}, ...}
-where flagged_at_least_3_early is the share of *all* violations flagged >= 3 tokens before the violating
-token (never-flagged violations count as not early), lead_tokens lists the leads of flagged ones and
-detected counts the violations a prefix decided.
+Flags come from the bank's token-level warning predictors where it has them (`ProbeBank.warning`, see
+`probes.warning`), else from its probes; a task that detection settled raises no flag after it, so a lead is
+always a forecast.
 
-    .venv/bin/python benchmarks/early_warning.py [--n-per-task 36] [--max-new-tokens 120]
+Writes benchmarks/results/early_warning.json and early_warning.png:
+    {"tasks": {TASK: {"violations", "flagged_at_least_3_early", "flagged_at_least_3_early_ci", "lead_tokens",
+                      "compliant", "false_flag_rate", "false_flag_rate_ci", "flagged", "median_lead", "detected",
+                      "detector_disagreements", "flag_source"}}, ...}
+where flagged_at_least_3_early is the share of *all* violations flagged >= 3 tokens before the violating
+token (never-flagged violations count as not early), lead_tokens lists the leads of flagged ones, detected
+counts the violations a prefix decided, and every share carries a 95% Wilson interval.
+
+    .venv/bin/python benchmarks/early_warning.py [--n-per-task 64] [--max-new-tokens 120]
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from heldout import held_out_prompts, load_bank  # benchmarks/heldout.py, beside this script
 from tqdm import tqdm
 
 from probes.tasks import TASKS
 from probes.violations import token_prefixes, violating_token
+from steerer.ab.analysis import wilson
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams
@@ -50,12 +57,16 @@ def task_summary(records: list[dict]) -> dict:
     violations = [r for r in records if not r["satisfied"]]
     compliant = [r for r in records if r["satisfied"]]
     leads = [r["lead"] for r in violations if r["lead"] is not None]
+    early = sum(lead >= EARLY for lead in leads)
+    false = sum(r["flagged"] for r in compliant)
     return {
         "violations": len(violations),
-        "flagged_at_least_3_early": round(sum(lead >= EARLY for lead in leads) / len(violations), 4) if violations else None,
+        "flagged_at_least_3_early": round(early / len(violations), 4) if violations else None,
+        "flagged_at_least_3_early_ci": list(wilson(early, len(violations))) if violations else None,
         "lead_tokens": leads,
         "compliant": len(compliant),
-        "false_flag_rate": round(sum(r["flagged"] for r in compliant) / len(compliant), 4) if compliant else None,
+        "false_flag_rate": round(false / len(compliant), 4) if compliant else None,
+        "false_flag_rate_ci": list(wilson(false, len(compliant))) if compliant else None,
         "flagged": len(leads),
         "median_lead": statistics.median(leads) if leads else None,
         "detected": sum(r["detected_at"] is not None for r in violations),
@@ -99,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--n-per-task", type=int, default=36)
+    parser.add_argument("--n-per-task", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=120)
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: every task in the bank)")
     parser.add_argument("--output", default=str(RESULTS / "early_warning.json"))
@@ -131,18 +142,53 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     records = [record(results[r.id], decode) for r in requests]
     summary = {t: task_summary([r for r in records if r["task"] == t]) for t in tasks}
+    sources = (bank.extra.get("warning") or {}).get("chosen", {})
+    for task in tasks:
+        summary[task]["flag_source"] = "warning predictor" if sources.get(task) == "warning" else "end probe"
     out = {"model": lm.name, "bank_version": bank.version, "n_per_task": args.n_per_task, "tasks": summary,
            "config": {"max_new_tokens": args.max_new_tokens, "decoding": "greedy", "policy": "off",
                       "early_means_lead_at_least": EARLY, "seed": args.seed,
                       "lead_reference": "detection (Verdict.detected_at); the end where no prefix decides",
                       "prompts": "test split of split_base_requests(13), params over difficulty, aid=None",
-                      "thresholds": {p.task: p.threshold for p in bank.probes}},
+                      "thresholds": {p.task: p.threshold for p in bank.probes},
+                      "flag_thresholds": {p.task: p.flag_threshold for p in bank.alerting.probes},
+                      "monitor": "MonitorConfig() defaults", "intervals": "95% Wilson"},
            "responses": records}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(out, indent=1))
+    plot(summary, output.with_suffix(".png"), f"{lm.name}, bank {bank.version}, n={args.n_per_task} per task")
     print_table(summary)
-    print(f"wrote {output}")
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+def plot(summary: dict[str, dict], path: Path, subtitle: str) -> None:
+    """Per task: violations flagged >= 3 tokens before detection, and false flags on compliant responses,
+    with 95% intervals; the bar's lines (50% early, 20% false flags)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for offset, key, color, label in ((-0.2, "flagged_at_least_3_early", "tab:green", "violations flagged >= 3 early"),
+                                      (0.2, "false_flag_rate", "tab:red", "false flags on compliant")):
+        values = [summary[t][key] or 0.0 for t in tasks]
+        cis = [summary[t][f"{key}_ci"] or [v, v] for t, v in zip(tasks, values, strict=True)]
+        err = np.array([[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+                        [hi - v for v, (_, hi) in zip(values, cis, strict=True)]])
+        ax.bar(np.arange(len(tasks)) + offset, values, 0.4, yerr=err, color=color, alpha=0.8, capsize=3, label=label)
+    ax.axhline(0.5, color="tab:green", ls="--", lw=0.8)
+    ax.axhline(0.2, color="tab:red", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share (95% Wilson interval)")
+    ax.set_title(f"Early warning against detection\n{subtitle}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

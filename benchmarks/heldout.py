@@ -3,6 +3,8 @@
 Shared by `steering_efficacy.py` and `early_warning.py` so both measure on the same prompts. The base
 requests come from the dataset's test split (`split_base_requests(SPLIT_SEED)[1]`), so no prompt text was
 seen by the probes in training; there is no compliance aid (`aid=None`), as a real user would not add one.
+`split="train"` builds the same kind of prompts from the training split's base requests instead (the
+steering sweep of `steerer probes steer` chooses its strengths there, never on the benchmark's prompts).
 """
 
 from __future__ import annotations
@@ -36,15 +38,22 @@ class HeldOutPrompt:
     messages: list[dict]
 
 
-def held_out_prompts(task_id: str, n: int, seed: int = 0) -> list[HeldOutPrompt]:
-    """`n` prompts for one task; difficulty spreads evenly over [0, 1). Base requests are drawn without
-    repeats until the 36 test requests are used up, then reused with other params."""
+SPLITS = ("train", "test")
+
+
+def held_out_prompts(task_id: str, n: int, seed: int = 0, split: str = "test") -> list[HeldOutPrompt]:
+    """`n` prompts for one task from the base requests of `split` (the 36 test requests by default, or the
+    108 training ones); difficulty spreads evenly over [0, 1). Base requests are drawn without repeats until
+    the split's requests are used up, then reused with other params."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     task = get_task(task_id)
-    rng = random.Random(f"heldout:{seed}:{task_id}")
-    test_ids = split_base_requests(SPLIT_SEED)[1]
+    # the test split keeps its original seed string, so the benchmarks' prompts are unchanged
+    rng = random.Random(f"heldout:{seed}:{task_id}" if split == "test" else f"{split}:{seed}:{task_id}")
+    base_ids = split_base_requests(SPLIT_SEED)[SPLITS.index(split)]
     order: list[str] = []
     while len(order) < n:
-        order += rng.sample(test_ids, len(test_ids))
+        order += rng.sample(base_ids, len(base_ids))
     prompts = []
     for i, base_id in enumerate(order[:n]):
         difficulty = (i + rng.random()) / n

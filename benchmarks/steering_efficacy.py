@@ -1,25 +1,32 @@
-"""Does steering along the probe directions raise compliance, and what does it cost in fluency?
+"""Does steering raise compliance, what does it cost in fluency, and does the end verdict survive it?
 
 On held-out prompts of every task (test-split base requests, params over a spread of difficulty, no aid,
-greedy decoding) each task's prompts run unsteered, then with policies `constant` and `conditional` at a
-grid of strengths. Strength is given as a fraction of the probe layer's typical residual norm (alpha is
-absolute, and SmolLM2-135M's norms grow from ~30 at layer 0 to ~650 at layer 28, so one absolute grid would
-mean different things at different layers): alpha = fraction x mean L2 norm of the generated tokens'
-residuals at that layer, measured by a tap during the unsteered runs. Both are recorded.
+greedy decoding) each task's prompts run unsteered, then with policies `constant`, `conditional` and
+`proportional`. Strength: where the bank records a steering sweep (`steerer probes steer`, on
+training-split prompts: `extra["steering"][task]["alpha"]`), that alpha times each of `--alpha-scales`;
+elsewhere a fraction of the steering layer's typical residual norm (alpha is absolute, and SmolLM2-135M's
+norms grow from ~30 at layer 0 to ~650 at layer 28): alpha = fraction x mean L2 norm of the generated
+tokens' residuals at that layer, measured by a tap during the unsteered runs. Both are recorded. A probe
+whose conditioning declares `steer_signs` gets its alpha's sign from the request's variant (the runtime
+does it: "at most" pushes towards shorter text, "at least" towards longer).
 
-Per (task, policy, alpha) cell:
-  compliance        share of responses the task's checker accepts
+Per (task, policy, alpha) cell, with 95% intervals beside each figure:
+  compliance        share of responses the task's checker accepts (Wilson interval)
+  gain              compliance - compliance_baseline on the same prompts (paired bootstrap over prompts)
   perplexity_ratio  cost: exp(mean over prompts of NLL_steered - NLL_baseline), where NLL is the mean
                     negative log-likelihood per response token of the response under the *unsteered* model
                     (teacher-forced forward of chat prompt + response, no hooks; EOS not scored), and each
-                    prompt's own unsteered response is the baseline. This is the geometric mean of the
-                    per-prompt perplexity ratios (= ratio of exp(mean NLL) over the paired prompts).
-                    Prompts where either response is empty are left out.
+                    prompt's own unsteered response is the baseline: the geometric mean of the per-prompt
+                    perplexity ratios (bootstrap over prompts). Prompts where either response is empty are
+                    left out.
   repetition        mean over responses (with >= 3 tokens) of 1 - distinct/total token 3-grams (rep-3)
-Every request of one task (all policies and strengths) runs in one shared batch through `Steerer.run`.
+  verdict           the probe's end verdict against the checker on these responses: accuracy of
+                    `predicted_violation` (Wilson) and AUROC of `p_satisfied_end` (stratified bootstrap)
+The summary's `verdict_calibration` pools them over tasks: unsteered vs each steering policy.
+Every request of one task (all policies and strengths) runs in one shared batch through `Steerer`.
 
-    .venv/bin/python benchmarks/steering_efficacy.py [--n-per-task 24] [--fractions 0.05,0.1,0.2,0.4]
-        # writes benchmarks/results/steering_efficacy.json and .png
+    .venv/bin/python benchmarks/steering_efficacy.py --bank BANK [--n-per-task 60] [--alpha-scales 1]
+        [--threads 1]     # writes benchmarks/results/steering_efficacy.json and .png
 """
 
 from __future__ import annotations
@@ -27,29 +34,38 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from heldout import HeldOutPrompt, held_out_prompts, load_bank  # benchmarks/heldout.py, beside this script
 from tqdm import tqdm
 
+from probes.steering import paired_gain_ci, ppl_ratio_ci, repetition, wilson
 from probes.tasks import TASKS
-from steerer.ab.fluency import response_nll
+from probes.train import auroc, auroc_ci
+from steerer.ab.fluency import response_nll, scored_tokens
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams, StepView
 from steerer.model import chat_prompt, load_model
 from steerer.policy import OFF, SteeringPolicy
+from steerer.taps import Where
+from steerer.tasks import TOKEN_BUDGET, get_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("constant", "conditional")
+POLICIES = ("constant", "conditional", "proportional")
 PPL_LIMIT = 1.10  # a cell "costs little" at or under this perplexity ratio
 GAIN = 0.15  # compliance gain (absolute) that counts as a real effect
-MATCH_TOLERANCE = 0.05  # conditional "matches" constant's gain if within this many points of it
+MATCH_SHARE = 0.80  # conditional "matches" constant if it reaches this share of constant's best gain
+TASKS_GAINING_BAR = 4
+TASKS_MATCHING_BAR = 3
 
 
 class NormTapSteerer(Steerer):
@@ -74,9 +90,10 @@ class NormTapSteerer(Steerer):
 
 @dataclass(frozen=True)
 class Arm:
-    policy: str  # off | constant | conditional
+    policy: str  # off | constant | conditional | proportional
     fraction: float
     alpha: float
+    scale: float | None = None  # x the sweep's chosen alpha (None: alpha from a fraction of the layer norm)
 
 
 def run_requests(steerer: Steerer, requests: list[Request], bar: tqdm, max_batch: int) -> list[Result]:
@@ -92,13 +109,7 @@ def make_request(prompt: HeldOutPrompt, arm: Arm, max_new_tokens: int) -> Reques
     policy = OFF if arm.policy == "off" else SteeringPolicy(arm.policy, arm.alpha)
     return Request(prompt.messages, (Constraint(prompt.task, prompt.params),), policy,
                    sampling=SamplingParams(max_new_tokens=max_new_tokens),
-                   id=f"{prompt.id}|{arm.policy}|{arm.fraction}")
-
-
-def repetition(tokens: Sequence[int], n: int = 3) -> float | None:
-    """rep-n: 1 - distinct n-grams / n-grams of the response; None if it has fewer than n tokens."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else None
+                   id=f"{prompt.id}|{arm.policy}|{arm.fraction}|{arm.alpha:.4f}")
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -106,21 +117,56 @@ def mean_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(kept) if kept else None
 
 
+def _round(pair, places: int = 4):
+    return None if pair is None else [round(float(x), places) for x in pair]
+
+
+def verdict_calibration(results: Sequence[Result]) -> dict:
+    """The probe's end verdict against the checker: accuracy of predicted_violation, AUROC of p_satisfied_end."""
+    pairs = [(v.satisfied, v.predicted_violation, v.p_satisfied_end) for r in results for v in r.verdicts[:1]
+             if v.satisfied is not None and not v.probe_muted]
+    n = len(pairs)
+    if n == 0:
+        return {"n": 0}
+    right = sum(bool(s) != bool(p) for s, p, _ in pairs)
+    scored = [(s, p) for s, _, p in pairs if p is not None and math.isfinite(p)]
+    y = np.array([int(s) for s, _ in scored])
+    score = np.array([p for _, p in scored], dtype=float)
+    both = len(set(y.tolist())) == 2
+    return {"n": n, "n_satisfied": int(sum(bool(s) for s, _, _ in pairs)),
+            "accuracy": round(right / n, 4), "accuracy_ci": _round(wilson(right, n)),
+            "predicted_violation_rate": round(statistics.fmean(bool(p) for _, p, _ in pairs), 4),
+            "auroc": round(auroc(y, score), 4) if both else None,
+            "auroc_ci": _round(auroc_ci(y, score)) if both else None}
+
+
 def cell(arm: Arm, layer: int, results: list[Result], base: list[Result], nll: list[float | None],
          base_nll: list[float | None]) -> dict:
-    pairs = [s - b for s, b in zip(nll, base_nll, strict=True) if s is not None and b is not None]
+    deltas = [s - b for s, b in zip(nll, base_nll, strict=True) if s is not None and b is not None]
     steered = [sum(r.steered_tokens.values()) / max(len(r.tokens), 1) for r in results]
+    ok = [bool(r.verdicts[0].satisfied) for r in results]
+    ok_base = [bool(r.verdicts[0].satisfied) for r in base]
+    n = len(results)
     return {
-        "policy": arm.policy, "alpha": round(arm.alpha, 4), "fraction": arm.fraction, "layer": layer,
-        "n": len(results),
-        "compliance": statistics.fmean(bool(r.verdicts[0].satisfied) for r in results),
-        "compliance_baseline": statistics.fmean(bool(r.verdicts[0].satisfied) for r in base),
-        "perplexity_ratio": round(math.exp(statistics.fmean(pairs)), 4) if pairs else None,
-        "perplexity_pairs": len(pairs),
+        "policy": arm.policy, "alpha": round(arm.alpha, 4), "fraction": round(arm.fraction, 4), "scale": arm.scale,
+        "layer": layer, "n": n,
+        "compliance": statistics.fmean(ok), "compliance_ci": _round(wilson(sum(ok), n)),
+        "compliance_baseline": statistics.fmean(ok_base), "compliance_baseline_ci": _round(wilson(sum(ok_base), n)),
+        "gain": round(statistics.fmean(ok) - statistics.fmean(ok_base), 4),
+        "gain_ci": _round(paired_gain_ci(ok, ok_base)),
+        "perplexity_ratio": round(math.exp(statistics.fmean(deltas)), 4) if deltas else None,
+        "perplexity_ratio_ci": _round(ppl_ratio_ci(deltas)),
+        "perplexity_pairs": len(deltas),
         "repetition": mean_or_none([repetition(r.tokens) for r in results]),
         "steered_token_share": round(statistics.fmean(steered), 4),
         "mean_tokens": statistics.fmean(len(r.tokens) for r in results),
+        "verdict": verdict_calibration(results),
     }
+
+
+def _best(c: dict) -> dict:
+    return {k: c[k] for k in ("alpha", "fraction", "scale", "gain", "gain_ci", "perplexity_ratio",
+                              "perplexity_ratio_ci", "compliance", "compliance_ci")}
 
 
 def best_cell(cells: list[dict], policy: str, ppl_limit: float | None) -> dict | None:
@@ -129,42 +175,54 @@ def best_cell(cells: list[dict], policy: str, ppl_limit: float | None) -> dict |
                 and (ppl_limit is None or c["perplexity_ratio"] <= ppl_limit)]
     if not eligible:
         return None
-    best = max(eligible, key=lambda c: (c["compliance"] - c["compliance_baseline"], -c["perplexity_ratio"]))
-    return {"alpha": best["alpha"], "fraction": best["fraction"],
-            "gain": round(best["compliance"] - best["compliance_baseline"], 4),
-            "perplexity_ratio": best["perplexity_ratio"]}
+    return _best(max(eligible, key=lambda c: (c["gain"], -c["perplexity_ratio"])))
 
 
 def summarise(tasks: dict[str, list[dict]]) -> dict:
-    per_task, gaining, matches = {}, {p: [] for p in POLICIES}, []
+    per_task, gaining, sure, matches = {}, {p: [] for p in POLICIES}, {p: [] for p in POLICIES}, []
     for task, cells in tasks.items():
-        entry: dict = {"compliance_baseline": cells[0]["compliance_baseline"]}
+        entry: dict = {"compliance_baseline": cells[0]["compliance_baseline"],
+                       "compliance_baseline_ci": cells[0]["compliance_baseline_ci"]}
         for policy in POLICIES:
             entry[f"{policy}_best_within_ppl_limit"] = best_cell(cells, policy, PPL_LIMIT)
             entry[f"{policy}_best"] = best_cell(cells, policy, None)
             within = entry[f"{policy}_best_within_ppl_limit"]
             if within is not None and within["gain"] >= GAIN:
                 gaining[policy].append(task)
+                if within["gain_ci"] is not None and within["gain_ci"][0] > 0:
+                    sure[policy].append(task)
         const = entry["constant_best"]
         match = None
         if const is not None and const["gain"] > 0:
             match = any(c["policy"] == "conditional" and c["perplexity_ratio"] is not None
-                        and c["compliance"] - c["compliance_baseline"] >= const["gain"] - MATCH_TOLERANCE
+                        and c["gain"] >= MATCH_SHARE * const["gain"]
                         and c["perplexity_ratio"] < const["perplexity_ratio"] for c in cells)
             if match:
                 matches.append(task)
         entry["conditional_matches_constant_at_lower_ppl"] = match
         per_task[task] = entry
+    either = sorted(set().union(*gaining.values()))
     return {
-        "criteria": {"gain_at_least": GAIN, "perplexity_ratio_at_most": PPL_LIMIT,
-                     "match_tolerance": MATCH_TOLERANCE,
-                     "match_rule": "conditional matches constant if some conditional cell gains at least constant's "
-                                   "best gain minus the tolerance at a lower perplexity ratio than that constant "
-                                   "cell (None where constant gains nothing)"},
-        "tasks_gaining_at_low_cost": {**gaining, "either": sorted(set(gaining["constant"]) | set(gaining["conditional"]))},
+        "criteria": {"gain_at_least": GAIN, "perplexity_ratio_at_most": PPL_LIMIT, "match_share": MATCH_SHARE,
+                     "match_rule": "conditional matches constant if some conditional cell gains at least "
+                                   f"{MATCH_SHARE:.0%} of constant's best gain (any perplexity) at a lower perplexity "
+                                   "ratio than that constant cell (None where constant gains nothing)"},
+        "tasks_gaining_at_low_cost": {**gaining, "either": either},
+        "tasks_gaining_at_low_cost_interval_above_zero": sure,
         "conditional_matches_constant_at_lower_ppl": matches,
+        "bar": {"steering_gain": {"rule": f"gain >= {GAIN} at perplexity ratio <= {PPL_LIMIT} on >= "
+                                          f"{TASKS_GAINING_BAR} tasks (any policy)",
+                                  "tasks": either, "met": len(either) >= TASKS_GAINING_BAR},
+                "conditional_matches": {"rule": f"conditional reaches >= {MATCH_SHARE:.0%} of constant's best gain at "
+                                                f"a lower perplexity ratio on >= {TASKS_MATCHING_BAR} tasks",
+                                        "tasks": matches, "met": len(matches) >= TASKS_MATCHING_BAR}},
         "per_task": per_task,
     }
+
+
+def calibration_summary(results_by_policy: dict[str, list[Result]]) -> dict:
+    """Pooled over tasks: the end verdict against the checker, unsteered vs under each policy."""
+    return {policy: verdict_calibration(results) for policy, results in results_by_policy.items()}
 
 
 def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -176,35 +234,45 @@ def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
     names = list(tasks)
     cols = 3
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    colors = {"off": "grey", "constant": "tab:blue", "conditional": "tab:orange", "proportional": "tab:green"}
     for ax, task in zip(axes.flat, names, strict=False):
         cells = tasks[task]
-        base = cells[0]["compliance_baseline"]
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="unsteered")
-        for policy, color, marker, style in (("constant", "tab:blue", "o", "-"), ("conditional", "tab:orange", "s", ":")):
-            mine = sorted((c for c in cells if c["policy"] == policy), key=lambda c: c["fraction"])
-            xs = [0.0] + [c["fraction"] for c in mine]
-            ys = [base] + [c["compliance"] for c in mine]
-            ax.plot(xs, ys, color=color, marker=marker, linestyle=style, label=policy, markersize=5)
-            costly = [c for c in mine if c["perplexity_ratio"] is not None and c["perplexity_ratio"] > PPL_LIMIT]
-            ax.scatter([c["fraction"] for c in costly], [c["compliance"] for c in costly], s=90,
-                       facecolors="none", edgecolors="red", linewidths=1.2, zorder=3)
-        ax.set_title(f"{task} (layer {cells[0]['layer']})", fontsize=10)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("alpha / mean residual norm")
-        ax.grid(alpha=0.3)
+        for x, c in enumerate(cells):
+            low, high = c["compliance_ci"]
+            ax.bar(x, c["compliance"], color=colors[c["policy"]], alpha=0.85)
+            ax.errorbar(x, c["compliance"], yerr=[[c["compliance"] - low], [high - c["compliance"]]], color="black",
+                        capsize=3, linewidth=1)
+            ppl = c["perplexity_ratio"]
+            if c["policy"] != "off" and ppl is not None:
+                ax.text(x, min(high + 0.03, 0.97), f"{ppl:.2f}", ha="center", fontsize=7,
+                        color="red" if ppl > PPL_LIMIT else "black")
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels([c["policy"][:5] + ("" if c["scale"] in (None, 1, 1.0) or c["policy"] == "off"
+                                               else f"x{c['scale']:g}") for c in cells], fontsize=7, rotation=30)
+        steered = [c for c in cells if c["policy"] != "off"]
+        alpha = f", alpha {steered[0]['alpha']:.3g}" if steered else ""
+        ax.set_title(f"{task} (layer {cells[0]['layer']}{alpha})", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("compliance")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    handles.append(plt.Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle=""))
-    labels.append(f"perplexity ratio > {PPL_LIMIT}")
-    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+        ax.set_ylabel("compliance (95% Wilson)")
+    fig.suptitle(title + f"\nnumbers: perplexity ratio (red > {PPL_LIMIT})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def arms_for(task: str, bank: ProbeBank, norms: dict[int, float], scales: Sequence[float],
+             fractions: Sequence[float], policies: Sequence[str] = POLICIES) -> list[Arm]:
+    """Every policy at the sweep's chosen alpha x each scale, or (no sweep record) at each fraction of the norm."""
+    chosen = bank.extra.get("steering", {}).get(task)
+    norm = norms[bank.probes[bank.index(task)].steering_layer]
+    if chosen:
+        return [Arm(p, chosen["alpha"] * s / norm, chosen["alpha"] * s, s) for p in policies for s in scales]
+    return [Arm(p, f, f * norm) for p in policies for f in fractions]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -212,20 +280,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--n-per-task", type=int, default=24)
+    parser.add_argument("--n-per-task", type=int, default=60)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--fractions", default="0.05,0.1,0.2,0.4", help="alpha as fractions of the layer's norm")
+    parser.add_argument("--length-max-new-tokens", type=int, default=160,
+                        help="token budget of the tasks whose label needs the whole response (the count tasks)")
+    parser.add_argument("--alpha-scales", default="1", help="multiples of the sweep's chosen alpha (banks that "
+                                                            "record one: extra['steering'])")
+    parser.add_argument("--fractions", default="0.1,0.25", help="alpha as fractions of the layer's norm, for tasks "
+                                                                "without a recorded sweep")
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: every task in the bank)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="steering policies to run")
+    parser.add_argument("--where", default="generated", choices=[w.value for w in Where],
+                        help="which tokens steering is added to (the runtime's default: generated)")
     parser.add_argument("--output", default=str(RESULTS / "steering_efficacy.json"), help="JSON; the PNG goes beside it")
-    parser.add_argument("--max-batch", type=int, default=128)
+    parser.add_argument("--max-batch", type=int, default=192)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    if not fractions or any(not 0 < f <= 2 for f in fractions):
-        parser.error("--fractions must be numbers in (0, 2]")
+    scales = [float(f) for f in args.alpha_scales.split(",") if f.strip()]
+    if not fractions or any(not 0 < f <= 2 for f in fractions) or not scales or any(s <= 0 for s in scales):
+        parser.error("--fractions must be numbers in (0, 2] and --alpha-scales positive numbers")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        parser.error(f"--policies takes some of {', '.join(POLICIES)}")
     lm = load_model(args.model, device=args.device)
     bank = load_bank(args.bank)
     tasks = [t for t in TASKS if t in bank.tasks] if args.tasks is None else args.tasks.split(",")
@@ -233,23 +313,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         if task not in bank.tasks:
             parser.error(f"the bank has no probe for task {task!r}")
     prompts = {t: held_out_prompts(t, args.n_per_task, args.seed) for t in tasks}
+    budget = {t: args.length_max_new_tokens if get_task(t).token_budget > TOKEN_BUDGET else args.max_new_tokens
+              for t in tasks}
     n_rows = sum(len(p) for p in prompts.values())
+    n_arms = len(policies) * max(len(scales), len(fractions))
 
-    bar = tqdm(total=n_rows * (1 + len(POLICIES) * len(fractions)), desc="generate", unit="resp")
+    bar = tqdm(total=n_rows * (1 + n_arms), desc="generate", unit="resp")
     base_arm = Arm("off", 0.0, 0.0)
     # Every probe is measured, reliable or not: muting would hide what the benchmark is about.
     with NormTapSteerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer:
-        flat = [make_request(p, base_arm, args.max_new_tokens) for t in tasks for p in prompts[t]]
+        flat = [make_request(p, base_arm, budget[t]) for t in tasks for p in prompts[t]]
         base_flat = run_requests(steerer, flat, bar, args.max_batch)
         norms = steerer.mean_norms()
     base = {t: base_flat[i * args.n_per_task:(i + 1) * args.n_per_task] for i, t in enumerate(tasks)}
     arms: dict[str, list[Arm]] = {}
     steered: dict[str, list[list[Result]]] = {}
     for task in tasks:
-        layer = bank.probes[bank.index(task)].layer
-        arms[task] = [Arm(p, f, f * norms[layer]) for p in POLICIES for f in fractions]
-        requests = [make_request(p, arm, args.max_new_tokens) for arm in arms[task] for p in prompts[task]]
-        with Steerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer:  # a fresh one per task: state is per request
+        arms[task] = arms_for(task, bank, norms, scales, fractions, policies)
+        requests = [make_request(p, arm, budget[task]) for arm in arms[task] for p in prompts[task]]
+        with Steerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True,  # a fresh one per task:
+                     where=Where(args.where)) as steerer:  # state is per request
             flat = run_requests(steerer, requests, bar, args.max_batch)
         n = len(prompts[task])
         steered[task] = [flat[k * n:(k + 1) * n] for k in range(len(arms[task]))]
@@ -260,44 +343,70 @@ def main(argv: Sequence[str] | None = None) -> None:
     everything += [(p, r) for t in tasks for group in steered[t] for p, r in zip(prompts[t], group, strict=True)]
     prompt_ids = [chat_prompt(lm.tokenizer, p.messages) for p, _ in everything]
     with tqdm(total=len(everything), desc="perplexity", unit="resp") as pbar:
-        nll_flat = response_nll(lm, prompt_ids, [r.tokens for _, r in everything], on_batch=pbar.update)
+        nll_flat = response_nll(lm, prompt_ids, [scored_tokens(lm, r.tokens) for _, r in everything],
+                                on_batch=pbar.update)
     nll_of = {r.request_id: v for (_, r), v in zip(everything, nll_flat, strict=True)}
 
     table: dict[str, list[dict]] = {}
+    by_policy: dict[str, list[Result]] = {"off": [r for t in tasks for r in base[t]]}
     for task in tasks:
-        layer = bank.probes[bank.index(task)].layer
+        layer = bank.probes[bank.index(task)].steering_layer
         base_nll = [nll_of[r.request_id] for r in base[task]]
         cells = [cell(base_arm, layer, base[task], base[task], base_nll, base_nll)]
         for arm, group in zip(arms[task], steered[task], strict=True):
             cells.append(cell(arm, layer, group, base[task], [nll_of[r.request_id] for r in group], base_nll))
+            if arm.scale in (None, 1.0) and (arm.scale is not None or arm.fraction == max(fractions)):
+                by_policy.setdefault(arm.policy, []).extend(group)
         table[task] = cells
+    summary = summarise(table)
+    summary["verdict_calibration"] = {
+        "rule": "the probe's end verdict (predicted_violation, p_satisfied_end) against the checker, pooled over "
+                "tasks; steered policies at the sweep's alpha (scale 1; the largest fraction without a sweep)",
+        **calibration_summary(by_policy)}
     out = {
-        "model": lm.name, "bank_version": bank.version, "n_per_task": args.n_per_task, "tasks": table,
-        "summary": summarise(table),
-        "config": {"max_new_tokens": args.max_new_tokens, "fractions": fractions, "decoding": "greedy",
+        "model": lm.name, "bank_version": bank.version, "bank": str(args.bank) if args.bank else "default",
+        "n_per_task": args.n_per_task, "tasks": table, "summary": summary,
+        "config": {"max_new_tokens": budget, "alpha_scales": scales, "fractions": fractions, "decoding": "greedy",
+                   "policies": policies, "where": args.where,
                    "prompts": "test split of split_base_requests(13), params over difficulty, aid=None",
+                   "alphas": "extra['steering'][task]['alpha'] x scale where the bank records a sweep (on "
+                             "training-split prompts), else fraction x mean residual norm at the steering layer",
+                   "steering_from_bank": {t: bank.extra.get("steering", {}).get(t) for t in tasks},
+                   "gate_thresholds": {t: bank.alerting.probes[bank.index(t)].gate_threshold for t in tasks},
+                   "flag_thresholds": {t: float(bank.alerting.flag_thresholds[bank.index(t)]) for t in tasks},
                    "seed": args.seed, "mean_residual_norm_by_layer": {str(k): round(v, 3) for k, v in norms.items()},
                    "perplexity_ratio": "exp(mean over prompts of NLL_steered - NLL_own_unsteered_response), NLL = "
-                                       "mean per response token under the unsteered model (EOS not scored)",
-                   "repetition": "mean over responses of 1 - distinct/total token 3-grams"},
+                                       "mean per response token under the unsteered model (EOS not scored); 95% "
+                                       "percentile bootstrap over prompts",
+                   "intervals": "95%: Wilson for compliance and accuracy, paired bootstrap over prompts for gains, "
+                                "stratified bootstrap for AUROC",
+                   "repetition": "mean over responses of 1 - distinct/total token 3-grams",
+                   "command": shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])},
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(out, indent=1))
     plot(table, output.with_suffix(".png"), f"steering efficacy: {lm.name}, bank {bank.version}, "
-                                            f"n={args.n_per_task}/task, greedy, {args.max_new_tokens} tokens")
-    print_table(table, bank)
+                                            f"n={args.n_per_task}/task (test split), greedy")
+    print_table(table)
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
-def print_table(tasks: dict[str, list[dict]], bank: ProbeBank) -> None:
-    print(f"{'task':18s} {'policy':12s} {'frac':>5s} {'alpha':>8s} {'comply':>7s} {'base':>6s} {'ppl x':>7s} {'rep3':>6s}")
+def print_table(tasks: dict[str, list[dict]]) -> None:
+    print(f"{'task':18s} {'policy':12s} {'alpha':>8s} {'comply [95%]':>18s} {'base':>5s} {'gain [95%]':>20s} "
+          f"{'ppl x [95%]':>20s} {'acc':>5s} {'auroc':>5s}")
     for task, cells in tasks.items():
         for c in cells:
-            ppl = "-" if c["perplexity_ratio"] is None else f"{c['perplexity_ratio']:.3f}"
-            rep = "-" if c["repetition"] is None else f"{c['repetition']:.3f}"
-            print(f"{task:18s} {c['policy']:12s} {c['fraction']:5.2f} {c['alpha']:8.2f} {c['compliance']:7.2f} "
-                  f"{c['compliance_baseline']:6.2f} {ppl:>7s} {rep:>6s}")
+            ci = c["compliance_ci"]
+            g = c["gain_ci"]
+            p = c["perplexity_ratio_ci"]
+            ppl = "-" if c["perplexity_ratio"] is None else f"{c['perplexity_ratio']:.3f} [{p[0]:.2f},{p[1]:.2f}]"
+            v = c["verdict"]
+            au = "-" if v.get("auroc") is None else f"{v['auroc']:.2f}"
+            acc = "-" if v.get("accuracy") is None else f"{v['accuracy']:.2f}"
+            print(f"{task:18s} {c['policy']:12s} {c['alpha']:8.2f} {c['compliance']:5.2f} [{ci[0]:.2f},{ci[1]:.2f}] "
+                  f"{c['compliance_baseline']:5.2f} {c['gain']:+5.2f} [{g[0]:+.2f},{g[1]:+.2f}] {ppl:>20s} "
+                  f"{acc:>5s} {au:>5s}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`steerer verify` and `steerer probes corpus|ifeval|build|train|list|score` (a plug-in of steerer/cli.py)."""
+"""`steerer verify` and `steerer probes corpus|ifeval|build|train|steer|list|score` (a plug-in of steerer/cli.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ def add_commands(sub) -> None:
 
     train = psub.add_parser("train", help="choose, measure and bank one probe per task from the corpus and its "
                                           "features; optionally the paper's report")
-    train.add_argument("--corpus", default=None, help="corpus folder (default: the default model's)")
-    train.add_argument("--features", default=None, help="features cache (default: data/features/{model})")
+    _data_arguments(train)
     train.add_argument("--out", default=None, help="bank folder (default: the shipped default bank)")
     train.add_argument("--tasks", default=None)
     train.add_argument("--report", default=None, help="also write the paper's experiments to this folder")
@@ -39,6 +38,50 @@ def add_commands(sub) -> None:
                        help="keep each task's steering layer and direction from this bank (one whose steering "
                             "efficacy was measured) instead of the corpus's class mean difference")
     train.set_defaults(handler=cmd_train)
+
+    warn = psub.add_parser("warn", help="token-level warning predictors (forecasts from the tokens before a "
+                                        "violation, reading progress towards a limit) chosen per task against the "
+                                        "bank's probe on training data; writes them into the bank's warning/ folder")
+    _data_arguments(warn)
+    warn.add_argument("--bank", default=None, help="bank to add them to (default: the shipped default bank)")
+    warn.add_argument("--out", default=None, help="bank folder to write (default: --bank)")
+    warn.add_argument("--tasks", default=None, help="tasks to fit (default: all; others keep their probe)")
+    warn.add_argument("--layers", default=None, help="candidate token layers (default: every 6th + the probe's)")
+    warn.add_argument("--report", default="reports/warning", help="folder for warning.json (measured per split)")
+    warn.set_defaults(handler=cmd_warn)
+
+    steer = psub.add_parser("steer", help="steering directions (compliant minus violating, same request), layers and "
+                                          "strengths chosen by an efficacy sweep on training-split prompts; "
+                                          "writes a bank and the sweep's report")
+    steer.add_argument("--bank", default=None, help="source bank (default: the shipped bank); its probes are kept")
+    steer.add_argument("--out", required=True, help="bank folder to write (the source bank is never overwritten)")
+    _data_arguments(steer)
+    steer.add_argument("--tasks", default=None, help="comma-separated task ids (default: every task in the bank)")
+    steer.add_argument("--layers", default="6,12,18,24", help="candidate steering layers (token layers of the "
+                                                              "features)")
+    steer.add_argument("--fractions", default="0.08,0.16,0.32", help="alpha as fractions of the layer's mean "
+                                                                     "residual norm")
+    steer.add_argument("--n", type=int, default=20, help="training-split prompts per task")
+    steer.add_argument("--max-new-tokens", type=int, default=96)
+    steer.add_argument("--length-max-new-tokens", type=int, default=160, help="token budget of the count tasks")
+    steer.add_argument("--no-probe-comparison", action="store_true",
+                       help="do not also sweep the source bank's direction at its steering layer")
+    steer.add_argument("--where-tasks", default="lowercase",
+                       help="tasks whose chosen cell is also run steering the prompt (Where.BOTH) and its last "
+                            "token ('' for none)")
+    steer.add_argument("--gate-thresholds", default="0.3,0.6,0.9",
+                       help="P(satisfied) gate thresholds tried for conditional steering at the chosen alpha ('' to "
+                            "skip); the one gaining most at perplexity ratio <= 1.10 goes into the bank")
+    steer.add_argument("--gate-min-gain", type=float, default=0.1,
+                       help="calibrate the gate only for tasks whose chosen constant cell gained at least this")
+    steer.add_argument("--report", default=str(REPO / "reports" / "steering"), help="sweep JSON and plot folder")
+    steer.add_argument("--fresh", action="store_true", help="sweep every task again (default: tasks already in "
+                                                            "the report are kept, with the settings they record)")
+    steer.add_argument("--seed", type=int, default=0)
+    steer.add_argument("--max-batch", type=int, default=192)
+    steer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    steer.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    steer.set_defaults(handler=cmd_steer)
 
     listing = psub.add_parser("list", help="a bank's probes: layer, thresholds, test AUROC with its 95%% interval, "
                                            "reliability")
@@ -80,6 +123,12 @@ def add_commands(sub) -> None:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     score.set_defaults(handler=cmd_score)
+
+
+def _data_arguments(parser) -> None:
+    """--corpus and --features, as every command reading the committed corpus and its features takes them."""
+    parser.add_argument("--corpus", default=None, help="corpus folder (default: the default model's)")
+    parser.add_argument("--features", default=None, help="features cache (default: data/features/{model})")
 
 
 def _tasks(text: str | None) -> list[str] | None:
@@ -189,6 +238,112 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_report(Path(args.report), fmanifest["model"], trained, general, datas, fmanifest["layers"],
                      {"version": bank.version, "path": str(out)}, summary)
         print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes import steering
+    from steerer.bank import DEFAULT_BANK, ProbeBank, content_version
+    from steerer.model import load_model
+
+    corpus, features, fmanifest = _corpus_and_features(args)
+    source = ProbeBank.load(args.bank)
+    out = Path(args.out).resolve()
+    if out == Path(args.bank or DEFAULT_BANK).resolve():
+        raise ValueError("--out must not be the source bank: write the steered bank to a folder of its own")
+    tasks = _tasks(args.tasks) or list(source.tasks)
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    if not fractions or any(not 0 < f <= 2 for f in fractions) or args.n < 1:
+        raise ValueError("--fractions must be numbers in (0, 2] and --n >= 1")
+    lm = load_model(fmanifest["model"], threads=args.threads, device=args.device)
+    if lm.fingerprint != fmanifest["fingerprint"]:
+        raise ValueError(f"features in {features} are of another model ({fmanifest['fingerprint']})")
+    source.check_model(lm.fingerprint, lm.hidden_size)
+    command = shlex.join(["steerer", *sys.argv[1:]])
+    config = steering.SweepConfig(
+        tasks=tasks, layers=_ints(args.layers, "--layers"), fractions=fractions, n=args.n, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, length_max_new_tokens=args.length_max_new_tokens,
+        compare_probe=not args.no_probe_comparison,
+        where_tasks=tuple(t for t in args.where_tasks.split(",") if t.strip()), max_batch=args.max_batch,
+        extra={"command": command})
+    report = Path(args.report)
+    doc, directions = steering.run(lm, source, corpus, features, config, report, fresh=args.fresh)
+    choices = {t: steering.choice_record(doc["tasks"][t]) for t in directions}
+    bank = steering.steered_bank(source, choices, directions)
+    thresholds = [float(g) for g in args.gate_thresholds.split(",") if g.strip()]
+    gate_tasks = [t for t, c in choices.items() if c["gain"] >= args.gate_min_gain]
+    if thresholds and gate_tasks and steering.gate_supported():
+        key = {"thresholds": thresholds, "tasks": gate_tasks}
+        if (doc.get("gate") or {}).get("key") != key:
+            doc["gate"] = {"key": key, "tasks": steering.calibrate_gates(lm, bank, doc, gate_tasks, thresholds, config)}
+            steering.save_doc(doc, report)
+        picks = {t: r["chosen"] for t, r in doc["gate"]["tasks"].items() if r["chosen"] is not None}
+        bank = steering.with_gate_thresholds(bank, picks)
+        for t, r in doc["gate"]["tasks"].items():
+            bank.extra["steering"][t]["gate_threshold"] = r["chosen"]
+            bank.extra["steering"][t]["gate_source"] = (
+                f"conditional at the chosen alpha, gate thresholds {thresholds} on the sweep's prompts: the largest "
+                "gain at perplexity ratio <= 1.10" + ("" if r["chosen"] is not None else "; none gained, so the flag "
+                                                           "threshold gates"))
+    elif thresholds:
+        print("steerer: gate thresholds not calibrated (" + ("the runtime has no Probe.gate_threshold" if gate_tasks
+              and not steering.gate_supported() else "no task gained enough") + ")")
+    kept = [t for t in tasks if t not in directions]
+    bank.extra["steering_sweep"] = {"command": command, "report": str(report), "source_bank": source.version,
+                                    "kept_source_steering": kept}
+    bank.version = content_version(bank)
+    bank.save(out)
+    doc["bank"] = {"path": str(out), "version": bank.version}
+    steering.save_doc(doc, report)
+    steering.plot(doc, report / "sweep.png")
+    for task in tasks:
+        c = choices.get(task)
+        print(f"{task:18s} " + ("no swept cell gained at perplexity ratio <= 1.10: source steering kept" if c is None
+                                else f"layer {c['layer']:2d} alpha {c['alpha']:7.2f} (fraction {c['fraction']:g}) "
+                                     f"gain {c['gain']:+.2f} perplexity ratio {c['perplexity_ratio']:.3f} n={c['n']}"
+                                     f" gate {c.get('gate_threshold')}"))
+    print(f"wrote {out}, {report / 'sweep.json'} and {report / 'sweep.png'}")
+    return 0
+
+
+def cmd_warn(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes.tasks import TASKS
+    from probes.warning import train_warnings, write_report
+    from steerer.bank import DEFAULT_BANK, ProbeBank, content_version
+    from steerer.lens import LensWeights
+    from steerer.model import load_model
+
+    corpus, features, fmanifest = _corpus_and_features(args)
+    bank = ProbeBank.load(args.bank)
+    tasks = _tasks(args.tasks) or [t for t in TASKS if t in bank.tasks]
+    token_layers = fmanifest["token_layers"]
+    layers = list(_ints(args.layers, "--layers") or token_layers[1::2])
+    if missing := [layer for layer in layers if layer not in token_layers]:
+        raise ValueError(f"--layers {missing} are not token layers of the features ({token_layers})")
+    lm = load_model(fmanifest["model"])
+    if lm.fingerprint != fmanifest["fingerprint"] or bank.fingerprint != lm.fingerprint:
+        raise ValueError("the bank, the features and the model must be of one model")
+    warned, report = train_warnings(corpus, features, bank, tasks, token_layers, layers, LensWeights.of(lm.model),
+                                    lm.tokenizer)
+    warned.extra = warned.extra | {"warning": {"command": shlex.join(["steerer", *sys.argv[1:]]),
+                                               "chosen": {t: r["chosen"]["kind"] for t, r in report.items()}}}
+    warned.version = content_version(warned)
+    out = warned.save(args.out or args.bank or DEFAULT_BANK)
+    folder = Path(args.report)
+    write_report(folder, report, warned.version, warned.extra["warning"]["command"])
+    for task, r in report.items():
+        w, e = r["measured"]["warning"], r["measured"]["end_probe"]
+        print(f"{task:18s} {r['chosen']['kind']:9s} layer {r['chosen']['layer']:2d}  "
+              + "  ".join(f"{split}: early {m[split]['flagged_at_least_3_early']} false {m[split]['false_flag_rate']}"
+                          for m in (w,) for split in ("test", "heldout_phrasing"))
+              + f"  | end probe test early {e['test']['flagged_at_least_3_early']} false {e['test']['false_flag_rate']}")
+    print(f"wrote {out} and {folder / 'warning.json'}")
     return 0
 
 

@@ -310,7 +310,9 @@ class BankEntry:
     direction: np.ndarray  # [d]
     own_inputs: np.ndarray  # [F]
     own_lens: np.ndarray  # [2] or [0]
-    variant_rows: list[tuple[str, np.ndarray, float, np.ndarray, np.ndarray]]  # (key, weight, bias, inputs, lens)
+    # (key, weight, bias, inputs, lens[, progress])
+    variant_rows: list[tuple[str, np.ndarray, float, np.ndarray, np.ndarray] | tuple]
+    own_progress: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [3] or [0]: progress coefficients
 
 
 def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, token_layers: list[int],
@@ -359,26 +361,47 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
     return BankEntry(record, weight, bias, class_direction(data, steer_at), own_inputs, own_lens, variant_rows)
 
 
+def entry_from_bank(bank, task: str) -> BankEntry:
+    """A bank's probe for `task` as an entry again (its rows, variant rows and coefficients), to assemble
+    into another bank unchanged."""
+    k = bank.index(task)
+    probe, n = bank.probes[k], len(bank.probes)
+    rows = (probe.conditioning or {}).get("rows", {})
+    tensor = lambda t, i: t[i].numpy().astype(np.float64)  # noqa: E731
+    variants = [(key, tensor(bank.variant_weights, r), float(bank.variant_biases[r]), tensor(bank.input_weights, n + r),
+                 tensor(bank.lens_weights, n + r), tensor(bank.progress_weights, n + r)) for key, r in rows.items()]
+    record = {f: getattr(probe, f) for f in probe.__dataclass_fields__}
+    record["conditioning"] = {key: v for key, v in probe.conditioning.items() if key != "rows"} \
+        if probe.conditioning else None
+    return BankEntry(record, tensor(bank.weights, k), float(bank.biases[k]), tensor(bank.directions, k),
+                     tensor(bank.input_weights, k), tensor(bank.lens_weights, k), variants,
+                     tensor(bank.progress_weights, k))
+
+
 def assemble_bank(entries: list[BankEntry], model: str, fingerprint: str, hidden_size: int, version: str,
                   extra: dict):
     """A ProbeBank from entries: own rows first, then every variant row, input coefficients zero-padded."""
     from steerer.bank import Probe, ProbeBank
+    from steerer.conditioning import PROGRESS_FEATURES, reads_progress
 
     width = max([len(e.own_inputs) for e in entries] + [len(v[3]) for e in entries for v in e.variant_rows] + [0])
     pad = lambda a, n=width: np.concatenate([a, np.zeros(n - len(a))])  # noqa: E731
     any_lens = any(len(e.own_lens) for e in entries)
     lens_pad = lambda a: pad(a, lens.FEATURES if any_lens else 0)  # noqa: E731
-    probes, variant_weights, variant_biases, variant_inputs, variant_lens = [], [], [], [], []
+    any_progress = any(reads_progress(e.record.get("conditioning")) for e in entries)
+    progress_pad = lambda a: pad(a, len(PROGRESS_FEATURES) if any_progress else 0)  # noqa: E731
+    probes, variant_weights, variant_biases, variant_inputs, variant_lens, variant_progress = [], [], [], [], [], []
     for e in entries:
         record = dict(e.record)
         if e.variant_rows:
             record["conditioning"] = record["conditioning"] | {
                 "rows": {key: len(variant_weights) + j for j, (key, *_rest) in enumerate(e.variant_rows)}}
-            for _key, w, b, inputs, lens_coefs in e.variant_rows:
+            for _key, w, b, inputs, lens_coefs, *progress in e.variant_rows:
                 variant_weights.append(w)
                 variant_biases.append(b)
                 variant_inputs.append(pad(inputs))
                 variant_lens.append(lens_pad(lens_coefs))
+                variant_progress.append(progress_pad(progress[0] if progress else np.zeros(0)))
         probes.append(Probe(**record))
     tensor = lambda rows, shape: torch.tensor(np.array(rows), dtype=torch.float32).reshape(shape)  # noqa: E731
     k, v = len(entries), len(variant_weights)
@@ -388,4 +411,6 @@ def assemble_bank(entries: list[BankEntry], model: str, fingerprint: str, hidden
                      version, extra, tensor(variant_weights, (v, hidden_size)), tensor(variant_biases, (v,)),
                      tensor([pad(e.own_inputs) for e in entries] + variant_inputs, (k + v, width)),
                      tensor([lens_pad(e.own_lens) for e in entries] + variant_lens,
-                            (k + v, lens.FEATURES if any_lens else 0)))
+                            (k + v, lens.FEATURES if any_lens else 0)),
+                     tensor([progress_pad(e.own_progress) for e in entries] + variant_progress,
+                            (k + v, len(PROGRESS_FEATURES) if any_progress else 0)))

@@ -33,10 +33,11 @@ TENSORS = "probes.safetensors"
 DEFAULT_BANK = Path(__file__).resolve().parents[1] / "probes" / "banks" / "smollm2-135m-instruct"
 DIRECTION_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored unit direction (float rounding, bf16 saves)
 TENSOR_NAMES = ("weights", "biases", "directions", "variant_weights", "variant_biases", "input_weights",
-                "lens_weights")
+                "lens_weights", "progress_weights")
+WARNING = "warning"  # sub-folder of a bank holding its token-level warning predictors (same format)
 PROBE_FIELDS = {"task": str, "layer": int, "position": str, "polarity": str, "threshold": float, "method": str,
                 "flag_threshold": float | None, "metrics": dict, "reliable": bool | None,
-                "conditioning": dict | None, "steer_layer": int | None}
+                "conditioning": dict | None, "steer_layer": int | None, "gate_threshold": float | None}
 
 
 class BankError(ValueError):
@@ -61,6 +62,9 @@ class Probe:
     # Where steering along this probe's direction is added (None: at `layer`). Reading and steering need not
     # share a layer: a probe may read best where steering does little (e.g. the last layer).
     steer_layer: int | None = None
+    # Conditional steering acts while P(satisfied) is below this (None: the flag threshold). Calibrated for
+    # steering (gain against fluency), apart from the alert threshold (false flags against early warning).
+    gate_threshold: float | None = None
 
     @property
     def steering_layer(self) -> int:
@@ -98,6 +102,10 @@ class ProbeBank:
     variant_biases: torch.Tensor | None = None  # [V]
     input_weights: torch.Tensor | None = None  # [K + V, F]
     lens_weights: torch.Tensor | None = None  # [K + V, 2] (or [K + V, 0] when no probe declares a lens)
+    progress_weights: torch.Tensor | None = None  # [K + V, 3] (or [K + V, 0]): coefficients of progress inputs
+    # Token-level predictors for flags and the steering gate (same tasks, same order); None: the probes above
+    # (trained at the end of the response) also flag. Saved in the bank's `warning/` sub-folder.
+    warning: ProbeBank | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size < 1:
@@ -125,6 +133,12 @@ class ProbeBank:
         if self.lens_weights is None or (isinstance(self.lens_weights, torch.Tensor) and self.lens_weights.dim() == 2
                                          and self.lens_weights.shape[1] == 0 and lens_width == 0):
             self.lens_weights = torch.zeros(k + max(v, 0), lens_width)
+        progress_width = len(conditioning.PROGRESS_FEATURES) if any(
+            conditioning.reads_progress(p.conditioning) for p in self.probes) else 0
+        if self.progress_weights is None or (isinstance(self.progress_weights, torch.Tensor)
+                                             and self.progress_weights.dim() == 2
+                                             and self.progress_weights.shape[1] == 0 and progress_width == 0):
+            self.progress_weights = torch.zeros(k + max(v, 0), progress_width)
         for i, probe in enumerate(self.probes):
             try:
                 conditioning.check(probe.conditioning, max(v, 0))
@@ -135,7 +149,7 @@ class ProbeBank:
                                 f"columns ({f})")
         for name, shape in (("weights", (k, d)), ("biases", (k,)), ("directions", (k, d)),
                             ("variant_weights", (v, d)), ("variant_biases", (v,)), ("input_weights", (k + v, f)),
-                            ("lens_weights", (k + v, lens_width))):
+                            ("lens_weights", (k + v, lens_width)), ("progress_weights", (k + v, progress_width))):
             tensor = getattr(self, name)
             if not isinstance(tensor, torch.Tensor):
                 raise BankError(f"bank {name} is a {type(tensor).__name__}, expected a tensor")
@@ -156,6 +170,16 @@ class ProbeBank:
         if off:
             raise BankError("bank directions must be unit vectors; " + ", ".join(
                 f"{tasks[i]} has norm {float(norms[i]):.4g}" for i in off))
+        if self.warning is not None:
+            if not isinstance(self.warning, ProbeBank):
+                raise BankError(f"bank warning must be a ProbeBank, got {type(self.warning).__name__}")
+            if self.warning.tasks != tasks:
+                raise BankError(f"bank warning predictors are for {', '.join(self.warning.tasks)}; the bank's probes "
+                                f"are for {', '.join(tasks)} (same tasks, same order)")
+            if (self.warning.fingerprint, self.warning.hidden_size) != (self.fingerprint, self.hidden_size):
+                raise BankError("bank warning predictors were trained on another model")
+            if self.warning.warning is not None:
+                raise BankError("bank warning predictors cannot have warning predictors of their own")
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +190,8 @@ class ProbeBank:
         device = torch.device(device)
         if self.weights.device == device:
             return self
-        return replace(self, **{name: getattr(self, name).to(device) for name in TENSOR_NAMES})
+        return replace(self, **{name: getattr(self, name).to(device) for name in TENSOR_NAMES},
+                       warning=self.warning.to(device) if self.warning is not None else None)
 
     @property
     def tasks(self) -> list[str]:
@@ -174,8 +199,14 @@ class ProbeBank:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        """Every layer the runtime touches: where probes read and where their steering is added."""
-        return tuple(sorted({p.layer for p in self.probes} | {p.steering_layer for p in self.probes}))
+        """Every layer the runtime touches: where probes (and warning predictors) read and where steering is added."""
+        warning = {p.layer for p in self.warning.probes} if self.warning is not None else set()
+        return tuple(sorted({p.layer for p in self.probes} | {p.steering_layer for p in self.probes} | warning))
+
+    @property
+    def alerting(self) -> ProbeBank:
+        """What flags and gates conditional steering: the warning predictors, else the probes themselves."""
+        return self.warning if self.warning is not None else self
 
     @property
     def steering_layers(self) -> tuple[int, ...]:
@@ -234,6 +265,18 @@ class ProbeBank:
         return torch.tensor([p.threshold if p.flag_threshold is None else p.flag_threshold for p in self.probes],
                             dtype=torch.float32)
 
+    @property
+    def gate_thresholds(self) -> torch.Tensor:
+        """Per probe, the P(satisfied) below which conditional steering acts (default: the flag threshold)."""
+        flags = self.flag_thresholds.tolist()
+        return torch.tensor([f if p.gate_threshold is None else p.gate_threshold
+                             for p, f in zip(self.probes, flags, strict=True)], dtype=torch.float32)
+
+    @property
+    def progress_params(self) -> list[bool]:
+        """Per probe: does it read the task's progress towards its limit (a per-token input)?"""
+        return [conditioning.reads_progress(p.conditioning) for p in self.probes]
+
     def subset(self, tasks: list[str]) -> ProbeBank:
         """The bank with only these tasks' probes (their variant rows renumbered)."""
         picked = [self.index(t) for t in tasks]
@@ -251,7 +294,10 @@ class ProbeBank:
                        variant_biases=self.variant_biases[variant_rows],
                        input_weights=self.input_weights[picked + [k + r for r in variant_rows]],
                        lens_weights=self.lens_weights[picked + [k + r for r in variant_rows]]
-                       if any(conditioning.lens_param(p.conditioning) for p in probes) else None)
+                       if any(conditioning.lens_param(p.conditioning) for p in probes) else None,
+                       progress_weights=self.progress_weights[picked + [k + r for r in variant_rows]]
+                       if any(conditioning.reads_progress(p.conditioning) for p in probes) else None,
+                       warning=self.warning.subset(tasks) if self.warning is not None else None)
 
     def check_model(self, fingerprint: str, hidden_size: int) -> None:
         if hidden_size != self.hidden_size:
@@ -272,6 +318,8 @@ class ProbeBank:
                         "hidden_size": self.hidden_size, "version": self.version,
                         "probes": [asdict(p) for p in self.probes], **self.extra}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if self.warning is not None:
+                self.warning.save(tmp / WARNING)
             os.chmod(tmp, 0o755)
             if folder.exists():
                 shutil.rmtree(folder)
@@ -300,11 +348,13 @@ class ProbeBank:
         if missing:
             raise BankError(f"{folder / TENSORS}: missing tensor(s) {', '.join(missing)}")
         known = {"format_version", "model", "fingerprint", "hidden_size", "version", "probes"}
+        warning = cls.load(folder / WARNING) if (folder / WARNING / MANIFEST).is_file() else None
         try:
             return cls(manifest["model"], manifest["fingerprint"], manifest["hidden_size"], probes,
                        tensors["weights"], tensors["biases"], tensors["directions"], str(manifest.get("version", "0")),
                        {k: v for k, v in manifest.items() if k not in known}, tensors.get("variant_weights"),
-                       tensors.get("variant_biases"), tensors.get("input_weights"), tensors.get("lens_weights"))
+                       tensors.get("variant_biases"), tensors.get("input_weights"), tensors.get("lens_weights"),
+                       tensors.get("progress_weights"), warning)
         except BankError as exc:
             raise BankError(f"{folder}: {exc}") from None
 
@@ -325,7 +375,7 @@ def check_probe(probe: Probe, where: str = "probe") -> None:
         raise BankError(f"{where}.steer_layer must be >= 0, got {probe.steer_layer}")
     if probe.polarity != "satisfied":
         raise BankError(f"{where}.polarity must be 'satisfied' (probes output P(constraint satisfied))")
-    for name in ("threshold", "flag_threshold"):
+    for name in ("threshold", "flag_threshold", "gate_threshold"):
         value = getattr(probe, name)
         if value is not None and not 0 <= value <= 1:
             raise BankError(f"{where}.{name} must be a probability in [0, 1], got {value!r}")
@@ -424,6 +474,8 @@ def content_version(bank: ProbeBank) -> str:
     for name in TENSOR_NAMES:
         h.update(getattr(bank, name).detach().float().cpu().numpy().tobytes())
     h.update(json.dumps([asdict(p) for p in bank.probes], sort_keys=True).encode())
+    if bank.warning is not None:
+        h.update(content_version(bank.warning).encode())
     return f"{bank.fingerprint[:8]}-{h.hexdigest()[:12]}"
 
 

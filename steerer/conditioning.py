@@ -10,7 +10,12 @@ probe for "positive" sentiment must not be the one for "negative". A bank probe 
   coefficients per row are in ``input_weights``, so the logit gains a per-request constant:
   w_r . x + b_r + sum_f c_rf * input_f(params);
 - ``lens``: the name of a param holding words (terms, a topic): two per-token inputs, the logit lens of those
-  words at the probe's layer (`steerer.lens`), with coefficients per row in ``lens_weights``.
+  words at the probe's layer (`steerer.lens`), with coefficients per row in ``lens_weights``;
+- ``progress``: true for a probe that reads how far the text has come towards a count limit (the task's
+  `progress` tracker: count so far / limit, fed by the runtime at every token), as ``PROGRESS_FEATURES``
+  per-token inputs with coefficients per row in ``progress_weights``: what detection knows, for forecasts;
+- ``steer_signs``: variant key -> +1 or -1, the sign of the request's steering strength for that variant
+  (an "at most" limit is pushed towards shorter text, an "at least" one towards longer, along one direction).
 
 Everything here is a pure function of params, evaluated once when a request joins; per token the monitor
 only gathers each row's weight row and adds its constant.
@@ -31,6 +36,8 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
     "identity": lambda v: v,
 }
 MAX_INPUTS = 4
+PROGRESS_FEATURES = ("fraction", "fraction_squared", "log_tokens")  # per token: f, f^2, log(2 + token index)
+KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs"}
 
 
 class ConditioningError(ValueError):
@@ -41,9 +48,15 @@ def check(conditioning: dict | None, n_variant_rows: int) -> None:
     """ConditioningError unless the declaration is well formed for a bank with that many variant rows."""
     if conditioning is None:
         return
-    if not isinstance(conditioning, dict) or set(conditioning) - {"variant", "rows", "inputs", "lens"}:
-        raise ConditioningError(f"conditioning must be an object with variant/rows/inputs/lens, "
+    if not isinstance(conditioning, dict) or set(conditioning) - KEYS:
+        raise ConditioningError(f"conditioning must be an object with {'/'.join(sorted(KEYS))}, "
                                 f"got {conditioning!r:.80}")
+    if not isinstance(conditioning.get("progress", False), bool):
+        raise ConditioningError(f"conditioning progress must be true or false, got {conditioning['progress']!r:.40}")
+    signs = conditioning.get("steer_signs", {})
+    if not (isinstance(signs, dict) and all(isinstance(k, str) and v in (-1, 1) and not isinstance(v, bool)
+                                            for k, v in signs.items())):
+        raise ConditioningError(f"conditioning steer_signs must map variant keys to -1 or 1, got {signs!r:.80}")
     if "lens" in conditioning and not (isinstance(conditioning["lens"], str) and conditioning["lens"]):
         raise ConditioningError(f"conditioning lens must name a param, got {conditioning['lens']!r:.80}")
     variant = conditioning.get("variant")
@@ -70,6 +83,31 @@ def variant_row(conditioning: dict | None, params: dict) -> int | None:
     if not conditioning or conditioning.get("variant") is None:
         return None
     return conditioning["rows"].get(VARIANTS[conditioning["variant"]](params))
+
+
+def steer_sign(conditioning: dict | None, params: dict) -> float:
+    """The sign the request's variant gives its steering strength (1 where none is declared)."""
+    signs = (conditioning or {}).get("steer_signs")
+    if not signs or conditioning.get("variant") is None:
+        return 1.0
+    return float(signs.get(VARIANTS[conditioning["variant"]](params), 1))
+
+
+def reads_progress(conditioning: dict | None) -> bool:
+    return bool((conditioning or {}).get("progress", False))
+
+
+def progress_features(fraction, index):
+    """[B, 3] per-token progress inputs (`PROGRESS_FEATURES`) from the count fraction [B] and the reading's
+    token index [B] (-1 for the last prompt token): tensors or numpy arrays alike."""
+    import numpy as np
+
+    if isinstance(fraction, np.ndarray):
+        return np.stack([fraction, fraction * fraction, np.log1p(np.maximum(index + 1.0, 0.0))], axis=-1)
+    import torch
+
+    steps = (index.to(fraction.dtype) + 1.0).clamp(min=0.0)
+    return torch.stack([fraction, fraction * fraction, torch.log1p(steps)], dim=-1)
 
 
 def lens_param(conditioning: dict | None) -> str | None:

@@ -44,7 +44,7 @@ from steerer.monitor import FlagEvent, Monitor, MonitorConfig
 from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy
 from steerer.taps import LayerSteering, Where
 from steerer.tasks import get_task
-from steerer.tasks.base import Detector
+from steerer.tasks.base import Detector, Progress
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,14 @@ class _Row:
     columns: list[int]
     detok: IncrementalDetokenizer
     steered: dict[str, int]
-    always: set[int]  # layers this row steers at on every generated token (constant, proportional)
-    conditional: dict[int, int]  # column -> layer, for conditional policies (steer while flagged)
-    flagged: set[int] = field(default_factory=set)  # conditional columns whose flag is up
+    always: set[int]  # layers this row may steer at (constant, proportional; conditional while its gate is up)
+    conditional: dict[int, int]  # column -> layer, for conditional policies
     pending: tuple[list[float], list[float], list[FlagEvent]] | None = None  # readings for the next token
     eos: bool = False
     policies: dict[str, SteeringPolicy] = field(default_factory=dict)
     detectors: dict[str, Detector] = field(default_factory=dict)  # tasks a prefix may still decide
     detected: dict[str, int] = field(default_factory=dict)  # task -> token that broke it
+    progress: dict[int, Progress] = field(default_factory=dict)  # column -> progress tracker (forecast input)
     length: int = 0  # characters of text so far
     ends: list[int] = field(default_factory=list)  # text length after each token (rows with detectors)
 
@@ -187,6 +187,10 @@ class Controller:
         self._users: Counter[int] = Counter()  # layer -> rows that steer there now
         self._applied = torch.zeros(capacity, len(bank.probes), device=self.device)
         self._applied_dirty = False
+        self._steered_pass = False  # the last `coefficients` handed some layer non-zero rows
+        self._progress_columns = {p.task for p, reads in zip(bank.alerting.probes, bank.alerting.progress_params,
+                                                             strict=True) if reads}
+        self._progress_updates: list[tuple[int, int, float]] = []  # (slot, column, fraction) for the next pass
         self._ids = itertools.count()
 
     @property
@@ -221,21 +225,22 @@ class Controller:
         lens_ids = {t: token_ids(self.tokenizer, words_of(params[t], self._lens_params[t]))
                     for t in tasks if t in self._lens_params}
         self.monitor.register(slot, tasks, params, lens_ids)
-        self.policies.set(slot, policies)
+        self.policies.set(slot, policies, params)
         columns = [self.bank.index(t) for t in tasks]
         always, conditional = set(), {}
         for task, k in zip(tasks, columns, strict=True):
             policy = policies[task]
             if self._muted[k] or policy.alpha == 0 or policy.code == PolicyKind.OFF:
                 continue
+            always.add(self._layer_of[k])  # a conditional row's zeros where its gate is down are exact
             if policy.code == PolicyKind.CONDITIONAL:
                 conditional[k] = self._layer_of[k]
-            else:
-                always.add(self._layer_of[k])
         detectors = {t: d for t in tasks if (d := get_task(t).detect(params[t])) is not None}
+        progress = {k: get_task(t).progress(params[t]) for t, k in zip(tasks, columns, strict=True)
+                    if t in self._progress_columns and get_task(t).progress is not None}
         row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
                    IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional,
-                   policies=policies, detectors=detectors)
+                   policies=policies, detectors=detectors, progress=progress)
         self._users.update(always)
         self._rows[slot] = row
         return slot
@@ -246,7 +251,6 @@ class Controller:
         if row is None:
             return
         self._users.subtract(row.always)
-        self._users.subtract(row.conditional[k] for k in row.flagged)
         self._applied[slot] = 0
         self._free.append(slot)
 
@@ -260,14 +264,15 @@ class Controller:
         pass, handed to the steering layers. `positions` [B]: -1 for a row's prompt. `live` [B] bool: rows
         that may steer (others get zeros). None (and nothing added) when no row in flight steers."""
         active = {layer: self._users[layer] > 0 for layer in self.steering}
-        if not any(active.values()):
+        self._steered_pass = any(active.values())
+        if not self._steered_pass:
             for steer in self.steering.values():
                 steer.active = False
             if self._applied_dirty:
                 self._applied.zero_()
                 self._applied_dirty = False
             return None
-        coeffs = self.policies.coefficients(rows, self.monitor.flags[rows], self.monitor.smoothed[rows])
+        coeffs = self.policies.coefficients(rows, self.monitor.gate[rows], self.monitor.smoothed[rows])
         if self.where is Where.GENERATED:
             coeffs = torch.where(positions[:, None] >= 0, coeffs, 0.0)
         if live is not None:
@@ -280,8 +285,13 @@ class Controller:
     def observe(self, rows: torch.Tensor, positions: torch.Tensor, residuals: dict[int, torch.Tensor],
                 closing: torch.Tensor) -> Observation:
         """After a pass: score the residuals of `rows` (each row's last token), update risk and flags. No host
-        reads; bring `Observation.tensors()` to the host with the step's other data, then call `settle`."""
-        smoothed, raised, cleared = self.monitor.observe(rows, positions, residuals, closing)
+        reads; bring `Observation.tensors()` to the host with the step's other data, then call `settle`.
+        Readings are taken with this pass's steering subtracted, so steering does not fool its own monitor."""
+        if self._progress_updates:
+            self.monitor.set_progress(*map(list, zip(*self._progress_updates, strict=True)))
+            self._progress_updates = []
+        applied = self._applied[rows] if self._steered_pass else None
+        smoothed, raised, cleared = self.monitor.observe(rows, positions, residuals, closing, applied)
         return Observation(smoothed, self._applied[rows], raised, cleared)
 
     def settle(self, slots: list[int], positions: list[int], closing: list[bool], host: list[torch.Tensor]) -> None:
@@ -291,11 +301,6 @@ class Controller:
         by_slot: dict[int, list[FlagEvent]] = {}
         for event in self.monitor.flag_events(slots, positions, smoothed, raised, cleared):
             by_slot.setdefault(event.row, []).append(event)
-            row = self._rows[event.row]
-            k = self.bank.index(event.task)
-            if k in row.conditional and (k in row.flagged) != event.raised:
-                (row.flagged.add if event.raised else row.flagged.discard)(k)
-                self._users[row.conditional[k]] += 1 if event.raised else -1
         risks, alphas = smoothed.tolist(), applied.tolist()
         for i, slot in enumerate(slots):
             if closing[i]:
@@ -322,6 +327,8 @@ class Controller:
             text += row.detok.flush()
         for task, alpha in zip(row.tasks, applied, strict=True):
             row.steered[task] += alpha != 0
+        if recorded and row.progress:
+            self._progress_updates += [(slot, k, tracker.feed(text)) for k, tracker in row.progress.items()]
         detections = self._detect(slot, row, text, recorded, final) if row.detectors else []
         return TokenEvent(row.request_id, index, token, text, dict(zip(row.tasks, risks, strict=True)),
                           dict(zip(row.tasks, applied, strict=True)), flags, detections)
@@ -342,6 +349,7 @@ class Controller:
             index = min(bisect.bisect_left(row.ends, position), max(len(row.ends) - 1, 0))
             row.detected[task] = index
             found.append(Detection(task, index))
+            self.monitor.settle(slot, task)
             if self.stop_steering_on_detection:
                 self._stop_conditional(slot, row, task)
         if final:
@@ -353,11 +361,12 @@ class Controller:
         if k not in row.conditional:
             return
         layer = row.conditional.pop(k)
-        if k in row.flagged:
-            row.flagged.discard(k)
+        if layer in row.always and layer not in {self._layer_of[j] for j in row.columns if j != k
+                                                 and row.policies[self.bank.tasks[j]].code != PolicyKind.OFF}:
+            row.always.discard(layer)
             self._users[layer] -= 1
         row.policies[task] = OFF
-        self.policies.set(slot, row.policies)
+        self.policies.set(slot, row.policies, {c.task: dict(c.params) for c in row.spec.constraints})
 
     def finish(self, slot: int, finish_reason: str | None = None, prompt_tokens: int = 0,
                tokens: list[int] | None = None) -> Result:

@@ -194,14 +194,15 @@ class SteererLogitsProcessor(LogitsProcessor):
             tokens = last[picked]
             closing = torch.isin(tokens, self._eos)
         residuals = {layer: self.hooks.captured[layer][picked] for layer in self.bank.layers}
-        observation = self.controller.observe(gen.slot_tensor[picked], torch.tensor(positions).to(self.device),
-                                              residuals, closing)
-        host = to_host(tokens, closing, *observation.tensors())  # the call's one host transfer
-        token_list, closing_list = host[0].tolist(), host[1].tolist()
+        # The fed tokens' events first: their text (detection, progress towards a limit) is part of what this
+        # pass's readings see, as in the Steerer's loop. Two host transfers per call (tokens, then readings).
+        token_list, closing_list = (t.tolist() for t in to_host(tokens, closing))
         if last is not None:
             for b, token, is_eos in zip(live, token_list, closing_list, strict=True):
                 self._emit(gen, b, int(token), is_eos)
-        self.controller.settle(slots, positions, closing_list, host[2:])
+        observation = self.controller.observe(gen.slot_tensor[picked], torch.tensor(positions).to(self.device),
+                                              residuals, closing)
+        self.controller.settle(slots, positions, closing_list, to_host(*observation.tensors()))
         for b, is_closing in zip(live, closing_list, strict=True):
             gen.done[b] = gen.done[b] or is_closing
 

@@ -3,6 +3,13 @@
 All state is held in tensors indexed by an integer row slot ([capacity, K] for K probes), so one step
 for the whole batch is a few tensor ops: score every probe once, blend into an exponential moving
 average, compare with each probe's threshold. Python only runs for the (rare) flag changes.
+
+Two readings per task and token: the bank's probe (trained at the end of the response: the end verdict)
+and, where the bank carries them, its token-level warning predictors (`ProbeBank.warning`: trained on the
+tokens before a violation's onset, reading the task's progress towards its limit), which drive the smoothed
+risk, the flags and the conditional-steering gate. Steering must not blind the monitor: residuals are read
+with what this pass's steering added at or below each probe's layer taken back out, a raised flag holds for
+`hold_tokens`, and a task that detection settled (`settle`) no longer changes its flag.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steerer import conditioning
 from steerer.bank import ProbeBank
 from steerer.lens import MAX_LENS_TOKENS, LensWeights, id_table
 
@@ -20,12 +28,15 @@ class MonitorConfig:
     smoothing: float = 0.5  # weight of the previous smoothed risk in the moving average
     hysteresis: float = 0.05  # raise above threshold + h, clear below threshold - h
     warmup_tokens: int = 2  # no flags before this many generated tokens (the state is still the prompt's)
+    hold_tokens: int = 8  # a raised flag (and the steering gate) stays up at least this many tokens
 
     def __post_init__(self) -> None:
         if not 0 <= self.smoothing < 1:
             raise ValueError("smoothing must be in [0, 1)")
         if not 0 <= self.hysteresis < 0.5:
             raise ValueError("hysteresis must be in [0, 0.5)")
+        if self.hold_tokens < 0:
+            raise ValueError("hold_tokens must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,63 @@ class FlagEvent:
     raised: bool  # True = raised, False = cleared
 
 
+class Scorer:
+    """One bank's probes read per row: the weight row and constant each request's params select, its lens ids
+    and its progress, and the steering correction (one gather and one batched product per pass)."""
+
+    def __init__(self, bank: ProbeBank, capacity: int, lens: LensWeights | None, steering: ProbeBank) -> None:
+        k = len(bank.probes)
+        device = bank.weights.device
+        self.bank = bank
+        self.layers = [p.layer for p in bank.probes]
+        self.row_weights = bank.row_weights.to(device)  # [K + V, d]
+        self.row_index = torch.arange(k, device=device).repeat(capacity, 1)  # [capacity, K]
+        self.row_offset = bank.biases.to(device).repeat(capacity, 1)  # [capacity, K]
+        self.lens_probes = [k for k, param in enumerate(bank.lens_params) if param]
+        if self.lens_probes and lens is None:
+            raise ValueError("probes " + ", ".join(bank.tasks[k] for k in self.lens_probes) + " read the "
+                             "logit lens of the request's words: the monitor needs the model's lens weights")
+        self.lens = lens
+        if self.lens_probes:
+            self.row_lens = bank.lens_weights.to(device)  # [K + V, 2]
+            self.lens_ids = torch.zeros(capacity, k, MAX_LENS_TOKENS, dtype=torch.long, device=device)
+            self.lens_mask = torch.zeros(capacity, k, MAX_LENS_TOKENS, dtype=torch.bool, device=device)
+        self.progress_probes = [k for k, reads in enumerate(bank.progress_params) if reads]
+        if self.progress_probes:
+            self.row_progress = bank.progress_weights.to(device)  # [K + V, 3]
+        # correction[k, j]: steering of column j is added at or below probe k's layer, so its reading holds it
+        steer_layers = torch.tensor([p.steering_layer for p in steering.probes], device=device)
+        self.correction = (steer_layers[None, :] <= torch.tensor(self.layers, device=device)[:, None]).float()
+        self.directions = steering.directions.to(device)  # [K, d]
+
+    def register(self, row: int, params: dict[str, dict] | None, lens_ids: dict[str, list[int]] | None) -> None:
+        self.row_index[row], self.row_offset[row] = self.bank.request_rows(params)
+        for k in self.lens_probes:
+            ids, mask = id_table((lens_ids or {}).get(self.bank.tasks[k], []))
+            self.lens_ids[row, k], self.lens_mask[row, k] = ids, mask
+
+    def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor], applied: torch.Tensor | None = None,
+              progress: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, K] P(satisfied). `applied` [B, K]: this pass's steering coefficients, subtracted (times their
+        directions) from the residuals of the layers at or above where they were added; `progress` [B, K]
+        and `index` [B]: the progress inputs of probes that read them."""
+        stacked = torch.stack([residuals[layer] for layer in self.layers]).float()  # [K, B, d]
+        if applied is not None:
+            added = torch.einsum("bj,kj,jd->kbd", applied.float(), self.correction, self.directions)
+            steered = (applied != 0).any(dim=1)  # an unsteered row reads its residual as is (even past a NaN)
+            stacked = torch.where(steered[None, :, None], stacked - added, stacked)
+        index_rows = self.row_index[rows]
+        logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index_rows]) + self.row_offset[rows]
+        for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
+            features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
+            logits[:, k] = logits[:, k] + (self.row_lens[index_rows[:, k]] * features).sum(-1)
+        if self.progress_probes and progress is not None:
+            for k in self.progress_probes:
+                features = conditioning.progress_features(progress[:, k], index)  # [B, 3]
+                logits[:, k] = logits[:, k] + (self.row_progress[index_rows[:, k]] * features).sum(-1)
+        return torch.sigmoid(logits)
+
+
 @dataclass
 class Monitor:
     """Step hooks that score every probe of the bank at every pass, for the rows registered with it.
@@ -44,7 +112,8 @@ class Monitor:
     Rows are integer slots in [0, capacity). `risk` is 1 - P(satisfied); a row only gets flags for
     the tasks it registered, and never for a muted probe (`muted`, [K] bool: probes not trusted to flag,
     see `ProbeBank.muted`; their risk is still computed and reported). `record=True` keeps each row's
-    per-token P(satisfied) trace.
+    per-token P(satisfied) trace (the end probe's). `gate` [capacity, K] is the conditional-steering gate:
+    the same rule as the flags at the bank's gate thresholds.
     """
 
     bank: ProbeBank
@@ -60,30 +129,27 @@ class Monitor:
         device = self.bank.weights.device  # every table lives where the bank's tensors (and the model) are
         self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool().cpu()
         self._muted = self.muted.tolist()
-        self.risk_threshold = (1.0 - self.bank.flag_thresholds).to(device)  # [K]
+        self.risk_threshold = (1.0 - self.bank.alerting.flag_thresholds).to(device)  # [K]
+        self.gate_threshold = (1.0 - self.bank.alerting.gate_thresholds).to(device)  # [K]
         self.active = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
         self.smoothed = torch.zeros(self.capacity, k, device=device)
         self.seen = torch.zeros(self.capacity, dtype=torch.bool, device=device)
         self.flags = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.gate = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.raised_at = torch.zeros(self.capacity, k, dtype=torch.long, device=device)
+        self.gate_at = torch.zeros(self.capacity, k, dtype=torch.long, device=device)
+        self.settled = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
+        self.progress = torch.zeros(self.capacity, k, device=device)  # per task: fraction of its limit so far
         self.ever_flagged = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
         self.first_flag = torch.full((self.capacity, k), -1, dtype=torch.long, device=device)
         self.last_p = torch.zeros(self.capacity, k, device=device)
         self.eos_p = torch.full((self.capacity, k), float("nan"), device=device)
-        # Per row: the weight row each probe reads with (its request's params may pick a variant) and the
-        # logit's constant (bias + conditioning inputs); see `ProbeBank.request_rows`.
-        self.row_weights = self.bank.row_weights.to(device)  # [K + V, d]
-        self.row_index = torch.arange(k, device=device).repeat(self.capacity, 1)  # [capacity, K]
-        self.row_offset = self.bank.biases.to(device).repeat(self.capacity, 1)  # [capacity, K]
-        # Probes with lens inputs: per row the token ids of its request's words (padded, masked).
-        self.lens_probes = [k for k, param in enumerate(self.bank.lens_params) if param]
-        if self.lens_probes and self.lens is None:
-            raise ValueError("probes " + ", ".join(self.bank.tasks[k] for k in self.lens_probes) + " read the "
-                             "logit lens of the request's words: the monitor needs the model's lens weights")
-        if self.lens_probes:
+        # The end probes (verdicts) and, where the bank has them, the warning predictors (risk, flags, gate).
+        if self.lens is not None and (any(self.bank.lens_params) or any(self.bank.alerting.lens_params)):
             self.lens = LensWeights(self.lens.norm_weight.to(device), self.lens.eps, self.lens.unembedding.to(device))
-            self.row_lens = self.bank.lens_weights.to(device)  # [K + V, 2]
-            self.lens_ids = torch.zeros(self.capacity, k, MAX_LENS_TOKENS, dtype=torch.long, device=device)
-            self.lens_mask = torch.zeros(self.capacity, k, MAX_LENS_TOKENS, dtype=torch.bool, device=device)
+        self.end = Scorer(self.bank, self.capacity, self.lens, self.bank)
+        self.alert = self.end if self.bank.warning is None else Scorer(self.bank.warning, self.capacity, self.lens,
+                                                                       self.bank)
         self.traces: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def register(self, row: int, tasks: list[str], params: dict[str, dict] | None = None,
@@ -98,14 +164,14 @@ class Monitor:
             k = self.bank.index(task)
             active[k] = not self._muted[k]
         self.active[row] = torch.tensor(active)
-        self.row_index[row], self.row_offset[row] = self.bank.request_rows(params)
-        for k in self.lens_probes:
-            ids, mask = id_table((lens_ids or {}).get(self.bank.tasks[k], []))
-            self.lens_ids[row, k], self.lens_mask[row, k] = ids, mask
-        for table in (self.smoothed, self.last_p):
+        for scorer in {id(s): s for s in (self.end, self.alert)}.values():
+            scorer.register(row, params, lens_ids)
+        for table in (self.smoothed, self.last_p, self.progress):
             table[row] = 0
         self.seen[row] = False
         self.flags[row] = False
+        self.gate[row] = False
+        self.settled[row] = False
         self.ever_flagged[row] = False
         self.first_flag[row] = -1
         self.eos_p[row] = float("nan")
@@ -116,14 +182,18 @@ class Monitor:
         pass
 
     def observe(self, rows: torch.Tensor, index: torch.Tensor, residuals: dict[int, torch.Tensor],
-                closing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                closing: torch.Tensor, applied: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score one pass for row slots `rows` (a tensor on the monitor's device) and update every table.
+        `applied` [B, K]: the steering coefficients of this pass (None: nothing was steered).
 
         Pure tensor work, no host reads: returns the smoothed risk [B, K] and the flags raised and cleared
         [B, K] (bool), for the caller to bring to the host in its one transfer and pass to `flag_events`.
         """
-        p = self.score(rows, residuals)  # [B, K]
-        risk = 1.0 - p
+        progress = self.progress[rows]
+        p = self.end.score(rows, residuals, applied, progress, index)  # [B, K]
+        alert = p if self.alert is self.end else self.alert.score(rows, residuals, applied, progress, index)
+        risk = 1.0 - alert
         beta = self.config.smoothing
         smoothed = torch.where(self.seen[rows, None], beta * self.smoothed[rows] + (1 - beta) * risk, risk)
         self.smoothed[rows] = smoothed
@@ -133,27 +203,42 @@ class Monitor:
         if self.record:
             for i, (row, position) in enumerate(zip(rows.tolist(), index.tolist(), strict=True)):
                 self.traces[row].append((position, p[i].cpu()))
-        eligible = self.active[rows] & (index >= self.config.warmup_tokens)[:, None]
-        h = self.config.hysteresis
-        flags = self.flags[rows]
-        raised = eligible & ~flags & (smoothed > self.risk_threshold + h)
-        cleared = flags & (smoothed < self.risk_threshold - h)
-        self.flags[rows] = (flags | raised) & ~cleared
+        eligible = self.active[rows] & (index >= self.config.warmup_tokens)[:, None] & ~self.settled[rows]
+        raised, cleared = self._hysteresis(rows, index, smoothed, eligible, self.risk_threshold, self.flags,
+                                           self.raised_at)
+        self._hysteresis(rows, index, smoothed, eligible, self.gate_threshold, self.gate, self.gate_at)
+        self.gate[rows] = self.gate[rows] | self.settled[rows]
         self.ever_flagged[rows] = self.ever_flagged[rows] | raised
         first = self.first_flag[rows]
         self.first_flag[rows] = torch.where(raised & (first < 0), index[:, None].expand_as(first), first)
         return smoothed, raised, cleared
 
+    def _hysteresis(self, rows, index, smoothed, eligible, threshold, state, since) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raise above threshold + h, clear below threshold - h once held `hold_tokens`; updates `state`/`since`."""
+        h = self.config.hysteresis
+        up = state[rows]
+        held = (index[:, None] - since[rows]) >= self.config.hold_tokens
+        raised = eligible & ~up & (smoothed > threshold + h)
+        cleared = eligible & up & held & (smoothed < threshold - h)
+        state[rows] = (up | raised) & ~cleared
+        since[rows] = torch.where(raised, index[:, None].expand_as(raised), since[rows])
+        return raised, cleared
+
+    def settle(self, row: int, task: str) -> None:
+        """Detection decided this task for the row: its flag, a prediction, no longer rises or clears (the
+        detection replaced it), and the steering gate stays up for the rest of the response (conditional
+        steering goes on unless the controller stops it, see `stop_steering_on_detection`)."""
+        self.settled[row, self.bank.index(task)] = True  # applied from the next reading on (`observe`)
+
+    def set_progress(self, rows: list[int], columns: list[int], values: list[float]) -> None:
+        """Progress fractions for the next pass's readings (one indexed write for the whole step)."""
+        device = self.progress.device
+        self.progress[torch.tensor(rows, device=device), torch.tensor(columns, device=device)] = torch.tensor(
+            values, dtype=self.progress.dtype, device=device)
+
     def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor]) -> torch.Tensor:
-        """[B, K] P(satisfied): each row's residual at each probe's layer, read with the weight row and
-        constant its request selected (one gather and one batched product, whatever the mix of params)."""
-        stacked = torch.stack([residuals[p.layer] for p in self.bank.probes]).float()  # [K, B, d]
-        index = self.row_index[rows]
-        logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index]) + self.row_offset[rows]
-        for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
-            features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
-            logits[:, k] = logits[:, k] + (self.row_lens[index[:, k]] * features).sum(-1)
-        return torch.sigmoid(logits)
+        """[B, K] P(satisfied) of the end probes, unsteered residuals, no progress: what offline tools read."""
+        return self.end.score(rows, residuals)
 
     def flag_events(self, rows: list[int], index: list[int], smoothed: torch.Tensor, raised: torch.Tensor,
                     cleared: torch.Tensor) -> list[FlagEvent]:

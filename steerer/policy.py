@@ -29,7 +29,7 @@ MAX_ALPHA = 1000.0
 class PolicyKind(IntEnum):
     OFF = 0
     CONSTANT = 1  # always add alpha * direction
-    CONDITIONAL = 2  # add alpha * direction only while the task's flag is up
+    CONDITIONAL = 2  # add alpha * direction only while the task's steering gate is up (`Monitor.gate`)
     PROPORTIONAL = 3  # add alpha * smoothed risk * direction
 
 
@@ -106,24 +106,32 @@ class PolicyTable:
             self.layer_columns[layer] = columns
             self.steering[layer] = LayerSteering(self.bank.directions[columns], self.where)
 
-    def set(self, row: int, policies: dict[str, SteeringPolicy]) -> None:
+    def set(self, row: int, policies: dict[str, SteeringPolicy], params: dict[str, dict] | None = None) -> None:
+        """A row's policies; `params` (task -> the request's params) may flip a strength's sign where the probe
+        declares `steer_signs` (e.g. towards shorter text for "at most", longer for "at least")."""
         import torch
+
+        from steerer.conditioning import steer_sign
 
         kinds, alphas = [int(PolicyKind.OFF)] * len(self.bank.probes), [0.0] * len(self.bank.probes)
         for task, policy in policies.items():
             k = self.bank.index(task)
             if self.muted[k]:
                 continue
-            kinds[k], alphas[k] = int(policy.code), float(policy.alpha)
+            sign = steer_sign(self.bank.probes[k].conditioning, (params or {}).get(task, {}))
+            kinds[k], alphas[k] = int(policy.code), float(policy.alpha) * sign
         self.kinds[row] = torch.tensor(kinds)  # one small copy per row, not one per cell
         self.alphas[row] = torch.tensor(alphas)
 
-    def coefficients(self, rows: torch.Tensor, flags: torch.Tensor, risk: torch.Tensor) -> torch.Tensor:
-        """[B, K] alphas for the next pass from the policy and the monitor's current state."""
+    def coefficients(self, rows: torch.Tensor, gate: torch.Tensor, risk: torch.Tensor) -> torch.Tensor:
+        """[B, K] alphas for the next pass from the policy and the monitor's current state (its steering
+        gate [B, K] bool and smoothed risk [B, K])."""
+        import torch
+
         kinds, alphas = self.kinds[rows], self.alphas[rows]
         gate = ((kinds == PolicyKind.CONSTANT).float()
-                + ((kinds == PolicyKind.CONDITIONAL) & flags).float()
-                + (kinds == PolicyKind.PROPORTIONAL).float() * risk)
+                + ((kinds == PolicyKind.CONDITIONAL) & gate).float()
+                + torch.where(kinds == PolicyKind.PROPORTIONAL, risk, 0.0))
         return alphas * gate
 
     def apply(self, coeffs: torch.Tensor, active: dict[int, bool] | None = None) -> None:

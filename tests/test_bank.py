@@ -353,3 +353,47 @@ def test_steering_may_live_at_another_layer_than_the_reading(tmp_path):
     assert sorted(table.steering) == [2, 5]
     with pytest.raises(BankError, match="steer_layer must be >= 0"):
         small_bank(steer_layer=-1)
+
+
+# -- warning predictors (a sub-bank), gate thresholds, progress coefficients ---------------------------------
+def warned_bank() -> ProbeBank:
+    bank = small_bank(gate_threshold=0.3)
+    warning = small_bank(conditioning={"progress": True}, layer=3, flag_threshold=0.2)
+    warning.progress_weights = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    return replace(bank, warning=replace(warning))
+
+
+def test_a_bank_with_warning_predictors_round_trips(tmp_path):
+    bank = warned_bank()
+    loaded = ProbeBank.load(bank.save(tmp_path / "warned"))
+    assert (tmp_path / "warned" / "warning" / MANIFEST).is_file()
+    assert loaded.warning is not None and loaded.warning.tasks == loaded.tasks
+    assert torch.equal(loaded.warning.progress_weights, bank.warning.progress_weights)
+    assert loaded.layers == (1, 2, 3)  # the warning predictor's layer is tapped too
+    assert loaded.alerting is loaded.warning and loaded.gate_thresholds.tolist()[0] == pytest.approx(0.3)
+    assert loaded.warning.flag_thresholds.tolist()[0] == pytest.approx(0.2)
+    assert loaded.subset(["word_count"]).warning.tasks == ["word_count"]
+
+
+def test_warning_predictors_must_cover_the_same_tasks_and_model():
+    bank = small_bank()
+    with pytest.raises(BankError, match="same tasks, same order"):
+        replace(bank, warning=bank.subset(["lowercase"]))
+    with pytest.raises(BankError, match="another model"):
+        replace(bank, warning=replace(small_bank(), fingerprint="0" * 16))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"gate_threshold": 1.5}, "gate_threshold must be a probability"),
+    ({"conditioning": {"progress": "yes"}}, "progress must be true or false"),
+    ({"conditioning": {"variant": "bound", "rows": {"lower": 0}, "steer_signs": {"lower": 2}}},
+     "steer_signs must map variant keys to -1 or 1"),
+])
+def test_bad_warning_and_steering_fields_are_refused(fields, message):
+    with pytest.raises(BankError, match=message):
+        small_bank(**fields)
+
+
+def test_progress_coefficients_need_a_probe_that_reads_progress():
+    with pytest.raises(BankError, match=r"progress_weights has shape \(2, 3\), expected \(2, 0\)"):
+        replace(small_bank(), progress_weights=torch.zeros(2, 3))

@@ -17,6 +17,7 @@ import torch
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer, TokenEvent
 from steerer.generation import SamplingParams
+from steerer.monitor import MonitorConfig
 from steerer.policy import OFF, SteeringPolicy
 from steerer.service.testing import placeholder_bank
 
@@ -31,6 +32,9 @@ def bank_for(lm, reliable: bool | None = True):
     bank.probes = [replace(p, reliable=reliable, metrics=metrics) if p.task == "lowercase" else p
                    for p in bank.probes]
     return bank
+
+
+EARLY_FLAGS = MonitorConfig(warmup_tokens=0)  # flags may rise before the capital at token 2 settles the task
 
 
 def run(lm, bank, requests: list[Request], **options) -> tuple[dict[str, Result], dict[str, list[TokenEvent]]]:
@@ -78,7 +82,7 @@ def test_an_unreliable_probe_is_muted_by_default(lm, unreliable):
 
 def test_the_override_flags_and_steers_with_an_unreliable_probe(lm, unreliable):
     results, events = run(lm, unreliable, [request("r", [LOWER], SteeringPolicy("constant", 50.0))],
-                          use_unreliable_probes=True)
+                          use_unreliable_probes=True, monitor_config=EARLY_FLAGS)
     (verdict,) = results["r"].verdicts
     assert not verdict.probe_muted and not verdict.probe_reliable
     assert verdict.flagged and verdict.predicted_violation
@@ -86,7 +90,8 @@ def test_the_override_flags_and_steers_with_an_unreliable_probe(lm, unreliable):
 
 
 def test_a_reliable_probe_is_not_muted(lm):
-    results, _ = run(lm, bank_for(lm, reliable=True), [request("r", [LOWER], SteeringPolicy("conditional", 4.0))])
+    results, _ = run(lm, bank_for(lm, reliable=True), [request("r", [LOWER], SteeringPolicy("conditional", 4.0))],
+                     monitor_config=EARLY_FLAGS)
     (verdict,) = results["r"].verdicts
     assert verdict.probe_reliable and not verdict.probe_muted and verdict.flagged
 
@@ -95,9 +100,11 @@ def test_the_server_option_reaches_the_steerer(lm, unreliable):
     from steerer.service.server import ServerConfig, SteererServer
 
     for use, muted in ((False, True), (True, False)):
-        server = SteererServer(lm, unreliable, ServerConfig(port=0, metrics_port=None, use_unreliable_probes=use))
+        server = SteererServer(lm, unreliable, ServerConfig(port=0, metrics_port=None, use_unreliable_probes=use,
+                                                            stop_steering_on_detection=use))
         try:
             assert bool(server.scheduler._steerer.muted[unreliable.index("lowercase")]) is muted
+            assert server.scheduler._steerer.controller.stop_steering_on_detection is use
         finally:
             server.scheduler.stop(drain=False)
 
@@ -123,7 +130,8 @@ def test_attach_steerer_mutes_the_same_way(lm, unreliable, use):
 
     ids = torch.tensor([chat_prompt(lm.tokenizer, PROMPT)])
     with attach_steerer(lm.model, lm.tokenizer, unreliable, constraints=(LOWER,),
-                        policy=SteeringPolicy("constant", 50.0), use_unreliable_probes=use) as proc:
+                        policy=SteeringPolicy("constant", 50.0), use_unreliable_probes=use,
+                        monitor_config=EARLY_FLAGS) as proc:
         out = lm.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                 logits_processor=LogitsProcessorList([proc]))
         (result,) = proc.finish(out)

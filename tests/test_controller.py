@@ -16,6 +16,7 @@ from steerer.core import Request, Result, Steerer, TokenEvent
 from steerer.detokenize import IncrementalDetokenizer
 from steerer.engine.hf import HFEngine
 from steerer.generation import SamplingParams
+from steerer.monitor import MonitorConfig
 from steerer.policy import SteeringPolicy
 from steerer.service.testing import placeholder_bank
 from steerer.taps import LayerHooks, LayerLayout, LayerSteering, Where, layout_for
@@ -140,7 +141,7 @@ def test_an_injected_engine_gets_the_taps_and_the_text_streams_exactly(lm):
     requests = [Request("Name three colors.", (Constraint("lowercase"),), SteeringPolicy("conditional", 4.0),
                         sampling=SamplingParams(max_new_tokens=8), id="a"),
                 Request("Say hi.", sampling=SamplingParams(max_new_tokens=5), id="b")]
-    with Steerer(lm, bank, engine=engine) as steerer:
+    with Steerer(lm, bank, engine=engine, monitor_config=MonitorConfig(warmup_tokens=0)) as steerer:
         assert engine.hooks.attached and set(engine.hooks.tap_layers) == set(bank.layers)
         results, events = run(steerer, requests)
     assert not engine.hooks.attached

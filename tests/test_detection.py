@@ -121,8 +121,9 @@ def test_the_json_detector_never_rejects_a_prefix_the_checker_could_still_accept
 def bank(lm):
     from steerer.service.testing import placeholder_bank
 
-    # lowercase reads risk ~0.98 (always flagged); the other probes ~0.02 (never flagged)
-    return placeholder_bank(lm.fingerprint, lm.hidden_size, "det", {"lowercase": -4.0})
+    # lowercase and term_exclusion read risk ~0.98 (flagged from the warm-up on, until detection settles the
+    # task); the other probes ~0.02 (never flagged)
+    return placeholder_bank(lm.fingerprint, lm.hidden_size, "det", {"lowercase": -4.0, "term_exclusion": -4.0})
 
 
 def run(lm, bank, requests, **kwargs):
@@ -232,15 +233,16 @@ def test_conditional_steering_goes_on_after_detection_unless_told_to_stop(lm, ba
         results, events = run(lm, bank, [req], stop_steering_on_detection=stop)
         trace = events["s"]
         (at,) = [e.index for e in trace for d in e.detections]
-        assert results["s"].verdicts[0].flagged and results["s"].verdicts[0].detected_at == at
+        # the capital came at the warm-up's end: detection settled the task before its flag could rise, and
+        # the steering gate stays up from there (the violation is certain)
+        assert results["s"].verdicts[0].detected_at == at and not results["s"].verdicts[0].flagged
         after = [e.steering["lowercase"] for e in trace if e.index > at]
         assert after  # the response went on after the capital
         if stop:
             assert all(alpha == 0 for alpha in after)
             assert results["s"].steered_tokens["lowercase"] == sum(e.steering["lowercase"] != 0 for e in trace)
-        else:  # the flag (raised after the probe's warm-up) goes on steering the rest
-            assert set(after) == {0.0, 4.0} or set(after) == {4.0}
-            assert after[-1] == 4.0
+        else:  # the gate, up from the detection, goes on steering the rest
+            assert set(after) == {4.0}
 
 
 # -- the service and the command line --------------------------------------------------------------------------
@@ -269,10 +271,12 @@ def test_detections_stream_over_grpc_and_are_counted_apart_from_flags(server):
     for task, (carried_by, index) in detections.items():
         assert carried_by >= index and verdicts[task].HasField("detected_at")
         assert verdicts[task].detected_at == index and not verdicts[task].satisfied
-    assert verdicts["lowercase"].flagged and not verdicts["term_exclusion"].flagged
+    # term_exclusion was flagged (a prediction) before "Paris" was written; lowercase was detected at once
+    # ("The"), which settled it before its flag could rise
+    assert verdicts["term_exclusion"].flagged and not verdicts["lowercase"].flagged
     lines = [line for t in tokens for line in event_lines(t)]
     assert any(line.startswith("[DETECTED violation: term_exclusion") for line in lines)
-    assert any(line.startswith("[flag raised: lowercase") for line in lines)
+    assert any(line.startswith("[flag raised: term_exclusion") for line in lines)
     assert detection_note(verdicts["term_exclusion"]) == f", detected at token {detections['term_exclusion'][1]}"
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
@@ -284,13 +288,14 @@ def test_detections_stream_over_grpc_and_are_counted_apart_from_flags(server):
 
     assert value("steerer_violations_detected_total", task="term_exclusion") == 1
     assert value("steerer_violations_detected_total", task="lowercase") == 1
-    assert value("steerer_flags_raised_total", task="term_exclusion") == 0
-    assert value("steerer_flag_lead_tokens_count", task="lowercase") == 1
-    assert value("steerer_flag_lead_tokens_count", task="term_exclusion") == 0  # detected, never flagged
-    lead = verdicts["lowercase"].detected_at - verdicts["lowercase"].first_flag_token
+    assert value("steerer_flags_raised_total", task="lowercase") == 0
+    assert value("steerer_flag_lead_tokens_count", task="term_exclusion") == 1
+    assert value("steerer_flag_lead_tokens_count", task="lowercase") == 0  # detected, never flagged
+    lead = verdicts["term_exclusion"].detected_at - verdicts["term_exclusion"].first_flag_token
+    assert lead > 0  # a forecast: the flag came before the word
     bounds = [float(le) for (name, labels), _ in samples.items() if name == "steerer_flag_lead_tokens_bucket"
-              and dict(labels)["task"] == "lowercase" for le in [dict(labels)["le"]]]
-    first_holding = min(b for b in bounds if value("steerer_flag_lead_tokens_bucket", task="lowercase",
+              and dict(labels)["task"] == "term_exclusion" for le in [dict(labels)["le"]]]
+    first_holding = min(b for b in bounds if value("steerer_flag_lead_tokens_bucket", task="term_exclusion",
                                                    le=str(b) if b != float("inf") else "+Inf") == 1)
     assert first_holding >= lead and not any(lead <= b < first_holding for b in bounds)
 
@@ -306,5 +311,5 @@ def test_steerer_generate_prints_detections_apart_from_flags(bank, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "[DETECTED violation: term_exclusion broken at token" in proc.stderr
-    assert "[flag raised: lowercase" in proc.stderr
+    assert "[flag raised: term_exclusion" in proc.stderr
     assert "checker: violated, detected at token" in proc.stderr

@@ -51,8 +51,8 @@ def get_json(url: str) -> dict:
 @pytest.fixture(scope="module")
 def server(lm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bank")
-    # lowercase reads risk ~0.98 (flags, steering, predicted violations); the others ~0.02.
-    placeholder_bank(lm.fingerprint, lm.hidden_size, "p1", {"lowercase": -4.0}).save(folder)
+    # lowercase and term_exclusion read risk ~0.98 (flags, steering, predicted violations); the others ~0.02.
+    placeholder_bank(lm.fingerprint, lm.hidden_size, "p1", {"lowercase": -4.0, "term_exclusion": -4.0}).save(folder)
     # An A/B experiment on lowercase, so the per-arm panels have data (traffic carries experiment keys).
     experiments = folder / "experiments.json"
     experiments.write_text(json.dumps({"experiments": [{"name": "lc", "arms": [
@@ -111,8 +111,11 @@ def traffic(server: ServerProcess) -> None:
     with SteererClient(server.target) as client:
         def one(i: int) -> None:
             stream = i % 2 == 0
-            kwargs = dict(constraints=[("lowercase", {}), words, ("json_format", {})], policy="conditional:4",
-                          max_new_tokens=6, ignore_eos=True, experiment_key=f"user-{i}")
+            # "The capital of France is Paris": term_exclusion is flagged from the warm-up on and detected at
+            # "Paris", a forecast with a lead; lowercase is detected at "The", which settles it unflagged
+            kwargs = dict(constraints=[("lowercase", {}), words, ("json_format", {}),
+                                       ("term_exclusion", {"terms": ["Paris"]})], policy="conditional:4",
+                          max_new_tokens=8, ignore_eos=True, experiment_key=f"user-{i}")
             if stream:
                 list(client.stream("Name three colors.", **kwargs))
             else:
@@ -186,10 +189,11 @@ def test_every_dashboard_query_returns_data(server, prometheus):
         answers = [(title, expr, query(prometheus, expr)) for title, expr in queries]
         return [a for a in answers if not any(math.isfinite(v) for v in a[2])]
 
-    # The traffic's responses write capitals under a lowercase constraint the stand-in probe always flags:
-    # detections and flag leads were counted, apart from flags (zero-valued series alone would pass below).
+    # The traffic's responses write capitals under a lowercase constraint and "Paris" under a term_exclusion one
+    # the stand-in probe always flags: detections and flag leads were counted, apart from flags (zero-valued
+    # series alone would pass below).
     for expr in ('sum(steerer_violations_detected_total{task="lowercase"})',
-                 'sum(steerer_flag_lead_tokens_count{task="lowercase"})'):
+                 'sum(steerer_flag_lead_tokens_count{task="term_exclusion"})'):
         wait_until(lambda expr=expr: (v := query(prometheus, expr)) and v[0] > 0, f"{expr} > 0", timeout=30)
     # Recording happens at scrape time; rule-free queries see it at once, but allow a few evaluations.
     deadline = time.monotonic() + 30

@@ -137,10 +137,11 @@ def test_generate_reports_verdicts_flags_and_steering(client):
     verdicts = {v.task: v for v in reply.verdicts}
     assert set(verdicts) == {"lowercase", "word_count"}
     low, words = verdicts["lowercase"], verdicts["word_count"]
-    # bias -4: P(satisfied) = sigmoid(-4) at every token, so the flag rises on reading token 2 (the end of
-    # the 2-token warm-up), in the pass that picks token 3; the conditional policy steers the passes after
-    # it, which pick tokens 4 and 5. Bias +4 never flags nor steers.
-    assert low.predicted_violation and low.flagged and low.first_flag_token == 2
+    # bias -4: P(satisfied) = sigmoid(-4) at every token, so the flag would rise on reading token 2 (the end of
+    # the 2-token warm-up); but token 2 ("Red") wrote a capital, and the detection settles the task first: no
+    # flag (a forecast after the fact predicts nothing), and the steering gate is up from that reading on, so
+    # the conditional policy steers the passes after it, which pick tokens 4 and 5. Bias +4 never flags nor steers.
+    assert low.predicted_violation and not low.flagged and low.detected_at == 2
     assert math.isclose(low.p_satisfied_end, 1 / (1 + math.exp(4)), rel_tol=1e-3)
     assert not words.predicted_violation and not words.flagged and not words.HasField("first_flag_token")
     assert low.probe_reliable and not low.probe_muted
@@ -160,7 +161,8 @@ def test_stream_from_another_process(server):
     assert all(t["risk"]["lowercase"] > 0.9 for t in tokens)
     assert all(t["steering"]["lowercase"] == 2.0 for t in tokens[1:])  # constant from the first generated token
     raised = [f for t in tokens for f in t.get("flags", []) if f.get("raised")]
-    assert [f["task"] for f in raised] == ["lowercase"]
+    detected = [d["task"] for t in tokens for d in t.get("detections", [])]
+    assert detected == ["lowercase"] and raised == []  # the capital at token 2 settled it before a flag could rise
     assert final["bank_version"] == "v1" and final["verdicts"][0]["task"] == "lowercase"
 
 

@@ -81,13 +81,17 @@ def test_conditional_steering_follows_the_previous_steps_flags(lm, flagging_bank
     alpha = 6.0
     (result,), events = run_steerer(lm, flagging_bank, [request(SteeringPolicy("conditional", alpha))])
     up = dict.fromkeys(("lowercase", "word_count"), False)
+    detected: dict[str, int] = {}  # from the reading of the detected token on, the gate stays up
     seen = {True: 0, False: 0}
     for event in events["r"]:
         for task, was_up in up.items():
-            assert event.steering[task] == (alpha if was_up else 0.0), (event.index, task)
-            seen[was_up] += 1
+            gate = was_up or detected.get(task, event.index) <= event.index - 2  # that reading chose this token
+            assert event.steering[task] == (alpha if gate else 0.0), (event.index, task)
+            seen[gate] += 1
         for flag in event.flags:
+            assert flag.task not in detected or flag.token_index < detected[flag.task]  # settled: no more flags
             up[flag.task] = flag.raised
+        detected |= {d.task: event.index for d in event.detections}
     assert seen[True] > 0 and seen[False] > 0  # both states occurred
     assert result.steered_tokens["lowercase"] == sum(e.steering["lowercase"] != 0 for e in events["r"])
 

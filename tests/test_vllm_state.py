@@ -126,3 +126,14 @@ def test_engine_vllm_without_vllm_is_one_clear_line(command):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--engine vllm needs vLLM" in lines[0] and "scripts/setup-vllm" in lines[0], proc.stderr
+
+
+def test_a_pass_samples_only_when_it_reaches_the_rows_last_known_token():
+    from steerer.engine.vllm.state import PassInfo
+
+    # prompt of 10 tokens (positions 0-9); the request already has 4 generated tokens (positions 10-13)
+    info = PassInfo(number=1, slots=[0, 1], last_positions=[9, 13], prompt_lengths=[10, 10])
+    assert info.complete(0)  # a fresh prefill that reaches the last prompt token samples the first token
+    assert info.complete(1, outputs=4)  # a decode step (or the last recompute chunk) reaches the last token
+    assert not info.complete(0, outputs=4)  # a recompute chunk that stops among the generated tokens samples none
+    assert not PassInfo(2, [0], [5], [10]).complete(0)  # a prefill chunk inside the prompt

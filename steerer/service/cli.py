@@ -29,6 +29,9 @@ def add_commands(sub) -> None:
     serve.add_argument("--use-unreliable-probes", action="store_true",
                        help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance "
                             "(default: they are muted; their risk is still reported)")
+    serve.add_argument("--stop-steering-on-detection", action="store_true",
+                       help="end a task's conditional steering once its violation is detected (default: it goes on "
+                            "for the rest of the response); transformers engine")
     serve.add_argument("--max-batch", type=int, default=32, help="requests sharing one forward pass")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
     serve.add_argument("--max-prompt-tokens", type=int, default=2048)
@@ -120,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           admit_wait_ms=args.admit_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_serve_token(args.auth_token),
                           use_unreliable_probes=args.use_unreliable_probes, experiments=args.experiments,
+                          stop_steering_on_detection=args.stop_steering_on_detection,
                           outcome_log=_outcome_log(args.outcome_log, args.experiments),
                           outcome_sync=args.outcome_sync)
     try:
@@ -143,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cli_environment()
         if args.device not in ("auto", "cpu"):
             raise _usage("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
+        if args.stop_steering_on_detection:
+            raise _usage("--stop-steering-on-detection is not available with --engine vllm yet")
     try:
         bank = ProbeBank.load(args.bank)
     except BankError as exc:

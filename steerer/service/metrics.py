@@ -139,6 +139,30 @@ class Metrics:
                 self._arm_labels.add(pair)
         return pair
 
+    def token_event(self, event) -> None:
+        """A `TokenEvent`'s readings, the flags it raised and the violations it made certain (any engine's)."""
+        for task, risk in event.risks.items():
+            self.risk.labels(task).observe(risk)
+        for flag in event.flags:
+            if flag.raised:
+                self.flags.labels(flag.task).inc()
+        for detection in event.detections:
+            self.detected.labels(detection.task).inc()
+
+    def result(self, result) -> None:
+        """A finished `Result`: its tokens, verdicts (prediction vs checker, flagged), flag lead and steered tokens."""
+        self.tokens.inc(len(result.tokens))
+        for v in result.verdicts:
+            violation = "unknown" if v.satisfied is None else ("no" if v.satisfied else "yes")
+            # A muted probe made no prediction: "muted", so it never reads as "predicted OK" on a dashboard.
+            predicted = "muted" if v.probe_muted else ("yes" if v.predicted_violation else "no")
+            self.verdicts.labels(v.task, predicted, violation, "yes" if v.flagged else "no").inc()
+            if v.detected_at is not None and v.first_flag_token is not None:
+                self.lead.labels(v.task).observe(v.detected_at - v.first_flag_token)
+        for task, n in result.steered_tokens.items():
+            if n:
+                self.steered.labels(task).inc(n)
+
     def request_done(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method if method in METHODS else "other", code.name).inc()
 

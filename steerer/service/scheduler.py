@@ -115,7 +115,8 @@ class Scheduler:
                  admit_wait_s: float = 0.05,
                  metrics: Metrics | None = None,
                  monitor_config: MonitorConfig | None = None, threads: int | None = None,
-                 use_unreliable_probes: bool = False, steerer_factory: SteererFactory | None = None):
+                 use_unreliable_probes: bool = False, steerer_factory: SteererFactory | None = None,
+                 stop_steering_on_detection: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.lm = lm
@@ -130,6 +131,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.monitor_config = monitor_config
         self.use_unreliable_probes = use_unreliable_probes  # else probes not marked reliable neither flag nor steer
+        self.stop_steering_on_detection = stop_steering_on_detection  # a detected task's conditional steering ends
         # torch's intra-op thread count is per OS thread: the scheduler thread must set it itself, or it
         # runs with whatever a fresh thread gets instead of what the process was configured with.
         self.threads = threads or torch.get_num_threads()
@@ -403,7 +405,8 @@ class Scheduler:
 
     def _real_steerer(self, bank: ProbeBank) -> Steerer:
         return Steerer(self.lm, bank, self.monitor_config, capacity=self.max_batch, check=False,
-                       use_unreliable_probes=self.use_unreliable_probes)
+                       use_unreliable_probes=self.use_unreliable_probes,
+                       stop_steering_on_detection=self.stop_steering_on_detection)
 
     def _gauges(self) -> None:
         self.metrics.batch_size.set(len(self._live))

@@ -52,6 +52,7 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token: str | None = None
     use_unreliable_probes: bool = False  # flag and steer with probes whose measured AUROC reaches chance too
+    stop_steering_on_detection: bool = False  # a task's conditional steering ends once its violation is detected
     experiments: str | None = None  # experiments file (steerer/ab); reloaded on SIGHUP
     outcome_log: str | None = None  # SQLite outcome log; None: none (the CLI defaults it with --experiments)
     outcome_sync: str = "normal"  # SQLite synchronous: normal (safe against a process kill) or full (power loss)
@@ -160,7 +161,8 @@ class SteererServer:
                                    batch_wait_max_s=config.batch_wait_max_ms / 1000,
                                    prefill_chunk=config.prefill_chunk, admit_wait_s=config.admit_wait_ms / 1000,
                                    metrics=self.metrics,
-                                   use_unreliable_probes=config.use_unreliable_probes, steerer_factory=steerer_factory)
+                                   use_unreliable_probes=config.use_unreliable_probes, steerer_factory=steerer_factory,
+                                   stop_steering_on_detection=config.stop_steering_on_detection)
         limits = Limits(config.max_prompt_tokens, config.max_new_tokens, min(128, config.max_new_tokens))
         try:
             self.experiments = LiveExperiments(config.experiments) if config.experiments else None

@@ -308,13 +308,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
             m.ttft.observe(now - ticket.arrived)
         else:
             m.itl.observe(now - last)
-        for task, risk in event.risks.items():
-            m.risk.labels(task).observe(risk)
-        for flag in event.flags:
-            if flag.raised:
-                m.flags.labels(flag.task).inc()
-        for detection in event.detections:
-            m.detected.labels(detection.task).inc()
+        m.token_event(event)
 
     def _observe_arms(self, result: Result, arms: list[Assignment], latency: float) -> None:
         m = self.metrics
@@ -351,18 +345,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
             log.exception("could not write the outcome record of %s", request_id)
 
     def _observe_result(self, result: Result) -> None:
-        m = self.metrics
-        m.tokens.inc(len(result.tokens))
-        for v in result.verdicts:
-            violation = "unknown" if v.satisfied is None else ("no" if v.satisfied else "yes")
-            # A muted probe made no prediction: "muted", so it never reads as "predicted OK" on a dashboard.
-            predicted = "muted" if v.probe_muted else ("yes" if v.predicted_violation else "no")
-            m.verdicts.labels(v.task, predicted, violation, "yes" if v.flagged else "no").inc()
-            if v.detected_at is not None and v.first_flag_token is not None:
-                m.lead.labels(v.task).observe(v.detected_at - v.first_flag_token)
-        for task, n in result.steered_tokens.items():
-            if n:
-                m.steered.labels(task).inc(n)
+        self.metrics.result(result)
 
 
 def _jsonable(value):

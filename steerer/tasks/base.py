@@ -51,6 +51,16 @@ class Detector(Protocol):
 DetectorFactory = Callable[[Mapping[str, Any]], "Detector | None"]
 
 
+class Progress(Protocol):
+    """How far a response has come towards its constraint's limit, fed its text as it grows: `feed(delta)`
+    returns the fraction so far (count / limit for a count task). A forecast input, not a verdict."""
+
+    def feed(self, delta: str) -> float: ...
+
+
+ProgressFactory = Callable[[Mapping[str, Any]], Progress]
+
+
 def end_index(n_tokens: int, ended_by_eos: bool) -> int:
     """The EOS token's index if the response ended with one, else the last generated token's."""
     return n_tokens if ended_by_eos else max(n_tokens - 1, 0)
@@ -112,6 +122,7 @@ class Task:
     demo_text: Callable[[Mapping[str, Any]], str]  # a compliant answer to `common.DEMO_REQUEST`
     onset_rule: OnsetRule = at_the_end  # set from `detector` when the task has one
     detector: DetectorFactory = no_detector  # params -> a fresh Detector, or None (no prefix decides)
+    progress: ProgressFactory | None = None  # params -> a fresh Progress (tasks with a count limit)
     token_budget: int = TOKEN_BUDGET  # new tokens a response needs for its label (dataset building)
     order: int = 1000  # position in the registry (`TASKS` is sorted by it, then by id)
 

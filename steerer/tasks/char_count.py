@@ -25,5 +25,6 @@ TASK = Task(
     render=lambda p: f"Answer in {common.RELATION_TEXT[p['relation']]} {p['limit']} characters.",
     sampler=common.length_sampler(600, 30, 40, 500),
     demo_text=lambda p: common.fit_demo(len, p["relation"], p["limit"]),
-    detector=common.length_detector(common.CharCounter), token_budget=LONG_TOKEN_BUDGET, order=10,
+    detector=common.length_detector(common.CharCounter), progress=common.length_progress(common.CharCounter),
+    token_budget=LONG_TOKEN_BUDGET, order=10,
 )

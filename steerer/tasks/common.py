@@ -255,6 +255,27 @@ class UpperBoundDetector:
         return None
 
 
+class LengthProgress:
+    """How far the text has come towards a count limit: count so far / limit, by delta (either bound)."""
+
+    def __init__(self, counter, limit: int) -> None:
+        self.counter = counter
+        self.limit = max(int(limit), 1)
+
+    def feed(self, delta: str) -> float:
+        self.counter.first_break(delta, math.inf)  # never breaks: only counts
+        return self.counter.count / self.limit
+
+
+def length_progress(counter: Callable[[], Any]):
+    """The progress tracker factory of a count task (`Task.progress`)."""
+
+    def make(params: Mapping[str, Any]) -> LengthProgress:
+        return LengthProgress(counter(), params["limit"])
+
+    return make
+
+
 def length_detector(counter: Callable[[], Any]):
     """For an upper bound, a detector of the first prefix whose count breaks it (counts only grow: O(delta)
     per token); None for `at least`, which can only fail at the end."""

@@ -29,5 +29,6 @@ TASK = Task(
     render=lambda p: f"Answer in {common.RELATION_TEXT[p['relation']]} {p['limit']} words.",
     sampler=common.length_sampler(120, 8, 10, 90),
     demo_text=lambda p: common.fit_demo(common.count_words, p["relation"], p["limit"]),
-    detector=common.length_detector(common.WordCounter), token_budget=LONG_TOKEN_BUDGET, order=20,
+    detector=common.length_detector(common.WordCounter), progress=common.length_progress(common.WordCounter),
+    token_budget=LONG_TOKEN_BUDGET, order=20,
 )

@@ -11,7 +11,9 @@ compiles the model, so Python forward hooks never fire there. steerer therefore:
   forward pass), and which tokens belong to which row from the attention metadata's `query_start_loc`;
 - drives the same `steerer.controller.Controller` as the transformers backend from an offline engine loop
   (`driver.py`: `VLLMSteerer`), and gives steered requests a `cache_salt` (`salt.py`) so prefix caching never
-  shares KV between steering configurations.
+  shares KV between steering configurations;
+- or, inside plain `vllm serve`, drives one from a logits processor in the worker (`serve_plugin.py`:
+  constraints and policy per request through `vllm_xargs`, Prometheus metrics, a salting middleware).
 
 Everything here is pinned to one vLLM release (`VLLM_VERSION`); `tests/test_vllm_*.py` assert the
 internals relied upon, so an upgrade that moves them fails loudly. See docs/VLLM.md.

@@ -32,10 +32,10 @@ from steerer.bank import ProbeBank
 from steerer.controller import Controller, Result, TokenEvent
 from steerer.core import Request
 from steerer.engine.vllm import ARCHITECTURE, LAYERS_KEY, VLLM_VERSION
-from steerer.engine.vllm.state import STATE
+from steerer.engine.vllm.state import STATE, slot_masks
 from steerer.generation import MIN_TEMPERATURE
 from steerer.lens import LensWeights
-from steerer.model import chat_prompt, model_fingerprint, resolve_model_path
+from steerer.model import chat_prompt, resolve_model_path
 from steerer.monitor import MonitorConfig
 from steerer.taps import Where
 
@@ -80,17 +80,8 @@ class _Live:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     started: bool = False  # a pass has completed its prompt
+    outputs: int = 0  # tokens vLLM has generated for it (EOS included)
     closing: bool = False  # chose EOS: one more pass reads the EOS residual
-
-
-class _Embeddings:
-    """Just enough of a transformers model for `model_fingerprint` (config + first embedding rows)."""
-
-    def __init__(self, config, weight: torch.Tensor):
-        self.config, self.weight = config, weight
-
-    def get_input_embeddings(self):
-        return self
 
 
 class VLLMModel:
@@ -196,22 +187,15 @@ class VLLMSteerer:
     def lens_weights(self, bank: ProbeBank) -> LensWeights | None:
         """The model's final norm and unembedding, copied out of vLLM's model, when a probe of `bank` reads the
         logit lens of the request's words (`steerer.lens`); else None."""
-        if not any(bank.lens_params):
-            return None
+        from steerer.engine.vllm.weights import lens_weights
 
-        def take(m):
-            norm = m.model.norm
-            return norm.weight.detach().float().clone(), float(norm.variance_epsilon), \
-                m.lm_head.weight.detach().float().clone()
-
-        norm_weight, eps, unembedding = self.llm.apply_model(take)[0]
-        return LensWeights(norm_weight, eps, unembedding)
+        return self.llm.apply_model(lens_weights)[0] if any(bank.lens_params) else None
 
     def fingerprint(self) -> str:
         """The loaded weights' steerer fingerprint (what a bank is checked against)."""
-        config = self.engine.model_config.hf_config
-        weight = self.llm.apply_model(lambda m: m.model.embed_tokens.weight[:64].detach().clone())[0]
-        return model_fingerprint(_Embeddings(config, weight))
+        from steerer.engine.vllm.weights import fingerprint
+
+        return self.llm.apply_model(fingerprint)[0]
 
     def close(self) -> None:
         """Abort what is in flight (the engine stays usable: `VLLMSteerer(bank, llm=old.llm)`) and release the
@@ -324,11 +308,7 @@ class VLLMSteerer:
         A row still in its prompt gets position -1, so `where=generated` gives it zeros (as the HF loop)."""
         if not self._live:
             return
-        live = torch.zeros(self.capacity, dtype=torch.bool)
-        positions = torch.full((self.capacity,), -1, dtype=torch.long)
-        slots = list(self._live)
-        live[slots] = True
-        positions[[s for s in slots if self._live[s].started]] = 0
+        live, positions = slot_masks(self.capacity, self._live, [s for s, row in self._live.items() if row.started])
         self.controller.coefficients(self._all, positions, live)
 
     def _read(self, outputs) -> tuple[list[TokenEvent], list[Result]]:
@@ -348,8 +328,8 @@ class VLLMSteerer:
         for row, slot in enumerate(info.slots):
             if slot < 0 or slot not in self._live:
                 continue
-            if not info.complete(row):  # a prefill chunk that does not reach the prompt's end: no token
-                chunks += 1
+            if not info.complete(row, self._live[slot].outputs):  # a prefill chunk, or a chunk of a recompute
+                chunks += 1  # after preemption, that stops short of the row's last token: no token
                 continue
             decoding += info.last_positions[row] >= info.prompt_lengths[row]
             picked.append(row)
@@ -363,6 +343,8 @@ class VLLMSteerer:
         if set(new_tokens) - set(slots) or expected - set(new_tokens):
             raise RuntimeError(f"steerer: rows that completed a pass {sorted(expected)} and requests with new "
                                f"tokens {sorted(new_tokens)} differ; vLLM's batch layout moved")
+        for slot, tokens in new_tokens.items():
+            self._live[slot].outputs += len(tokens)
         if not picked:
             return [], []
         rows = torch.tensor(picked)

@@ -28,6 +28,16 @@ from steerer.taps import LayerSteering
 UNMANAGED = -1  # slot of a row whose request steerer does not manage
 
 
+def slot_masks(capacity: int, slots: Iterable[int], started: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[capacity] `live` (slots in flight) and `positions` (0 for slots that have sampled, else -1, so
+    `where=generated` gives a row still in its prompt zeros): what `Controller.coefficients` takes per slot."""
+    live = torch.zeros(capacity, dtype=torch.bool)
+    positions = torch.full((capacity,), -1, dtype=torch.long)
+    live[list(slots)] = True
+    positions[list(started)] = 0
+    return live, positions
+
+
 @dataclass
 class PassInfo:
     """One forward pass as the driver needs it, on the host; lists are aligned with vLLM's rows."""
@@ -37,9 +47,11 @@ class PassInfo:
     last_positions: list[int]  # position of each row's last token in this pass
     prompt_lengths: list[int]
 
-    def complete(self, row: int) -> bool:
-        """The row's pass ends at or after its last prompt token, so vLLM samples a token from it."""
-        return self.last_positions[row] >= self.prompt_lengths[row] - 1
+    def complete(self, row: int, outputs: int = 0) -> bool:
+        """vLLM samples a token from the row's pass: it reaches the row's last known token, `outputs` being the
+        tokens vLLM has already generated for the request (a recompute after preemption replays them, and a
+        chunk of that replay which stops among them samples nothing)."""
+        return self.last_positions[row] >= self.prompt_lengths[row] + outputs - 1
 
 
 @dataclass
