@@ -244,9 +244,11 @@ def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
             ax.errorbar(x, c["compliance"], yerr=[[c["compliance"] - low], [high - c["compliance"]]], color="black",
                         capsize=3, linewidth=1)
             ppl = c["perplexity_ratio"]
-            if c["policy"] != "off" and ppl is not None:
-                ax.text(x, min(high + 0.03, 0.97), f"{ppl:.2f}", ha="center", fontsize=7,
-                        color="red" if ppl > PPL_LIMIT else "black")
+            rep = c.get("repetition")
+            label = ("" if c["policy"] == "off" or ppl is None else f"{ppl:.2f}\n") + \
+                ("" if rep is None else f"r{rep:.2f}")
+            ax.text(x, min(high + 0.03, 0.9), label, ha="center", fontsize=7,
+                    color="red" if ppl is not None and ppl > PPL_LIMIT else "black")
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels([c["policy"][:5] + ("" if c["scale"] in (None, 1, 1.0) or c["policy"] == "off"
                                                else f"x{c['scale']:g}") for c in cells], fontsize=7, rotation=30)
@@ -259,7 +261,8 @@ def plot(tasks: dict[str, list[dict]], path: Path, title: str) -> None:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("compliance (95% Wilson)")
-    fig.suptitle(title + f"\nnumbers: perplexity ratio (red > {PPL_LIMIT})", fontsize=10)
+    fig.suptitle(title + f"\nnumbers: perplexity ratio (red > {PPL_LIMIT}) and rep-3 (r: share of repeated token "
+                         "3-grams; looping text is cheap to the perplexity ratio)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
