@@ -272,7 +272,7 @@ class Controller:
                 self._applied.zero_()
                 self._applied_dirty = False
             return None
-        coeffs = self.policies.coefficients(rows, self.monitor.gate[rows], self.monitor.smoothed[rows])
+        coeffs = self.policies.coefficients(rows, self.monitor.gate[rows], self.monitor.steer_risk[rows])
         if self.where is Where.GENERATED:
             coeffs = torch.where(positions[:, None] >= 0, coeffs, 0.0)
         if live is not None:

@@ -7,7 +7,9 @@ average, compare with each probe's threshold. Python only runs for the (rare) fl
 Two readings per task and token: the bank's probe (trained at the end of the response: the end verdict)
 and, where the bank carries them, its token-level warning predictors (`ProbeBank.warning`: trained on the
 tokens before a violation's onset, reading the task's progress towards its limit), which drive the smoothed
-risk, the flags and the conditional-steering gate. Steering must not blind the monitor: residuals are read
+risk and the flags. Steering reads the end probes: the conditional gate (at the probe's `gate_threshold`,
+calibrated for steering) and the proportional strength follow their smoothed risk (`steer_risk`), the reading
+the steering sweep calibrated them on. Steering must not blind the monitor: residuals are read
 with what this pass's steering added at or below each probe's layer taken back out, a raised flag holds for
 `hold_tokens`, and a task that detection settled (`settle`) no longer changes its flag.
 """
@@ -130,9 +132,10 @@ class Monitor:
         self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool().cpu()
         self._muted = self.muted.tolist()
         self.risk_threshold = (1.0 - self.bank.alerting.flag_thresholds).to(device)  # [K]
-        self.gate_threshold = (1.0 - self.bank.alerting.gate_thresholds).to(device)  # [K]
+        self.gate_threshold = (1.0 - self.bank.gate_thresholds).to(device)  # [K], on the end probes' risk
         self.active = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
-        self.smoothed = torch.zeros(self.capacity, k, device=device)
+        self.smoothed = torch.zeros(self.capacity, k, device=device)  # alerting risk (warning predictors)
+        self.steer_risk = self.smoothed  # the end probes' smoothed risk (its own table with warning predictors)
         self.seen = torch.zeros(self.capacity, dtype=torch.bool, device=device)
         self.flags = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
         self.gate = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
@@ -150,6 +153,8 @@ class Monitor:
         self.end = Scorer(self.bank, self.capacity, self.lens, self.bank)
         self.alert = self.end if self.bank.warning is None else Scorer(self.bank.warning, self.capacity, self.lens,
                                                                        self.bank)
+        if self.alert is not self.end:
+            self.steer_risk = torch.zeros(self.capacity, k, device=device)
         self.traces: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def register(self, row: int, tasks: list[str], params: dict[str, dict] | None = None,
@@ -166,7 +171,7 @@ class Monitor:
         self.active[row] = torch.tensor(active)
         for scorer in {id(s): s for s in (self.end, self.alert)}.values():
             scorer.register(row, params, lens_ids)
-        for table in (self.smoothed, self.last_p, self.progress):
+        for table in (self.smoothed, self.steer_risk, self.last_p, self.progress):
             table[row] = 0
         self.seen[row] = False
         self.flags[row] = False
@@ -193,10 +198,14 @@ class Monitor:
         progress = self.progress[rows]
         p = self.end.score(rows, residuals, applied, progress, index)  # [B, K]
         alert = p if self.alert is self.end else self.alert.score(rows, residuals, applied, progress, index)
-        risk = 1.0 - alert
         beta = self.config.smoothing
-        smoothed = torch.where(self.seen[rows, None], beta * self.smoothed[rows] + (1 - beta) * risk, risk)
+        seen = self.seen[rows, None]
+        smoothed = torch.where(seen, beta * self.smoothed[rows] + (1 - beta) * (1.0 - alert), 1.0 - alert)
         self.smoothed[rows] = smoothed
+        steer_risk = smoothed
+        if self.steer_risk is not self.smoothed:
+            steer_risk = torch.where(seen, beta * self.steer_risk[rows] + (1 - beta) * (1.0 - p), 1.0 - p)
+            self.steer_risk[rows] = steer_risk
         self.seen[rows] = True
         self.last_p[rows] = p
         self.eos_p[rows] = torch.where(closing[:, None], p, self.eos_p[rows])
@@ -206,7 +215,7 @@ class Monitor:
         eligible = self.active[rows] & (index >= self.config.warmup_tokens)[:, None] & ~self.settled[rows]
         raised, cleared = self._hysteresis(rows, index, smoothed, eligible, self.risk_threshold, self.flags,
                                            self.raised_at)
-        self._hysteresis(rows, index, smoothed, eligible, self.gate_threshold, self.gate, self.gate_at)
+        self._hysteresis(rows, index, steer_risk, eligible, self.gate_threshold, self.gate, self.gate_at)
         self.gate[rows] = self.gate[rows] | self.settled[rows]
         self.ever_flagged[rows] = self.ever_flagged[rows] | raised
         first = self.first_flag[rows]

@@ -197,6 +197,9 @@ def test_a_warning_predictor_reads_progress_and_the_end_probe_still_gives_the_ve
         assert float(monitor.smoothed[0, 0]) == pytest.approx(1 - float(expected), abs=1e-6)
         assert float(monitor.last_p[0, 0]) == pytest.approx(float(torch.sigmoid(torch.tensor(1.5))), abs=1e-6)
     assert bool(monitor.flags[0, 0])  # at 0.9 of the limit the forecast crossed 0.5 (risk 0.83)
+    # steering reads the end probe (what its gate threshold was calibrated on): risk 0.18, gate down
+    assert float(monitor.steer_risk[0, 0]) == pytest.approx(1 - float(torch.sigmoid(torch.tensor(1.5))), abs=1e-6)
+    assert not bool(monitor.gate[0, 0])
 
 
 def test_steer_signs_flip_a_strength_per_variant():
