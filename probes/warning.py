@@ -122,16 +122,14 @@ def traces(probe: FittedProbe, data: TaskData, rows: np.ndarray, column: int, to
     return out
 
 
-def logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return float(np.log(p / (1 - p)))
+def logit(p, eps: float = 1e-6):
+    p = np.clip(p, eps, 1 - eps)
+    return np.log(p / (1 - p))
 
 
 def shifted(trace: Trace, shift: float) -> Trace:
     """The trace with `shift` added to every logit (a variant's bias moved)."""
-    p = 1.0 / (1.0 + np.exp(-(np.log(np.clip(trace.p, 1e-9, 1)) - np.log(np.clip(1 - np.asarray(trace.p), 1e-9, 1))
-                               + shift)))
-    return replace(trace, p=p.tolist())
+    return replace(trace, p=(1.0 / (1.0 + np.exp(-(logit(np.asarray(trace.p), 1e-9) + shift)))).tolist())
 
 
 def variant_shifts(traces_: list[Trace], config: MonitorConfig) -> dict[str, float]:
@@ -141,7 +139,8 @@ def variant_shifts(traces_: list[Trace], config: MonitorConfig) -> dict[str, flo
     keys = sorted({t.key for t in traces_})
     if len(keys) < 2:
         return {}
-    return {key: -logit(calibrate([t for t in traces_ if t.key == key and t.satisfied], config)) for key in keys}
+    return {key: -float(logit(calibrate([t for t in traces_ if t.key == key and t.satisfied], config)))
+            for key in keys}
 
 
 def flagged_early(trace: Trace, threshold: float, config: MonitorConfig) -> bool:
@@ -294,15 +293,13 @@ def build_warning_bank(choices: list[dict], bank: ProbeBank) -> ProbeBank:
     return assemble_bank(ordered, bank.model, bank.fingerprint, bank.hidden_size, "warning", {})
 
 
-def measure(task: str, data: TaskData, warning: ProbeBank, bank: ProbeBank, token_layers: list[int], lens,
-            tokenizer, config: MonitorConfig, external: TaskData | None = None) -> dict:
-    """Early warning on every held-out split, for the warning predictor and, beside it, the end probe."""
+def measure(task: str, data: TaskData, warning: ProbeBank, bank: ProbeBank, end_threshold: float,
+            token_layers: list[int], lens, tokenizer, config: MonitorConfig, external: TaskData | None = None) -> dict:
+    """Early warning on every held-out split, for the warning predictor and, beside it, the end probe (at the
+    budget threshold `choose_warning` calibrated for it on the training split)."""
     out = {}
     for name, source in (("warning", warning), ("end_probe", bank)):
-        threshold = float(source.probes[source.index(task)].flag_threshold)
-        if name == "end_probe":  # the end probe at its own budget-calibrated threshold, for comparison
-            threshold = calibrate([t for t in bank_traces(bank, task, data, split_rows(data, "train"), token_layers,
-                                                          lens, tokenizer) if t.satisfied], config)
+        threshold = float(source.probes[source.index(task)].flag_threshold) if name == "warning" else end_threshold
         out[name] = {"threshold": threshold}
         for split in ("test", "heldout_phrasing"):
             out[name][split] = warning_summary(
@@ -329,9 +326,7 @@ def train_warnings(corpus: Path, features: Path, bank: ProbeBank, tasks: list[st
         external = None
         if external_all is not None:
             mask = np.array([r["task"] == task for r in external_all.rows])
-            external = pipeline.rows_of(external_all, mask) if mask.any() else None
-            if external is not None:  # per-token arrays are needed here: select them too
-                external = _rows_with_tokens(external_all, mask)
+            external = _rows_with_tokens(external_all, mask) if mask.any() else None
         if param:
             for part in (data, external):
                 if part is not None:
@@ -340,9 +335,10 @@ def train_warnings(corpus: Path, features: Path, bank: ProbeBank, tasks: list[st
         choice = choose_warning(task, data, bank, token_layers, candidates, lens, tokenizer, config)
         choices.append(choice)
         partial = replace(bank, warning=build_warning_bank(choices, bank))
+        end_threshold = next(c["threshold"] for c in choice["candidates"] if c["kind"] == "end_probe")
         report[task] = {"chosen": choice["chosen"], "candidates": choice["candidates"],
-                        "measured": measure(task, data, partial.warning, bank, token_layers, lens, tokenizer, config,
-                                            external)}
+                        "measured": measure(task, data, partial.warning, bank, end_threshold, token_layers, lens,
+                                            tokenizer, config, external)}
         del data
     return replace(bank, warning=build_warning_bank(choices, bank)), report
 

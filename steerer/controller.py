@@ -144,7 +144,7 @@ class _Row:
     detok: IncrementalDetokenizer
     steered: dict[str, int]
     always: set[int]  # layers this row may steer at (constant, proportional; conditional while its gate is up)
-    conditional: dict[int, int]  # column -> layer, for conditional policies
+    conditional: set[int]  # columns with a conditional policy
     pending: tuple[list[float], list[float], list[FlagEvent]] | None = None  # readings for the next token
     eos: bool = False
     policies: dict[str, SteeringPolicy] = field(default_factory=dict)
@@ -188,7 +188,7 @@ class Controller:
         self._applied = torch.zeros(capacity, len(bank.probes), device=self.device)
         self._applied_dirty = False
         self._steered_pass = False  # the last `coefficients` handed some layer non-zero rows
-        self._progress_columns = {p.task for p, reads in zip(bank.alerting.probes, bank.alerting.progress_params,
+        self._progress_tasks = {p.task for p, reads in zip(bank.alerting.probes, bank.alerting.progress_params,
                                                              strict=True) if reads}
         self._progress_updates: list[tuple[int, int, float]] = []  # (slot, column, fraction) for the next pass
         self._ids = itertools.count()
@@ -227,23 +227,23 @@ class Controller:
         self.monitor.register(slot, tasks, params, lens_ids)
         self.policies.set(slot, policies, params)
         columns = [self.bank.index(t) for t in tasks]
-        always, conditional = set(), {}
-        for task, k in zip(tasks, columns, strict=True):
-            policy = policies[task]
-            if self._muted[k] or policy.alpha == 0 or policy.code == PolicyKind.OFF:
-                continue
-            always.add(self._layer_of[k])  # a conditional row's zeros where its gate is down are exact
-            if policy.code == PolicyKind.CONDITIONAL:
-                conditional[k] = self._layer_of[k]
+        always = self._steering_layers(tasks, columns, policies)
+        conditional = {k for t, k in zip(tasks, columns, strict=True) if policies[t].code == PolicyKind.CONDITIONAL}
         detectors = {t: d for t in tasks if (d := get_task(t).detect(params[t])) is not None}
         progress = {k: get_task(t).progress(params[t]) for t, k in zip(tasks, columns, strict=True)
-                    if t in self._progress_columns and get_task(t).progress is not None}
+                    if t in self._progress_tasks and get_task(t).progress is not None}
         row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
                    IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional,
                    policies=policies, detectors=detectors, progress=progress)
         self._users.update(always)
         self._rows[slot] = row
         return slot
+
+    def _steering_layers(self, tasks: list[str], columns: list[int], policies: dict[str, SteeringPolicy]) -> set[int]:
+        """Layers a row may steer at: those of its unmuted columns with a non-zero policy (a conditional row's
+        zeros while its gate is down are exact, so it counts from admission)."""
+        return {self._layer_of[k] for t, k in zip(tasks, columns, strict=True)
+                if not self._muted[k] and policies[t].alpha != 0 and policies[t].code != PolicyKind.OFF}
 
     def remove(self, slot: int) -> None:
         """A row leaves (finished or cancelled); its slot is free for the next `add`."""
@@ -360,12 +360,11 @@ class Controller:
         k = self.bank.index(task)
         if k not in row.conditional:
             return
-        layer = row.conditional.pop(k)
-        if layer in row.always and layer not in {self._layer_of[j] for j in row.columns if j != k
-                                                 and row.policies[self.bank.tasks[j]].code != PolicyKind.OFF}:
-            row.always.discard(layer)
-            self._users[layer] -= 1
+        row.conditional.discard(k)
         row.policies[task] = OFF
+        remaining = self._steering_layers(row.tasks, row.columns, row.policies)
+        self._users.subtract(row.always - remaining)
+        row.always = remaining
         self.policies.set(slot, row.policies, {c.task: dict(c.params) for c in row.spec.constraints})
 
     def finish(self, slot: int, finish_reason: str | None = None, prompt_tokens: int = 0,

@@ -100,7 +100,7 @@ class Scorer:
         for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
             features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
             logits[:, k] = logits[:, k] + (self.row_lens[index_rows[:, k]] * features).sum(-1)
-        if self.progress_probes and progress is not None:
+        if progress is not None:
             for k in self.progress_probes:
                 features = conditioning.progress_features(progress[:, k], index)  # [B, 3]
                 logits[:, k] = logits[:, k] + (self.row_progress[index_rows[:, k]] * features).sum(-1)
@@ -155,6 +155,7 @@ class Monitor:
                                                                        self.bank)
         if self.alert is not self.end:
             self.steer_risk = torch.zeros(self.capacity, k, device=device)
+        self.reads_progress = bool(self.end.progress_probes or self.alert.progress_probes)
         self.traces: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def register(self, row: int, tasks: list[str], params: dict[str, dict] | None = None,
@@ -195,7 +196,7 @@ class Monitor:
         Pure tensor work, no host reads: returns the smoothed risk [B, K] and the flags raised and cleared
         [B, K] (bool), for the caller to bring to the host in its one transfer and pass to `flag_events`.
         """
-        progress = self.progress[rows]
+        progress = self.progress[rows] if self.reads_progress else None
         p = self.end.score(rows, residuals, applied, progress, index)  # [B, K]
         alert = p if self.alert is self.end else self.alert.score(rows, residuals, applied, progress, index)
         beta = self.config.smoothing

@@ -19,7 +19,7 @@ from steerer.core import Request, Result, Steerer, TokenEvent
 from steerer.generation import SamplingParams
 from steerer.monitor import MonitorConfig
 from steerer.policy import OFF, SteeringPolicy
-from steerer.service.testing import placeholder_bank
+from steerer.service.testing import placeholder_bank, split_stream
 
 PROMPT = "Name three colors."
 LOWER = Constraint("lowercase")
@@ -38,14 +38,8 @@ EARLY_FLAGS = MonitorConfig(warmup_tokens=0)  # flags may rise before the capita
 
 
 def run(lm, bank, requests: list[Request], **options) -> tuple[dict[str, Result], dict[str, list[TokenEvent]]]:
-    results, events = {}, {}
     with Steerer(lm, bank, **options) as steerer:
-        for item in steerer.generate(requests):
-            if isinstance(item, Result):
-                results[item.request_id] = item
-            else:
-                events.setdefault(item.request_id, []).append(item)
-    return results, events
+        return split_stream(steerer.generate(requests))
 
 
 def request(rid: str, constraints=(), policy: SteeringPolicy = OFF) -> Request:

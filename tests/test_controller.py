@@ -18,7 +18,7 @@ from steerer.engine.hf import HFEngine
 from steerer.generation import SamplingParams
 from steerer.monitor import MonitorConfig
 from steerer.policy import SteeringPolicy
-from steerer.service.testing import placeholder_bank
+from steerer.service.testing import placeholder_bank, split_stream
 from steerer.taps import LayerHooks, LayerLayout, LayerSteering, Where, layout_for
 
 TEXTS = ["Héllo 🌍 wörld — 日本語 😀👍🏽 ok", "👨‍👩‍👧‍👦 family: Ελληνικά, العربية, 한국어!", "plain ascii.\n\nnew line"]
@@ -126,13 +126,7 @@ def test_slot_map_follows_added_removed_and_moved_rows():
 
 # -- the Steerer drives the controller over an injected engine ----------------------------------------------
 def run(steerer: Steerer, requests: list[Request]) -> tuple[dict[str, Result], dict[str, list[TokenEvent]]]:
-    results, events = {}, {}
-    for item in steerer.generate(requests):
-        if isinstance(item, TokenEvent):
-            events.setdefault(item.request_id, []).append(item)
-        else:
-            results[item.request_id] = item
-    return results, events
+    return split_stream(steerer.generate(requests))
 
 
 def test_an_injected_engine_gets_the_taps_and_the_text_streams_exactly(lm):

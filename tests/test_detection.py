@@ -127,17 +127,11 @@ def bank(lm):
 
 
 def run(lm, bank, requests, **kwargs):
-    from steerer.controller import TokenEvent
     from steerer.core import Steerer
+    from steerer.service.testing import split_stream
 
-    results, events = {}, {}
     with Steerer(lm, bank, **kwargs) as steerer:
-        for item in steerer.generate(requests):
-            if isinstance(item, TokenEvent):
-                events.setdefault(item.request_id, []).append(item)
-            else:
-                results[item.request_id] = item
-    return results, events
+        return split_stream(steerer.generate(requests))
 
 
 def request(rid, prompt, constraints, tokens=40, policy=None):

@@ -21,6 +21,7 @@ from steerer.generation import SamplingParams
 from steerer.hf_processor import RowSpec, attach_steerer
 from steerer.model import chat_prompt
 from steerer.policy import OFF, SteeringPolicy
+from steerer.service.testing import split_stream
 from steerer.taps import unit_directions
 
 LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26)
@@ -39,14 +40,8 @@ def stand_in_bank(lm, seed: int = 0, threshold: float = 0.5, fingerprint: str | 
 
 
 def run_steerer(lm, bank, requests: list[Request]) -> tuple[list[Result], dict[str, list[TokenEvent]]]:
-    events: dict[str, list[TokenEvent]] = {}
-    results = {}
     with Steerer(lm, bank, record=True) as steerer:
-        for item in steerer.generate(requests):
-            if isinstance(item, TokenEvent):
-                events.setdefault(item.request_id, []).append(item)
-            else:
-                results[item.request_id] = item
+        results, events = split_stream(steerer.generate(requests))
     return [results[r.id] for r in requests], events
 
 

@@ -185,3 +185,16 @@ def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def split_stream(items) -> tuple[dict, dict[str, list]]:
+    """What `Steerer.generate` (or a driver's) yields, split: results by request id, token events by request id."""
+    from steerer.controller import TokenEvent
+
+    results, events = {}, {}
+    for item in items:
+        if isinstance(item, TokenEvent):
+            events.setdefault(item.request_id, []).append(item)
+        else:
+            results[item.request_id] = item
+    return results, events
