@@ -38,16 +38,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heldout import held_out_prompts, load_bank  # benchmarks/heldout.py, beside this script
 from tqdm import tqdm
 
+from probes.heldout import held_out_prompts, load_bank
 from probes.tasks import TASKS
 from probes.violations import token_prefixes, violating_token
-from steerer.ab.analysis import wilson
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams
 from steerer.model import load_model
+from steerer.stats import wilson
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EARLY = 3  # tokens of warning that count as "early"

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from heldout import GENERIC_PROMPTS as PROMPTS  # benchmarks/heldout.py, beside this script
 
+from probes.heldout import GENERIC_PROMPTS as PROMPTS
 from steerer.service.client import build_request
 from steerer.service.proto import pb2_grpc
 from steerer.service.testing import ServerProcess, placeholder_bank

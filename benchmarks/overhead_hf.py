@@ -7,10 +7,21 @@ Two paths, each against the plain loop (`generate(HFEngine(lm), ...)`, no hooks)
   token events with text, flags, verdicts and the checkers at the end; policy `off` for `monitor`,
   `constant` on all nine for `steer`.
 
-Modes run interleaved, repetition by repetition, so the machine's drift hits every mode alike; each
-figure is the median over repetitions, and each ratio the median of paired ratios. Every run generates
-exactly --new-tokens tokens per row (EOS ignored) so all modes do the same work. `hf_generate` is
-transformers' own `generate` on the same prompts, for checking that the plain loop is not slower than it.
+The steerer path runs with `check=False` and checks every result after the run on the same thread, in one
+batched call (`check_results`), which is the work `check=True` does for a static batch (`finish_all` checks
+the rows a pass ends together; here every row ends in the last pass). Each case reports `ratio` (clock
+stopped when the verdicts are checked: what `Steerer.run` costs) and `ratio_model_thread` (clock stopped
+when the model's thread has the last result: what the model's thread pays when the checks run off it, as
+the server's checker thread does); `check_s` is the checks' median time.
+
+Modes run interleaved, repetition by repetition (order reversed every other one), so the machine's drift
+hits every mode alike; each figure is the median over repetitions, and each ratio the median of paired
+ratios. Every run generates exactly N new tokens per row (EOS ignored) so all modes do the same work; each
+token count in --new-tokens is its own case. `load_avg` is the machine's 1-minute load average before and
+after each case (others' work on a shared machine shows there). `--clock thread --threads 1` times the CPU
+time of the one thread that runs everything (torch included), which others' load barely moves; one thread
+makes the forward pass slower, so the same host work is a smaller share of it than with two. `hf_generate` is transformers' own
+`generate` on the same prompts, for checking that the plain loop is not slower than it.
 
     .venv/bin/python benchmarks/overhead_hf.py            # writes benchmarks/results/overhead_hf.json
 """
@@ -19,17 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from heldout import GENERIC_PROMPTS as PROMPTS  # benchmarks/heldout.py, beside this script
 
+from probes.heldout import GENERIC_PROMPTS as PROMPTS
 from steerer.bank import Probe, ProbeBank
 from steerer.constraints import Constraint
-from steerer.core import Request, Steerer
+from steerer.controller import check_results
+from steerer.core import Request, Result, Steerer
 from steerer.engine.hf import HFEngine
 from steerer.generation import SamplingParams, generate
 from steerer.model import DEFAULT_MODEL, chat_prompt, load_model, resolve_device
@@ -60,12 +73,18 @@ def random_bank(lm, tasks: list[str]) -> ProbeBank:
                      torch.zeros(k), unit_directions(torch.randn(k, d, generator=g)))
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = time.perf_counter  # --clock: wall time, or the CPU time of this thread (with --threads 1: all of torch's)
+
+
 def run_mode(lm, mode: str, prompts: list[list[int]], texts: list[str], new_tokens: int, bank: ProbeBank,
-             constraints: tuple[Constraint, ...]) -> float:
-    """Tokens per second of one run."""
+             constraints: tuple[Constraint, ...]) -> tuple[float, float, float]:
+    """(seconds until the model's thread is done, seconds until the verdicts are checked, tokens produced).
+    Both times are the same except on the steerer path."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     n = len(prompts)
-    start = time.perf_counter()
+    start = clock()
+    model_done = None
     if mode == "hf_generate":
         enc = lm.tokenizer.pad([{"input_ids": p} for p in prompts], return_tensors="pt", padding_side="left")
         enc = enc.to(lm.model.device)
@@ -87,13 +106,22 @@ def run_mode(lm, mode: str, prompts: list[list[int]], texts: list[str], new_toke
     elif mode in ("steerer_monitor", "steerer_steer"):
         policy = SteeringPolicy("constant", 4.0) if mode == "steerer_steer" else SteeringPolicy()
         requests = [Request(text, constraints, policy, sampling=params, id=f"b{i}") for i, text in enumerate(texts)]
-        with Steerer(lm, bank, capacity=n) as steerer:
-            produced = sum(len(r.tokens) for r in steerer.run(requests))
+        with Steerer(lm, bank, capacity=n, check=False) as steerer:
+            results = [r for r in steerer.generate(requests) if isinstance(r, Result)]  # events are consumed too
+        model_done = clock()
+        check_results(results)  # what check=True does when a pass ends these rows: one batched call per task
+        produced = sum(len(r.tokens) for r in results)
     else:
         raise ValueError(mode)
     if lm.model.device.type == "cuda":
         torch.cuda.synchronize()
-    return produced / (time.perf_counter() - start)
+    end = clock()
+    return (model_done or end) - start, end - start, produced
+
+
+def paired_ratio(plain: list[float], other: list[float]) -> float:
+    """Median over repetitions of plain tokens/s over the mode's (same tokens: its time over plain's)."""
+    return statistics.median(x / p for p, x in zip(plain, other, strict=True))
 
 
 def main() -> None:
@@ -101,20 +129,38 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", default="32,128", help="comma-separated token counts, one case each")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall: elapsed time; thread: this thread's CPU time (needs --threads 1, so that torch "
+                             "computes on this thread): steadier than wall time on a machine shared with other work")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--paths", default="hooks,steerer", help="which paths to time: hooks, steerer or both")
     parser.add_argument("--output", default=str(RESULTS / "overhead_hf.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
-    torch.set_num_threads(2)
+    if args.clock == "thread" and (args.threads != 1 or device != "cpu"):
+        parser.error("--clock thread needs --threads 1 on the CPU (torch's other threads and a GPU go unseen)")
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(paths) - {"hooks", "steerer"}
+    if unknown or not paths:
+        parser.error(f"--paths takes hooks and/or steerer, got {args.paths!r}")
+    try:
+        token_counts = [int(t) for t in args.new_tokens.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--new-tokens takes comma-separated integers, got {args.new_tokens!r}")
+    if not token_counts or min(token_counts) < 1:
+        parser.error("--new-tokens needs at least one count, each >= 1")
     path_modes = {"hooks": {"monitor": "monitor", "steer": "steer"},
                   "steerer": {"monitor": "steerer_monitor", "steer": "steerer_steer"}}
     modes = ("plain", *(m for p in paths for m in path_modes[p].values()), "hf_generate")
     constraints = nine_constraints()
     cases = []
+    load_start = os.getloadavg()[0]
     for dtype in args.dtypes.split(","):
         lm = load_model(args.model, dtype=dtype, device=device)
         bank = random_bank(lm, [c.task for c in constraints])
@@ -123,31 +169,49 @@ def main() -> None:
             prompts = [chat_prompt(lm.tokenizer, t) for t in texts]
             for mode in modes:  # warm-up (the steerer modes load the checkers' models once)
                 run_mode(lm, mode, prompts, texts, 2, bank, constraints)
-            speeds: dict[str, list[float]] = {m: [] for m in modes}
-            for rep in range(args.repeats):
-                order = modes if rep % 2 == 0 else tuple(reversed(modes))
-                for mode in order:
-                    speeds[mode].append(run_mode(lm, mode, prompts, texts, args.new_tokens, bank, constraints))
-            med = {m: statistics.median(v) for m, v in speeds.items()}
-            for path in paths:
-                for mode, key in path_modes[path].items():
-                    # Ratio from paired repetitions (same moment, same drift), then the median of those.
-                    ratio = statistics.median(p / x for p, x in zip(speeds["plain"], speeds[key], strict=True))
-                    case = {"path": path, "batch": batch, "dtype": dtype, "mode": mode,
-                            "tokens_per_s": round(med[key], 2), "plain_tokens_per_s": round(med["plain"], 2),
-                            "ratio": round(ratio, 4), "hf_generate_tokens_per_s": round(med["hf_generate"], 2),
-                            "plain_vs_hf_generate": round(med["plain"] / med["hf_generate"], 4),
-                            "repeats": args.repeats, "new_tokens": args.new_tokens}
-                    cases.append(case)
-                    print(f"{path:7s} {dtype:9s} batch {batch:3d} {mode:8s} {case['tokens_per_s']:8.1f} tok/s  plain "
-                          f"{case['plain_tokens_per_s']:8.1f}  ratio {case['ratio']:.4f}  hf.generate "
-                          f"{case['hf_generate_tokens_per_s']:8.1f}  plain/hf {case['plain_vs_hf_generate']:.3f}",
-                          flush=True)
+            for new_tokens in token_counts:
+                load = [os.getloadavg()[0]]
+                model_s: dict[str, list[float]] = {m: [] for m in modes}
+                total_s: dict[str, list[float]] = {m: [] for m in modes}
+                produced = {}
+                for rep in range(args.repeats):
+                    order = modes if rep % 2 == 0 else tuple(reversed(modes))
+                    for mode in order:
+                        model, total, produced[mode] = run_mode(lm, mode, prompts, texts, new_tokens, bank,
+                                                                constraints)
+                        model_s[mode].append(model)
+                        total_s[mode].append(total)
+                load.append(os.getloadavg()[0])
+                if len(set(produced.values())) != 1:
+                    raise RuntimeError(f"modes produced different token counts: {produced}")
+                speed = {m: produced[m] / statistics.median(v) for m, v in total_s.items()}
+                plain = total_s["plain"]
+                for path in paths:
+                    for mode, key in path_modes[path].items():
+                        # Ratios from paired repetitions (same moment, same drift), then the median of those.
+                        case = {"path": path, "batch": batch, "dtype": dtype, "mode": mode, "new_tokens": new_tokens,
+                                "tokens_per_s": round(speed[key], 2), "plain_tokens_per_s": round(speed["plain"], 2),
+                                "ratio": round(paired_ratio(plain, total_s[key]), 4),
+                                "ratio_model_thread": round(paired_ratio(plain, model_s[key]), 4),
+                                "check_s": round(statistics.median(t - m for t, m in zip(total_s[key], model_s[key],
+                                                                                          strict=True)), 4),
+                                "hf_generate_tokens_per_s": round(speed["hf_generate"], 2),
+                                "plain_vs_hf_generate": round(speed["plain"] / speed["hf_generate"], 4),
+                                "repeats": args.repeats, "load_avg": [round(x, 2) for x in load]}
+                        cases.append(case)
+                        print(f"{path:7s} {dtype:9s} batch {batch:3d} tokens {new_tokens:4d} {mode:8s} "
+                              f"{case['tokens_per_s']:8.1f} tok/s  plain {case['plain_tokens_per_s']:8.1f}  "
+                              f"ratio {case['ratio']:.4f}  model thread {case['ratio_model_thread']:.4f}  "
+                              f"plain/hf {case['plain_vs_hf_generate']:.3f}  load {load[0]:.2f}-{load[1]:.2f}",
+                              flush=True)
     machine = (f"CUDA ({torch.cuda.get_device_name()})" if device.startswith("cuda")
-               else "CPU, 2 cores (AVX2), torch.set_num_threads(2)")
+               else f"CPU, {os.cpu_count()} cores, torch.set_num_threads({args.threads})")
     out = {"model": args.model or DEFAULT_MODEL, "machine": machine, "device": device,
            "probe_layers": list(PROBE_LAYERS), "steer_layer": 14,
            "steerer_constraints": [c.task for c in constraints],
+           "checks": "steerer path: check=False, then one batched check_results on the same thread (= check=True "
+                     "for a static batch); ratio includes it, ratio_model_thread stops before it",
+           "clock": args.clock, "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
            "command": "benchmarks/overhead_hf.py " + " ".join(sys.argv[1:]), "cases": cases}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heldout import HeldOutPrompt, held_out_prompts, load_bank  # benchmarks/heldout.py, beside this script
 from tqdm import tqdm
 
-from probes.steering import paired_gain_ci, ppl_ratio_ci, repetition, wilson
+from probes.heldout import HeldOutPrompt, held_out_prompts, load_bank
+from probes.steering import repetition
 from probes.tasks import TASKS
 from probes.train import auroc, auroc_ci
 from steerer.ab.fluency import response_nll, scored_tokens
@@ -56,6 +56,8 @@ from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams, StepView
 from steerer.model import chat_prompt, load_model
 from steerer.policy import OFF, SteeringPolicy
+from steerer.stats import paired_gain_ci, wilson
+from steerer.stats import ratio_of_means_ci as ppl_ratio_ci
 from steerer.taps import Where
 from steerer.tasks import TOKEN_BUDGET, get_task
 

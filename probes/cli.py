@@ -1,4 +1,4 @@
-"""`steerer verify` and `steerer probes corpus|ifeval|build|train|steer|list|score` (a plug-in of steerer/cli.py)."""
+"""`steerer verify` and `steerer probes corpus|ifeval|build|train|steer|warn|reliability|list|score` (a plug-in of steerer/cli.py)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def add_commands(sub) -> None:
     steer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     steer.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     steer.set_defaults(handler=cmd_steer)
+
+    rel = psub.add_parser("reliability", help="measure the bank's probes on IFEval (teacher-forced, the bank's own "
+                          "probe) and rewrite every probe's reliability: which held-out column failed, and the "
+                          "parameter range it holds within (manifest only)")
+    rel.add_argument("--bank", default=None, help="bank folder (default: the shipped bank)")
+    rel.add_argument("--out", default=None, help="bank folder to write (default: --bank)")
+    rel.add_argument("--corpus", default=None, help="corpus folder with eval/ifeval.jsonl.gz (default: the bank's)")
+    rel.add_argument("--report", default=str(REPO / "reports" / "reliability"), help="folder for reliability.json")
+    rel.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    rel.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    rel.set_defaults(handler=cmd_reliability)
 
     listing = psub.add_parser("list", help="a bank's probes: layer, thresholds, test AUROC with its 95%% interval, "
                                            "reliability")
@@ -347,6 +358,33 @@ def cmd_warn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reliability(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes import ifeval, reliability
+    from probes.corpus import CORPORA
+    from steerer.bank import DEFAULT_BANK, ProbeBank
+    from steerer.model import load_model
+
+    bank = ProbeBank.load(args.bank)
+    corpus = Path(args.corpus) if args.corpus else REPO / bank.extra["corpus"] if "corpus" in bank.extra \
+        else CORPORA / bank.model
+    if not (corpus / ifeval.FILE).exists():
+        raise FileNotFoundError(f"no IFEval responses at {corpus / ifeval.FILE}: run `steerer probes ifeval`")
+    lm = load_model(bank.model, threads=args.threads, device=args.device)
+    bank.check_model(lm.fingerprint, lm.hidden_size)
+    ranges = {t: reliability.measured_range(corpus, t) for t in bank.tasks}
+    measured = reliability.ifeval_metrics(lm, bank, ifeval.load(corpus), ranges)
+    command = shlex.join(["steerer", *sys.argv[1:]])
+    rated = reliability.with_reliability(bank, measured, ranges, command)
+    out = rated.save(args.out or args.bank or DEFAULT_BANK)
+    report = reliability.write_report(Path(args.report), rated, measured, command)
+    _print_probes(rated)
+    print(f"wrote {out} and {report}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from steerer.bank import ProbeBank
 
@@ -357,22 +395,34 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _print_probes(bank) -> None:
-    """One line per probe with its held-out quality, then the ones a server mutes by default."""
+    """One line per probe with its held-out quality on every column, its reliability and, when it is not
+    reliable, which column failed; then the ones a server mutes by default."""
+    from steerer.reliability import describe
+
     for probe in bank.probes:
         m = probe.metrics
         fmt = lambda key, spec, m=m: "n/a" if m.get(key) is None else format(m[key], spec)  # noqa: E731
         flag = probe.threshold if probe.flag_threshold is None else probe.flag_threshold
         ci = "[n/a]" if probe.auroc_ci is None else f"[{probe.auroc_ci[0]:.2f}, {probe.auroc_ci[1]:.2f}]"
-        state = {True: "reliable", False: "UNRELIABLE", None: "reliability unknown"}[probe.reliable]
+        failed = ",".join(probe.failed_columns)
+        limits = probe.reliable_range
+        state = "reliable" if probe.reliable else "reliability unknown" if probe.reliable is None and \
+            probe.reliability is None else f"UNRELIABLE (failed: {failed or 'no column passed'})" if limits is None \
+            else "reliable within " + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in limits.items()) + \
+            f" (failed: {failed})"
         held = "" if m.get("heldout_phrasing_auroc") is None else \
             f" held-out phrasing {m['heldout_phrasing_auroc']:.3f}"
+        ifeval = "" if m.get("ifeval_auroc_ci") is None else \
+            f" IFEval {m['ifeval_auroc']:.3f} [{m['ifeval_auroc_ci'][0]:.2f}, {m['ifeval_auroc_ci'][1]:.2f}]"
         print(f"{probe.task:18s} layer {probe.layer:2d} {m.get('design', probe.method):20s} threshold "
               f"{probe.threshold:.3f} flag {flag:.3f}  test AUROC {fmt('test_auroc', '.3f')} {ci} n={fmt('n_test', 'd')}"
-              f"{held} acc {fmt('test_accuracy', '.3f')}  false flags {fmt('test_false_flag_rate', '.2f')} "
+              f"{held}{ifeval} acc {fmt('test_accuracy', '.3f')}  false flags {fmt('test_false_flag_rate', '.2f')} "
               f"violations flagged {fmt('test_violations_flagged', '.2f')}  {state}")
-    if bank.unreliable:
-        print(f"muted when served (95% test-AUROC interval reaches chance, or not measured; "
-              f"--use-unreliable-probes overrides): {', '.join(bank.unreliable)}")
+    muted = [p for p in bank.probes if not p.reliable]
+    if muted:
+        print("muted when served (--use-unreliable-probes overrides): " + "; ".join(
+            f"{p.task}: {describe(p.reliability) if p.reliability else p.unreliable_reason()}"
+            + (", muted only outside that range" if p.reliable_range else "") for p in muted))
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:

@@ -28,8 +28,9 @@ from threadpoolctl import threadpool_limits
 from probes.corpus import load_corpus
 from probes.dataset import POSITIONS, TaskData
 from probes.features import load_features
+from probes.reliability import range_of
 from probes.train import auroc, auroc_ci, best_threshold
-from steerer import conditioning, lens
+from steerer import conditioning, lens, reliability
 from steerer.lens import LensWeights
 
 CS = (0.001, 0.01, 0.1)
@@ -319,8 +320,9 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
                measured: dict, config) -> BankEntry:
     """The bank's record for a chosen probe: weights split into the residual part and the declared inputs,
     an EOS threshold (balanced accuracy out of fold), a flag threshold that keeps false flags on compliant
-    training responses under the budget (per-token readings), and reliability: the 95% AUROC interval clears
-    chance both on held-out requests and on held-out phrasing (where that split has both classes)."""
+    training responses under the budget (per-token readings), and reliability (`steerer.reliability.assess`):
+    the 95% AUROC interval clears chance on every held-out column with both classes (held-out requests,
+    held-out phrasing, IFEval), or the probe holds within the corpus's parameter range."""
     from probes.train import TARGET_FALSE_FLAG_RATE, calibrate_flag_threshold, flag_rate
 
     d, design = hidden_size, probe.design
@@ -343,8 +345,6 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
     flag_threshold = calibrate_flag_threshold(ok, TARGET_FALSE_FLAG_RATE, config)
     test_ok = token_readings(probe, data, (data.split == "test") & (data.labels == 1), token_layers)
     test_bad = token_readings(probe, data, (data.split == "test") & (data.labels == 0), token_layers)
-    intervals = [m["auroc_ci"] for m in (measured["test"], measured["heldout_phrasing"]) if m["auroc_ci"]]
-    reliable = bool(intervals) and all(ci[0] > 0.5 for ci in intervals)
     test = measured["test"]
     metrics = {"test_auroc": test["auroc"], "test_auroc_ci": test["auroc_ci"], "test_accuracy": test["accuracy"],
                "n_test": test["n"], "cv_auroc": round(float(probe.cv_auroc), 4), "C": probe.c,
@@ -354,10 +354,20 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
                "train_violations_flagged": round(flag_rate(bad, flag_threshold, config), 4),
                "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
                "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}
+    for column in ("ifeval", f"ifeval_{reliability.IN_RANGE}"):
+        if measured.get(column):
+            metrics |= {f"{column}_auroc": measured[column]["auroc"], f"{column}_auroc_ci": measured[column]["auroc_ci"],
+                        f"n_{column}": measured[column]["n"]}
+    limits = range_of([r["params"] for r in data.rows])
+    if limits:
+        metrics["measured_range"] = limits
+    record = reliability.assess(metrics, limits)
+    reliable = record["reliable"]
     steer_at = steering_layer(data)
     record = {"task": task, "layer": probe.layer, "position": "eos", "polarity": "satisfied",
               "threshold": round(probe.threshold, 6), "method": "logreg", "flag_threshold": round(flag_threshold, 6),
-              "metrics": metrics, "reliable": reliable, "conditioning": declared, "steer_layer": steer_at}
+              "metrics": metrics, "reliable": reliable, "conditioning": declared, "steer_layer": steer_at,
+              "reliability": record}
     return BankEntry(record, weight, bias, class_direction(data, steer_at), own_inputs, own_lens, variant_rows)
 
 

@@ -14,6 +14,8 @@ from tqdm import tqdm
 from probes import evaluation, ifeval
 from probes.dataset import TaskData
 from probes.features import load_features
+from probes.reliability import range_of
+from steerer.reliability import in_range
 
 GENERALISATION_SPLITS = ("test", "heldout_phrasing", "ifeval")
 
@@ -43,9 +45,14 @@ def baseline_design(design: evaluation.Design) -> evaluation.Design | None:
 
 
 def measure_all(probe: evaluation.FittedProbe, data: TaskData, external: TaskData | None) -> dict:
+    """Every column; IFEval also restricted to the corpus's numeric parameter range (scoped reliability)."""
     out = {split: evaluation.measure(probe, data, data.split == split) for split in GENERALISATION_SPLITS[:2]}
     out["ifeval"] = evaluation.measure(probe, external, np.ones(len(external.rows), dtype=bool)) \
         if external is not None and len(external.rows) else None
+    limits = range_of([r["params"] for r in data.rows])
+    if out["ifeval"] is not None and limits:
+        inside = np.array([in_range(r["params"], limits)[0] for r in external.rows])
+        out["ifeval_in_range"] = evaluation.measure(probe, external, inside)
     return out
 
 

@@ -30,10 +30,10 @@ from tqdm import tqdm
 from probes.dataset import TaskData
 from probes.evaluation import Design, FittedProbe, assemble_bank, entry_from_bank, fit_design, lexical_at
 from steerer import conditioning
-from steerer.ab.analysis import wilson
 from steerer.bank import ProbeBank
 from steerer.detokenize import IncrementalDetokenizer
 from steerer.monitor import MonitorConfig, Scorer, first_flag
+from steerer.stats import wilson
 from steerer.tasks import get_task
 from steerer.tasks.base import end_index
 

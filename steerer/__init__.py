@@ -6,9 +6,10 @@ Names load on first use, so light entry points (the gRPC client, `steerer --help
 from importlib import import_module
 
 _EXPORTS = {
-    "Constraint": "steerer.constraints", "ProbeBank": "steerer.bank", "Request": "steerer.core",
-    "Result": "steerer.core", "Steerer": "steerer.core", "TokenEvent": "steerer.core", "Verdict": "steerer.core",
-    "SamplingParams": "steerer.generation", "load_model": "steerer.model", "SteeringPolicy": "steerer.policy",
+    "Constraint": "steerer.constraints", "ProbeBank": "steerer.bank", "Request": "steerer.request",
+    "Result": "steerer.request", "Steerer": "steerer.core", "TokenEvent": "steerer.request",
+    "Verdict": "steerer.request", "SamplingParams": "steerer.request", "RowSpec": "steerer.request",
+    "Backend": "steerer.backend", "load_model": "steerer.model", "SteeringPolicy": "steerer.policy",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,8 +4,10 @@ Probes are kept in raw residual space: the training scaler is folded into the we
 token is one batched matmul over the tapped residuals, `sigmoid(x @ w + b)` = P(constraint satisfied), with
 the weight row and constant a request's params select (`request_rows`; the monitor scores).
 Each probe also carries a unit steering direction, signed toward satisfaction, and its measured
-reliability (held-out AUROC with a 95% bootstrap interval): a probe whose interval reaches chance is
-marked `reliable: false`, and the serving side mutes it unless told otherwise.
+reliability (`steerer.reliability`: held-out AUROC with a 95% bootstrap interval on every held-out column,
+in-distribution requests, held-out phrasing, IFEval): a probe whose interval reaches chance on any column
+is marked `reliable: false` with the column named, and the serving side mutes it unless told otherwise;
+one reliable only within its measured parameter range is muted per request outside it (`reliable_for`).
 
 Every bank is validated when built or loaded (structure, types, shapes, dtype, finite values, unit
 directions): a bad bank is a `BankError` naming the problem, never a crash later in a forward pass.
@@ -24,20 +26,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerer import conditioning, lens
+from steerer import conditioning, lens, reliability
 
 FORMAT_VERSION = 2  # 2 added parameter conditioning (optional tensors); format 1 banks still load
 READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "probes.safetensors"
-DEFAULT_BANK = Path(__file__).resolve().parents[1] / "probes" / "banks" / "smollm2-135m-instruct"
+DEFAULT_BANK = Path(__file__).resolve().parent / "banks" / "smollm2-135m-instruct"  # the runtime's shipped data
 DIRECTION_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored unit direction (float rounding, bf16 saves)
 TENSOR_NAMES = ("weights", "biases", "directions", "variant_weights", "variant_biases", "input_weights",
                 "lens_weights", "progress_weights")
 WARNING = "warning"  # sub-folder of a bank holding its token-level warning predictors (same format)
 PROBE_FIELDS = {"task": str, "layer": int, "position": str, "polarity": str, "threshold": float, "method": str,
                 "flag_threshold": float | None, "metrics": dict, "reliable": bool | None,
-                "conditioning": dict | None, "steer_layer": int | None, "gate_threshold": float | None}
+                "conditioning": dict | None, "steer_layer": int | None, "gate_threshold": float | None,
+                "reliability": dict | None}
 
 
 class BankError(ValueError):
@@ -65,6 +68,9 @@ class Probe:
     # Conditional steering acts while P(satisfied) is below this (None: the flag threshold). Calibrated for
     # steering (gain against fluency), apart from the alert threshold (false flags against early warning).
     gate_threshold: float | None = None
+    # `steerer.reliability.assess` of `metrics`: reliable or not, which held-out column failed, each column's
+    # interval, and the parameter range the probe holds within (None: a bank from before this field).
+    reliability: dict | None = None
 
     @property
     def steering_layer(self) -> int:
@@ -75,14 +81,37 @@ class Probe:
         ci = self.metrics.get("test_auroc_ci")
         return (float(ci[0]), float(ci[1])) if ci is not None else None
 
+    @property
+    def failed_columns(self) -> list[str]:
+        """Held-out columns whose AUROC interval reaches chance (empty when reliable or not recorded)."""
+        return list((self.reliability or {}).get("failed", []))
+
+    @property
+    def reliable_range(self) -> dict | None:
+        """param -> [low, high] this unreliable probe still holds within (None: no such scope)."""
+        return None if self.reliable else reliability.scoped(self.reliability)
+
     def unreliable_reason(self) -> str | None:
         """Why this probe should not be trusted, or None if it is marked reliable."""
         if self.reliable:
             return None
+        if self.reliability is not None:
+            return reliability.describe(self.reliability)
         if self.reliable is None:
             return "no measured reliability"
         ci = self.auroc_ci
         return f"95% AUROC interval [{ci[0]:.2f}, {ci[1]:.2f}] reaches chance" if ci else "marked unreliable"
+
+    def reliable_for(self, params: dict | None = None) -> tuple[bool, str]:
+        """(trusted for a request with these params, why not): reliable, or reliable within its measured range
+        and the params inside it."""
+        if self.reliable:
+            return True, ""
+        limits = self.reliable_range
+        if limits is None:
+            return False, self.unreliable_reason() or "unreliable"
+        inside, why = reliability.in_range(params, limits)
+        return (True, "") if inside else (False, f"{why} (failed on {', '.join(self.failed_columns)})")
 
 
 @dataclass
@@ -253,8 +282,29 @@ class ProbeBank:
         return [p.task for p in self.probes if not p.reliable]
 
     def muted(self, use_unreliable: bool = False) -> torch.Tensor:
-        """[K] bool: probes that must not flag or steer (the unreliable ones, unless `use_unreliable`)."""
-        return torch.tensor([not (use_unreliable or bool(p.reliable)) for p in self.probes], dtype=torch.bool)
+        """[K] bool: probes that must not flag or steer for any request (the unreliable ones with no range they
+        hold within, unless `use_unreliable`); a scoped probe is muted per request (`out_of_range`)."""
+        return torch.tensor([not (use_unreliable or bool(p.reliable) or p.reliable_range is not None)
+                             for p in self.probes], dtype=torch.bool)
+
+    def reliable_for(self, task: str, params: dict | None = None) -> tuple[bool, str]:
+        """(may `task`'s probe flag and steer for a request with `params`, why not). The per-request hook of
+        scoped reliability; a task not in the bank is a KeyError."""
+        return self.probes[self.index(task)].reliable_for(params)
+
+    def out_of_range(self, params_by_task: dict[str, dict], use_unreliable: bool = False) -> dict[str, str]:
+        """task -> reason, for the request's tasks whose probe is served in general (`muted` is False) but must
+        be muted for these params: a scoped probe asked outside the range it was measured reliable on."""
+        if use_unreliable:
+            return {}
+        out = {}
+        for task, params in params_by_task.items():
+            probe = self.probes[self.index(task)]
+            if not probe.reliable and probe.reliable_range is not None:
+                ok, why = probe.reliable_for(params)
+                if not ok:
+                    out[task] = why
+        return out
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -379,13 +429,19 @@ def check_probe(probe: Probe, where: str = "probe") -> None:
         value = getattr(probe, name)
         if value is not None and not 0 <= value <= 1:
             raise BankError(f"{where}.{name} must be a probability in [0, 1], got {value!r}")
-    ci = probe.metrics.get("test_auroc_ci")
-    if ci is not None:
-        if not (isinstance(ci, list | tuple) and len(ci) == 2 and all(_is(x, float) for x in ci)):
-            raise BankError(f"{where}.metrics.test_auroc_ci must be [low, high], got {ci!r:.80}")
-        if probe.reliable and not ci[0] > 0.5:
-            raise BankError(f"{where} ({probe.task}) is marked reliable but its AUROC interval {list(ci)} "
-                            "reaches chance")
+    for column in reliability.COLUMNS:
+        for key in (f"{column}_auroc_ci", f"{column}_{reliability.IN_RANGE}_auroc_ci"):
+            ci = probe.metrics.get(key)
+            if ci is not None and not (isinstance(ci, list | tuple) and len(ci) == 2
+                                       and all(_is(x, float) for x in ci)):
+                raise BankError(f"{where}.metrics.{key} must be [low, high], got {ci!r:.80}")
+        ci = probe.metrics.get(f"{column}_auroc_ci")
+        if probe.reliable and ci is not None and not ci[0] > 0.5:
+            name = "AUROC interval" if column == "test" else f"{column} AUROC interval"
+            raise BankError(f"{where} ({probe.task}) is marked reliable but its {name} {list(ci)} reaches chance")
+    problem = reliability.check(probe.reliability, probe.metrics, probe.reliable)
+    if problem:
+        raise BankError(f"{where} ({probe.task}): {problem}")
 
 
 def _is(value, kind: type) -> bool:
@@ -443,7 +499,8 @@ def muted_notice(bank: ProbeBank, override: str = "--use-unreliable-probes") -> 
     groups: dict[str, list[str]] = {}
     for probe in bank.probes:
         if not probe.reliable:
-            groups.setdefault(probe.unreliable_reason(), []).append(probe.task)
+            scope = "" if probe.reliable_range is None else "; muted only for requests outside that range"
+            groups.setdefault(probe.unreliable_reason() + scope, []).append(probe.task)
     if not groups:
         return None
     muted = ", ".join(f"{', '.join(tasks)} ({reason})" for reason, tasks in groups.items())

@@ -193,12 +193,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_monitored(args: argparse.Namespace) -> int:
     """Generation through the Steerer: tokens stream to stdout, flags (predictions) and detections (certain
     violations) to stderr as they happen."""
+    from steerer.backend import Backend, generate
     from steerer.bank import ProbeBank
     from steerer.constraints import Constraint, validate_request
-    from steerer.core import Request, Steerer, TokenEvent
-    from steerer.generation import SamplingParams
     from steerer.model import load_model
     from steerer.policy import SteeringPolicy
+    from steerer.request import Request, SamplingParams, TokenEvent
 
     if not args.constraint and args.policy != "off":
         raise UsageError("--policy steers along constraint probes: name at least one --constraint")
@@ -208,27 +208,30 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     policy = SteeringPolicy(args.policy, args.alpha)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     request = Request(args.prompt, constraints, policy, sampling=sampling, id="cli")
-    validate_request(request)  # before the bank and the model load
     bank = ProbeBank.load(args.bank)
+    # The one validation of this path, before the model loads; the backend remembers nothing of it, so its
+    # `admit` checks the request once more (cheap, and the same rules: `validate_request`).
     validate_request(request, bank.tasks)
     if not args.use_unreliable_probes:
         for constraint in constraints:
-            probe = bank.probes[bank.index(constraint.task)]
-            if not probe.reliable:
-                print(f"steerer: warning: the {probe.task} probe is muted, no flags or steering "
-                      f"({probe.unreliable_reason()}); --use-unreliable-probes to use it", file=sys.stderr)
+            trusted, why = bank.reliable_for(constraint.task, dict(constraint.params))  # scoped: per request
+            if not trusted:
+                print(f"steerer: warning: the {constraint.task} probe is muted, no flags or steering "
+                      f"({why}); --use-unreliable-probes to use it", file=sys.stderr)
+    engine: Backend
     if args.engine == "vllm":
         from steerer.engine.vllm.driver import VLLMSteerer
 
         engine = VLLMSteerer(bank, args.model, dtype=args.dtype, capacity=1, max_num_seqs=1,
                              use_unreliable_probes=args.use_unreliable_probes)
     else:
+        from steerer.core import Steerer
+
         engine = Steerer(load_model(args.model, dtype=args.dtype, device=args.device), bank,
                          use_unreliable_probes=args.use_unreliable_probes)
     with engine as steerer:
-        steerer.validate(request)
         result = None
-        for item in steerer.generate([request]):
+        for item in generate(steerer, [request]):
             if isinstance(item, TokenEvent):
                 if not args.json:
                     print(item.text, end="", flush=True)

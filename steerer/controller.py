@@ -32,7 +32,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -41,85 +41,11 @@ from steerer.constraints import Constraint, check_constraint, validate_request
 from steerer.detokenize import IncrementalDetokenizer
 from steerer.lens import LensWeights, token_ids, words_of
 from steerer.monitor import FlagEvent, Monitor, MonitorConfig
-from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy
+from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy, check_strengths
+from steerer.request import Detection, Result, RowSpec, Spec, TokenEvent, Verdict  # noqa: F401 (re-exported)
 from steerer.taps import LayerSteering, Where
-from steerer.tasks import get_task
+from steerer.tasks import TASKS, get_task
 from steerer.tasks.base import Detector, Progress
-
-
-@dataclass(frozen=True)
-class Detection:
-    """A violation the text so far already decides (certain, unlike a probe's flag, which predicts).
-
-    `token_index` is the token that broke the constraint (the offline onset rule's index: the token that
-    wrote the deciding character). The event arrives with the token at which the violation became certain:
-    the same token, except for term_exclusion, where a word is known to be whole only when the next
-    character (or the end) arrives, usually one token later."""
-
-    task: str
-    token_index: int
-
-
-@dataclass
-class TokenEvent:
-    request_id: str
-    index: int  # position of this token in the response
-    token_id: int
-    text: str  # the text this token adds
-    risks: dict[str, float]  # smoothed risk per constraint after reading the previous token
-    steering: dict[str, float]  # alpha applied per constraint in the pass that chose this token
-    flags: list[FlagEvent] = field(default_factory=list)
-    detections: list[Detection] = field(default_factory=list)  # violations this token made certain
-
-
-@dataclass
-class Verdict:
-    task: str
-    params: dict
-    predicted_violation: bool  # from the probe at the end of the response (EOS residual); False if muted
-    p_satisfied_end: float | None  # the probe's reading there (None if it is not a finite number)
-    flagged: bool  # a flag was raised at some point during generation (never for a muted probe)
-    first_flag_token: int | None
-    satisfied: bool | None  # the checker's verdict on the final text (None if not checkable)
-    probe_reliable: bool = True  # the bank marks the probe reliable (its AUROC interval clears chance)
-    probe_muted: bool = False  # unreliable and not overridden: no prediction, no flags, no steering
-    detected_at: int | None = None  # token that broke the constraint, where a prefix decided it (`Detection`)
-
-
-@dataclass
-class Result:
-    request_id: str
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    verdicts: list[Verdict]
-    prompt_tokens: int
-    steered_tokens: dict[str, int]
-    bank_version: str
-    traces: dict[str, list[float]] | None = None  # per-token P(satisfied) per task (record=True only)
-
-
-class Spec(Protocol):
-    """What a row is monitored and steered for: a `Request`, or a `RowSpec` (no prompt, no sampling)."""
-
-    constraints: tuple[Constraint, ...]
-    policies: dict[str, SteeringPolicy]
-    id: str | None
-
-    def policy_for(self, task: str) -> SteeringPolicy: ...
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """What one batch row is monitored and steered for (a `Request` without prompt and sampling)."""
-
-    constraints: tuple[Constraint, ...] = ()
-    policy: SteeringPolicy = OFF  # for every constraint without its own entry in `policies`
-    policies: dict[str, SteeringPolicy] = field(default_factory=dict)
-    id: str | None = None
-
-    def policy_for(self, task: str) -> SteeringPolicy:
-        return self.policies.get(task, self.policy)
 
 
 @dataclass
@@ -153,6 +79,7 @@ class _Row:
     progress: dict[int, Progress] = field(default_factory=dict)  # column -> progress tracker (forecast input)
     length: int = 0  # characters of text so far
     ends: list[int] = field(default_factory=list)  # text length after each token (rows with detectors)
+    out_of_range: dict[str, str] = field(default_factory=dict)  # task -> why its scoped probe is muted here
 
 
 class Controller:
@@ -174,6 +101,7 @@ class Controller:
         on_device = bank.to(self.device)
         # Probes whose measured reliability does not clear chance neither flag nor steer, unless overridden.
         self.muted = bank.muted(use_unreliable_probes)
+        self.use_unreliable_probes = use_unreliable_probes  # else scoped probes are muted per request (`add`)
         self.monitor = Monitor(on_device, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted,
                                lens=lens)
         self._lens_params = {p.task: param for p, param in zip(bank.probes, bank.lens_params, strict=True) if param}
@@ -212,19 +140,25 @@ class Controller:
         """ValueError (a message for the user) unless the spec's constraints and policies fit this bank: the one
         request validation every entry point uses (`steerer.constraints.validate_request`)."""
         validate_request(spec, self.bank.tasks)
+        check_strengths(spec, self.bank)  # the bank's strength bound (`steerer.policy.strength_bounds`)
 
-    def add(self, spec: Spec, request_id: str | None = None) -> int:
-        """A row joins: register it (validated) and return its slot."""
-        self.validate(spec)
+    def add(self, spec: Spec, request_id: str | None = None, validated: bool = False) -> int:
+        """A row joins: register it and return its slot. Validated here unless the caller already did
+        (`validated=True`: one validation per path, see `steerer.driver`)."""
+        if not validated:
+            self.validate(spec)
         if not self._free:
             raise RuntimeError(f"no free slot (capacity {self.capacity})")
         slot = self._free.pop()
         tasks = [c.task for c in spec.constraints]
         policies = {t: spec.policy_for(t) for t in tasks}
         params = {c.task: dict(c.params) for c in spec.constraints}
+        # Scoped probes asked outside the parameter range they were measured reliable on: muted for this row.
+        out_of_range = self.bank.out_of_range(params, self.use_unreliable_probes)
+        policies = {t: OFF if t in out_of_range else p for t, p in policies.items()}
         lens_ids = {t: token_ids(self.tokenizer, words_of(params[t], self._lens_params[t]))
                     for t in tasks if t in self._lens_params}
-        self.monitor.register(slot, tasks, params, lens_ids)
+        self.monitor.register(slot, [t for t in tasks if t not in out_of_range], params, lens_ids)
         self.policies.set(slot, policies, params)
         columns = [self.bank.index(t) for t in tasks]
         always = self._steering_layers(tasks, columns, policies)
@@ -234,7 +168,7 @@ class Controller:
                     if t in self._progress_tasks and get_task(t).progress is not None}
         row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
                    IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional,
-                   policies=policies, detectors=detectors, progress=progress)
+                   policies=policies, detectors=detectors, progress=progress, out_of_range=out_of_range)
         self._users.update(always)
         self._rows[slot] = row
         return slot
@@ -370,13 +304,26 @@ class Controller:
     def finish(self, slot: int, finish_reason: str | None = None, prompt_tokens: int = 0,
                tokens: list[int] | None = None) -> Result:
         """A row ended: its `Result` (verdicts from the end reading, flags and the checker), slot released."""
+        return self.finish_all([(slot, finish_reason, prompt_tokens, tokens)])[0]
+
+    def finish_all(self, ended: list[tuple[int, str | None, int, list[int] | None]]) -> list[Result]:
+        """Rows that ended in the same pass, as (slot, finish_reason, prompt_tokens, tokens): their `Result`s,
+        slots released. The checkers run once for all of them (`check_results`: one MiniLM encode for every
+        topic verdict, not one per row), after every slot is free."""
+        results = [self._result(*item) for item in ended]
+        return check_results(results) if self.check else results
+
+    def _result(self, slot: int, finish_reason: str | None, prompt_tokens: int, tokens: list[int] | None) -> Result:
         row = self._rows[slot]
         tokens = list(row.detok.tokens if tokens is None else tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         verdicts = build_verdicts(self.monitor, slot, tuple(row.spec.constraints), torch.tensor(row.columns,
-                                  dtype=torch.long), text, self.check)
+                                  dtype=torch.long), text, check=False)
         for verdict in verdicts:
             verdict.detected_at = row.detected.get(verdict.task)
+            if verdict.task in row.out_of_range:  # a scoped probe outside its measured range: muted for this row
+                verdict.predicted_violation, verdict.probe_muted = False, True
+                verdict.probe_note = row.out_of_range[verdict.task]
         traces = self.monitor.traces_for(slot, row.tasks)
         reason = finish_reason or ("eos" if row.eos else "length")
         result = Result(row.request_id, text, tokens, reason, verdicts, prompt_tokens, dict(row.steered),
@@ -442,12 +389,27 @@ def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ..
         verdicts.append(Verdict(constraint.task, dict(constraint.params),
                                 not muted and finite and p_end < probe.threshold, p_end if finite else None,
                                 bool(end[3, k]), first if first >= 0 else None,
-                                check_constraint(constraint, text) if check else None, bool(probe.reliable), muted))
+                                check_constraint(constraint, text) if check else None, bool(probe.reliable), muted,
+                                probe_note=probe.unreliable_reason() or ""))
     return verdicts
 
 
 def check_verdicts(result: Result) -> Result:
     """Fill in the checker's verdict on the final text for every constraint of a result (in place)."""
-    for verdict in result.verdicts:
-        verdict.satisfied = check_constraint(Constraint(verdict.task, verdict.params), result.text)
-    return result
+    return check_results([result])[0]
+
+
+def check_results(results: list[Result]) -> list[Result]:
+    """`check_verdicts` for several results (in place): each task's verdicts in one `Task.check_many` call,
+    so a batched checker (topic) runs once for all of them. The same verdicts as one result at a time."""
+    by_task: dict[str, list[tuple[Verdict, str]]] = {}
+    for result in results:
+        for verdict in result.verdicts:
+            by_task.setdefault(verdict.task, []).append((verdict, result.text))
+    for task_id, pairs in by_task.items():
+        task = TASKS.get(task_id)
+        values = (task.check_many([text for _, text in pairs], [v.params for v, _ in pairs]) if task is not None
+                  else [None] * len(pairs))  # no checker for an unknown task (`check_constraint`)
+        for (verdict, _), value in zip(pairs, values, strict=True):
+            verdict.satisfied = value
+    return results

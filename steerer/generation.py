@@ -11,36 +11,16 @@ finished, plus whatever the hooks add, e.g. risks and flag changes) comes back i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from steerer.driver import to_host
 from steerer.engine.base import BatchState, Engine
+from steerer.request import SamplingParams  # noqa: F401 (re-exported: it lives with the request types)
 from steerer.sampling import MIN_TEMPERATURE, select_tokens
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling. A temperature in [0, `sampling.MIN_TEMPERATURE`) (1e-4) is greedy: smaller
-    ones would overflow the scaled logits, and sampling at them is greedy in all but name anyway."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-
-    def validate(self) -> SamplingParams:
-        if not 1 <= self.max_new_tokens <= 8192:
-            raise ValueError(f"max_new_tokens must be in 1..8192, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 10):
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        return self
 
 
 @dataclass
@@ -85,22 +65,6 @@ class HostStep:
     finished: list[bool]
     recorded: list[bool]
     done: list[bool]
-
-
-def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """CPU copies of `tensors` in one device-to-host transfer (one synchronisation); CPU tensors as they are.
-
-    Packed as float64, which holds every token id, count, bool and float32 exactly."""
-    if all(t.device.type == "cpu" for t in tensors):
-        return list(tensors)
-    wide = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # mps has no float64
-    flat = torch.cat([t.reshape(-1).to(wide) for t in tensors]).cpu()
-    out, at = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(flat[at:at + n].view(t.shape).to(t.dtype))
-        at += n
-    return out
 
 
 class StepHooks(Protocol):

@@ -12,7 +12,7 @@ How it lines up with `Steerer`: `generate()` runs the prefill, then calls the pr
 forward pass, before the next token is chosen. Forward hooks (`LayerHooks`) tap the bank's layers in that
 pass; the processor scores them (pass t read the token chosen in pass t-1, or the last prompt token for
 the prefill), updates the monitor, and sets the steering coefficients of pass t+1 from the flags and
-risks after pass t. Both this processor and `Steerer` drive the same `Controller` (slots, monitor,
+risks after pass t. Both this processor and `Steerer` drive the same `Driver` and `Controller` (slots, monitor,
 policies, token events, results); only the order in which they learn a pass's token differs. A forward pre-hook on the model recognises a
 prefill (empty cache), puts the hooks in the prompt phase (so `Where.GENERATED` steering leaves the prompt
 alone) and starts fresh per-row state, so one attached processor serves several `generate()` calls. The
@@ -41,13 +41,13 @@ from transformers import LogitsProcessor
 
 from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
-from steerer.controller import Controller, Result, RowSpec, TokenEvent
+from steerer.driver import Driver, Options, to_host
 from steerer.engine.hf import eos_token_ids
-from steerer.generation import to_host
 from steerer.lens import lens_for
 from steerer.model import model_fingerprint
 from steerer.monitor import Monitor, MonitorConfig
 from steerer.policy import OFF, SteeringPolicy
+from steerer.request import Result, RowSpec, TokenEvent
 from steerer.taps import LayerHooks, Where
 
 __all__ = ["RowSpec", "SteererLogitsProcessor", "attach_steerer"]
@@ -72,12 +72,13 @@ class SteererLogitsProcessor(LogitsProcessor):
 
     Build it with `attach_steerer` (or call `attach()` / `remove()`), pass it in `logits_processor`, and
     call `finish(output)` after `generate()` for the per-row `Result`s. `events()` drains the token events.
+    Options as `Steerer`'s (`steerer.driver.Options`), `stop_steering_on_detection` included.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, bank: ProbeBank, rows: RowSpec | Sequence[RowSpec],
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED,
                  capacity: int = 256, record: bool = False, check_bank: bool = True,
-                 use_unreliable_probes: bool = False):
+                 use_unreliable_probes: bool = False, stop_steering_on_detection: bool = False):
         if check_bank:
             bank.check_model(model_fingerprint(model), int(model.config.hidden_size))
         self.model = model
@@ -85,14 +86,17 @@ class SteererLogitsProcessor(LogitsProcessor):
         self.bank = bank
         self.rows = rows
         self.device = next(model.parameters()).device
-        self.controller = Controller(bank, tokenizer, capacity=capacity, device=self.device,
-                                     monitor_config=monitor_config, where=where, record=record,
-                                     use_unreliable_probes=use_unreliable_probes, lens=lens_for(bank, model))
+        self.options = Options(capacity, monitor_config, Where(where), record, True, use_unreliable_probes,
+                               stop_steering_on_detection)
+        # The row's stop rule is the model's EOS ids and no token budget: generate() decides the length.
+        self.driver = Driver.build(bank, tokenizer, eos_token_ids(model, tokenizer), self.options,
+                                   device=self.device, lens=lens_for(bank, model))
+        self.controller = self.driver.controller
         for spec in [rows] if isinstance(rows, RowSpec) else rows:
-            self.controller.validate(spec)
+            self.driver.validate(spec)  # once: each generate()'s rows join without another check
         self.muted = self.controller.muted  # as in Steerer: unreliable probes neither flag nor steer
         self.hooks = LayerHooks(model, tap_layers=bank.layers, steering=self.controller.steering)
-        self.eos_token_ids = frozenset(eos_token_ids(model, tokenizer))
+        self.eos_token_ids = self.driver.eos
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         self._pre_hook = None
         self._gen: _Generation | None = None
@@ -151,12 +155,12 @@ class SteererLogitsProcessor(LogitsProcessor):
             raise ValueError(f"batch of {batch} rows exceeds the processor's capacity {self.controller.capacity}")
         if self._gen is not None:  # a new generate(): the previous one's rows leave
             for slot in self._gen.slots:
-                self.controller.remove(slot)
-        slots = [self.controller.add(spec, spec.id or f"row-{b}") for b, spec in enumerate(specs)]
+                self.driver.leave(slot)
+        slots = [self.driver.join(spec, spec.id or f"row-{b}") for b, spec in enumerate(specs)]
         slot_tensor = torch.tensor(slots, dtype=torch.long, device=self.device)
         self._gen = _Generation(slots, slot_tensor, prompt_len, prompt_mask, [0] * batch, [False] * batch)
         # The prefill's coefficients, as for any row's first pass (zeros under Where.GENERATED).
-        self.controller.coefficients(slot_tensor, torch.full((batch,), -1, dtype=torch.long, device=self.device))
+        self.driver.before(slot_tensor, torch.full((batch,), -1, dtype=torch.long, device=self.device))
         self.hooks.set_pass(generated=False)
 
     # -- the processor ----------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ class SteererLogitsProcessor(LogitsProcessor):
         """Coefficients for the next pass from the monitor's state now; rows already done get none."""
         live = torch.tensor([not d for d in gen.done], dtype=torch.bool).to(self.device)
         positions = torch.tensor(gen.counts, dtype=torch.long).to(self.device)
-        self.controller.coefficients(gen.slot_tensor, positions, live)
+        self.driver.before(gen.slot_tensor, positions, live)
 
     def _read_pass(self, gen: _Generation, live: list[int], last: torch.Tensor | None) -> None:
         """Score the pass just run for rows `live`: first the events of the tokens they fed in (`last`, the
@@ -200,15 +204,15 @@ class SteererLogitsProcessor(LogitsProcessor):
         if last is not None:
             for b, token, is_eos in zip(live, token_list, closing_list, strict=True):
                 self._emit(gen, b, int(token), is_eos)
-        observation = self.controller.observe(gen.slot_tensor[picked], torch.tensor(positions).to(self.device),
-                                              residuals, closing)
-        self.controller.settle(slots, positions, closing_list, to_host(*observation.tensors()))
+        observation = self.driver.observe(gen.slot_tensor[picked], torch.tensor(positions).to(self.device),
+                                          residuals, closing)
+        self.driver.settle(slots, positions, closing_list, to_host(*observation.tensors()))
         for b, is_closing in zip(live, closing_list, strict=True):
             gen.done[b] = gen.done[b] or is_closing
 
     def _emit(self, gen: _Generation, b: int, token: int, is_eos: bool, final: bool = False) -> None:
         """The token chosen in the previous pass is now known: record it and emit its event."""
-        gen.events.append(self.controller.token(gen.slots[b], token, not is_eos, final or is_eos))
+        gen.events.append(self.driver.token(gen.slots[b], token, final=final))  # the stop rule decides EOS
         gen.counts[b] += not is_eos
 
     # -- after generate() ---------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class SteererLogitsProcessor(LogitsProcessor):
             gen.done[b] = True
         if closing:
             self._eos_pass(gen, sequences, cache, closing)
-        results = [self.controller.finish(slot, None, int(gen.prompt_mask[b].sum())) for b, slot in enumerate(gen.slots)]
+        results = [self.driver.finish(slot, None, int(gen.prompt_mask[b].sum())) for b, slot in enumerate(gen.slots)]
         self._gen = _Generation([], gen.slot_tensor[:0], 0, gen.prompt_mask[:0], [], [], events=gen.events)
         return results
 
@@ -267,8 +271,8 @@ def attach_steerer(model: torch.nn.Module, tokenizer: Any, bank: ProbeBank,
                    constraints: Sequence[Constraint] = (), policy: SteeringPolicy = OFF,
                    policies: dict[str, SteeringPolicy] | None = None, rows: Sequence[RowSpec] | None = None,
                    monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED,
-                   record: bool = False, check_bank: bool = True,
-                   use_unreliable_probes: bool = False) -> Iterator[SteererLogitsProcessor]:
+                   record: bool = False, check_bank: bool = True, use_unreliable_probes: bool = False,
+                   stop_steering_on_detection: bool = False) -> Iterator[SteererLogitsProcessor]:
     """Hooks attached for the `with` block; the processor goes in `generate(logits_processor=...)`.
 
     `constraints`/`policy`/`policies` apply to every batch row; pass `rows` (one `RowSpec` per row) instead
@@ -277,6 +281,7 @@ def attach_steerer(model: torch.nn.Module, tokenizer: Any, bank: ProbeBank,
     spec: RowSpec | list[RowSpec] = list(rows) if rows is not None else \
         RowSpec(tuple(constraints), policy, dict(policies or {}))
     processor = SteererLogitsProcessor(model, tokenizer, bank, spec, monitor_config, where, record=record,
-                                       check_bank=check_bank, use_unreliable_probes=use_unreliable_probes)
+                                       check_bank=check_bank, use_unreliable_probes=use_unreliable_probes,
+                                       stop_steering_on_detection=stop_steering_on_detection)
     with processor:
         yield processor

@@ -133,6 +133,9 @@ class Monitor:
         self._muted = self.muted.tolist()
         self.risk_threshold = (1.0 - self.bank.alerting.flag_thresholds).to(device)  # [K]
         self.gate_threshold = (1.0 - self.bank.gate_thresholds).to(device)  # [K], on the end probes' risk
+        h = self.config.hysteresis
+        self._flag_bounds = (self.risk_threshold + h, self.risk_threshold - h)  # raise above, clear below
+        self._gate_bounds = (self.gate_threshold + h, self.gate_threshold - h)
         self.active = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
         self.smoothed = torch.zeros(self.capacity, k, device=device)  # alerting risk (warning predictors)
         self.steer_risk = self.smoothed  # the end probes' smoothed risk (its own table with warning predictors)
@@ -201,11 +204,13 @@ class Monitor:
         alert = p if self.alert is self.end else self.alert.score(rows, residuals, applied, progress, index)
         beta = self.config.smoothing
         seen = self.seen[rows, None]
-        smoothed = torch.where(seen, beta * self.smoothed[rows] + (1 - beta) * (1.0 - alert), 1.0 - alert)
+        risk = 1.0 - alert
+        smoothed = torch.where(seen, beta * self.smoothed[rows] + (1 - beta) * risk, risk)
         self.smoothed[rows] = smoothed
         steer_risk = smoothed
         if self.steer_risk is not self.smoothed:
-            steer_risk = torch.where(seen, beta * self.steer_risk[rows] + (1 - beta) * (1.0 - p), 1.0 - p)
+            end_risk = 1.0 - p
+            steer_risk = torch.where(seen, beta * self.steer_risk[rows] + (1 - beta) * end_risk, end_risk)
             self.steer_risk[rows] = steer_risk
         self.seen[rows] = True
         self.last_p[rows] = p
@@ -213,25 +218,28 @@ class Monitor:
         if self.record:
             for i, (row, position) in enumerate(zip(rows.tolist(), index.tolist(), strict=True)):
                 self.traces[row].append((position, p[i].cpu()))
-        eligible = self.active[rows] & (index >= self.config.warmup_tokens)[:, None] & ~self.settled[rows]
-        raised, cleared = self._hysteresis(rows, index, smoothed, eligible, self.risk_threshold, self.flags,
-                                           self.raised_at)
-        self._hysteresis(rows, index, steer_risk, eligible, self.gate_threshold, self.gate, self.gate_at)
-        self.gate[rows] = self.gate[rows] | self.settled[rows]
+        at = index[:, None]  # [B, 1], broadcast against [B, K]
+        settled = self.settled[rows]
+        eligible = self.active[rows] & (at >= self.config.warmup_tokens) & ~settled
+        raised, cleared = self._hysteresis(rows, at, smoothed, eligible, self._flag_bounds, self.flags, self.raised_at)
+        # A settled task's gate stays up (`settle`): folded into the gate's own update, one write per pass.
+        self._hysteresis(rows, at, steer_risk, eligible, self._gate_bounds, self.gate, self.gate_at, settled)
         self.ever_flagged[rows] = self.ever_flagged[rows] | raised
         first = self.first_flag[rows]
-        self.first_flag[rows] = torch.where(raised & (first < 0), index[:, None].expand_as(first), first)
+        self.first_flag[rows] = torch.where(raised & (first < 0), at, first)
         return smoothed, raised, cleared
 
-    def _hysteresis(self, rows, index, smoothed, eligible, threshold, state, since) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raise above threshold + h, clear below threshold - h once held `hold_tokens`; updates `state`/`since`."""
-        h = self.config.hysteresis
-        up = state[rows]
-        held = (index[:, None] - since[rows]) >= self.config.hold_tokens
-        raised = eligible & ~up & (smoothed > threshold + h)
-        cleared = eligible & up & held & (smoothed < threshold - h)
-        state[rows] = (up | raised) & ~cleared
-        since[rows] = torch.where(raised, index[:, None].expand_as(raised), since[rows])
+    def _hysteresis(self, rows, at, risk, eligible, bounds, state, since, force=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raise above threshold + h, clear below threshold - h once held `hold_tokens` (`bounds`: those two
+        [K] tensors, computed once); updates `state` (or-ed with `force`, [B, K] bool) and `since`. Each table
+        is read once and written once: a pass's cost on the host is its number of tensor ops."""
+        above, below = bounds
+        up, last = state[rows], since[rows]
+        raised = eligible & ~up & (risk > above)
+        cleared = eligible & up & ((at - last) >= self.config.hold_tokens) & (risk < below)
+        new = (up | raised) & ~cleared
+        state[rows] = new if force is None else new | force
+        since[rows] = torch.where(raised, at, last)
         return raised, cleared
 
     def settle(self, row: int, task: str) -> None:

@@ -1,6 +1,9 @@
 """Steering policies: the one vocabulary of policy kinds, their parsing, and the table that turns policies
 into per-row alphas.
 
+A strength is bounded per bank and task (`strength_bounds`: a multiple of the residual norm at the task's steering
+layer, from the bank's steering sweep) and checked by `check_strengths` in `Controller.validate`.
+
 `POLICY_KINDS` (from `PolicyKind`) is the list every entry point offers (the library, the drop-in, the gRPC
 conversion, the client and both command lines); `SteeringPolicy.parse` reads the 'kind:alpha' they take.
 This module imports torch only when a `PolicyTable` is built, so the light client can use the vocabulary.
@@ -23,7 +26,11 @@ if TYPE_CHECKING:
     from steerer.bank import ProbeBank
     from steerer.taps import Where
 
-MAX_ALPHA = 1000.0
+MAX_ALPHA = 1000.0  # any bank: the absolute limit `SteeringPolicy` enforces
+# A bank's bound per task: this multiple of the mean residual norm at the task's steering layer (a vector as long
+# as the residual stream itself; the shipped bank's sweep measured up to 0.32 of it, and 1000 at lowercase's
+# layer 21, 3.5 norms, writes "The a a a ...").
+STRENGTH_BOUND_NORMS = 1.0
 
 
 class PolicyKind(IntEnum):
@@ -73,6 +80,49 @@ def split_policy(text: str) -> tuple[str, float]:
 
 
 OFF = SteeringPolicy()
+
+
+def residual_norms(bank: ProbeBank) -> dict[int, float]:
+    """layer -> mean residual norm there, from the steering sweep's records in the bank manifest
+    (`extra["steering"][task]`: alpha = fraction x norm at its layer); {} for a bank without them."""
+    found: dict[int, list[float]] = {}
+    for record in (bank.extra.get("steering") or {}).values():
+        if not isinstance(record, dict):
+            continue
+        layer, alpha, fraction = record.get("layer"), record.get("alpha"), record.get("fraction")
+        if isinstance(layer, int) and all(isinstance(x, int | float) and x > 0 for x in (alpha, fraction)):
+            found.setdefault(layer, []).append(float(alpha) / float(fraction))
+    return {layer: sum(norms) / len(norms) for layer, norms in found.items()}
+
+
+def strength_bounds(bank: ProbeBank) -> dict[str, float]:
+    """task -> the largest |alpha| the bank accepts: `extra["strength_bounds"]` (task -> bound) where the
+    manifest sets it, else `STRENGTH_BOUND_NORMS` x the residual norm at the probe's steering layer (the
+    nearest measured layer where the sweep did not measure that one), else `MAX_ALPHA`; never above it."""
+    explicit = bank.extra.get("strength_bounds")
+    norms = residual_norms(bank)
+    bounds = {}
+    for probe in bank.probes:
+        if isinstance(explicit, dict) and isinstance(explicit.get(probe.task), int | float):
+            bound = float(explicit[probe.task])
+        elif norms:
+            layer = min(norms, key=lambda known: (abs(known - probe.steering_layer), known))
+            bound = STRENGTH_BOUND_NORMS * norms[layer]
+        else:
+            bound = MAX_ALPHA
+        bounds[probe.task] = min(round(bound, 1), MAX_ALPHA)
+    return bounds
+
+
+def check_strengths(spec, bank: ProbeBank) -> None:
+    """ValueError naming the bound unless every constraint's steering strength is within the bank's
+    (`strength_bounds`); `spec` is a `Request` or `RowSpec` whose tasks are in the bank."""
+    bounds = strength_bounds(bank)
+    for constraint in spec.constraints:
+        policy, bound = spec.policy_for(constraint.task), bounds.get(constraint.task, MAX_ALPHA)
+        if policy.code != PolicyKind.OFF and abs(policy.alpha) > bound:
+            raise ValueError(f"steering strength {policy.alpha:g} for {constraint.task} is above this bank's bound "
+                             f"{bound:g}; use at most {bound:g}")
 
 
 @dataclass

@@ -3,6 +3,7 @@ the outcome log, the statistics (against statsmodels/scipy and published values)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steerer.ab import analysis, sequential
+from steerer import stats
+from steerer.ab import analysis, render, sequential
 from steerer.ab.experiments import (
     ExperimentError,
     ExperimentSet,
@@ -28,7 +30,7 @@ from steerer.ab.experiments import (
     pick,
 )
 from steerer.ab.outcomes import ArmRecord, OutcomeLog, OutcomeRecord, VerdictRecord, count, repetition
-from steerer.service.metrics import MAX_ARM_LABELS, OTHER, Metrics
+from steerer.metrics import MAX_ARM_LABELS, OTHER, Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "deploy" / "experiments.yaml"
@@ -429,17 +431,39 @@ def test_difference_sequence_finds_a_real_difference():
     y = np.where(in_arm, rng.random(400) < 0.8, rng.random(400) < 0.2).astype(float)
     result = sequential.difference_sequence(y, in_arm, 0.5)
     assert result.low > 0.3 and result.high < 0.9 and 30 <= result.first_excluding_zero < 400
+    assert result.burn_in == 30 and result.first_is_floor == (result.first_excluding_zero == 30)
+
+
+def test_a_crossing_at_the_burn_in_is_reported_as_the_floor_not_a_measurement():
+    """A difference so large that the sequence excludes 0 as soon as crossings count: the report must say the
+    n is the burn-in floor (JSON flag and markdown wording), not quote it as when the difference showed."""
+    rng = np.random.default_rng(3)
+    in_arm = np.arange(400) % 2 == 0
+    y = np.where(in_arm, rng.random(400) < 0.97, rng.random(400) < 0.02).astype(float)
+    strong = sequential.difference_sequence(y, in_arm, 0.5, burn_in=60)
+    assert strong.first_excluding_zero == 60 and strong.first_is_floor
+    weak = sequential.difference_sequence(y, in_arm, 0.5, burn_in=4)
+    assert weak.first_excluding_zero < 60 and not weak.first_is_floor  # what was observed without the floor
+    floor = analysis.Difference("t", "a", "c", True, 200, 200, 0.9, 0.8, 1.0, 0.0, 400, 0.7, 1.0, 60, 60, True,
+                                None, "decided")
+    assert render.first_excluded(floor) == "60 (at the burn-in floor)"
+    later = dataclasses.replace(floor, cs_first_excluding_zero=153, cs_first_is_floor=False)
+    assert render.first_excluded(later) == "153"
 
 
 def test_two_proportions_and_wilson_agree_with_the_libraries():
     from statsmodels.stats.proportion import proportion_confint
 
-    assert analysis.wilson(7, 20) == pytest.approx(proportion_confint(7, 20, method="wilson"))
-    diff, low, high, p = analysis.two_proportions(30, 40, 5, 40)
+    for s, n, alpha in ((7, 20, 0.05), (1, 50, 0.05), (29, 30, 0.1), (0, 12, 0.05), (12, 12, 0.01)):
+        assert stats.wilson(s, n, alpha) == pytest.approx(proportion_confint(s, n, alpha=alpha, method="wilson"))
+    assert stats.wilson(0, 20)[0] == 0.0 and stats.wilson(20, 20)[1] == 1.0 and stats.wilson(0, 0) is None
+    with pytest.raises(ValueError, match="successes <= n"):
+        stats.wilson(3, 2)
+    diff, low, high, p = stats.two_proportions(30, 40, 5, 40)
     assert diff == pytest.approx(0.625) and 0.4 < low < diff < high < 0.8 and p < 1e-6
     # Newcombe's hybrid score interval for 56/70 vs 48/80 (Newcombe 1998, Table II, example (a)):
     # difference 0.2, interval [0.0524, 0.3339].
-    _, low, high, _ = analysis.two_proportions(56, 70, 48, 80)
+    _, low, high, _ = stats.two_proportions(56, 70, 48, 80)
     assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
 
 
@@ -483,7 +507,7 @@ def test_report_finds_the_difference_and_says_when_the_sample_is_too_small(synth
     assert latency.low > 0.08 and latency.high < 0.12
     repeat = next(m for m in report.metrics if m.metric == "repetition" and m.arm == "a")
     assert repeat.difference == pytest.approx(0.25)
-    paths = analysis.write_report(report, tmp_path / "out")
+    paths = render.write_report(report, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["experiment"] == "lc"
     assert "## Difference to control" in paths["markdown"].read_text()
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"

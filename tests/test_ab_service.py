@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from steerer.ab.analysis import analyse, write_report
+from steerer.ab.analysis import analyse
+from steerer.ab.render import write_report
 from steerer.service.client import SteererClient
 from steerer.service.testing import ServerProcess, lowercase_tips_prompt, metric_value
 

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from probes.train import auroc_ci, is_reliable
+from steerer import reliability
 from steerer.bank import (
     DEFAULT_BANK,
     FORMAT_VERSION,
@@ -71,14 +72,20 @@ def test_an_old_manifest_without_reliability_loads_as_unknown(saved):
 
 
 def test_the_shipped_bank_loads_and_never_marks_a_chance_probe_reliable():
+    """Issue #18's bar: every reliable probe has a held-out phrasing interval, and an IFEval interval where one
+    was measured, whose low end is above 0.5; the stored verdict is the rule's on the stored metrics."""
     bank = ProbeBank.load(DEFAULT_BANK)
-    assert len(bank.probes) == 9
+    assert len(bank.probes) == 9 and DEFAULT_BANK.parent.name == "banks" and DEFAULT_BANK.parents[1].name == "steerer"
     for probe in bank.probes:
-        ci = probe.metrics.get("test_auroc_ci")
-        if ci is not None:
-            assert probe.reliable is (ci[0] > 0.5), probe.task
+        record = reliability.assess(probe.metrics, probe.metrics.get("measured_range"))
+        assert probe.reliable is record["reliable"] and probe.reliability["failed"] == record["failed"], probe.task
+        if probe.reliable:
+            assert probe.metrics["heldout_phrasing_auroc_ci"][0] > 0.5, probe.task
+            assert probe.metrics["test_auroc_ci"][0] > 0.5, probe.task
+            ifeval = probe.metrics.get("ifeval_auroc_ci")
+            assert ifeval is None or ifeval[0] > 0.5, probe.task
         else:
-            assert not probe.reliable, probe.task
+            assert probe.failed_columns, probe.task
 
 
 @pytest.mark.parametrize(("how", "message"), [

@@ -283,6 +283,40 @@ def test_topic_accepts_any_named_topic() -> None:
     assert not checkers.topic("", {"topic": "beekeeping"})
 
 
+
+def test_batched_checks_give_the_one_by_one_verdicts() -> None:
+    """`Task.check_many` (one MiniLM encode for every topic response) and `check_results` (a pass's finished
+    rows checked together) give exactly the verdicts of checking each response alone."""
+    from steerer.controller import check_results, check_verdicts
+    from steerer.request import Result, Verdict
+    from steerer.tasks import topic
+
+    rows = [r for rows in _labelled().values() for r in rows]
+    long = " ".join(["Honeybees build comb, the queen lays eggs and the workers bring nectar home."] * 30)
+    rows += [{"task": "topic", "params": {"topic": "beekeeping"}, "response": long},  # several chunks
+             {"task": "topic", "params": {"topic": "beekeeping"}, "response": ""},
+             {"task": "topic", "params": {"topic": "cooking"}, "response": "Sure!\nBoil the pasta, then add salt."}]
+    for task_id in ("sentiment", "topic", "register"):
+        mine = [r for r in rows if r["task"] == task_id]
+        one_by_one = [get_task(task_id).check(r["response"], r["params"]) for r in mine]
+        assert get_task(task_id).check_many([r["response"] for r in mine], [r["params"] for r in mine]) == one_by_one
+    texts = [r["response"] for r in rows if r["task"] == "topic"]
+    alone = [topic._response_vector(t) for t in texts]
+    for a, b in zip(alone, topic._response_vectors(texts), strict=True):  # batching moves floats by ~1e-7 at most
+        assert abs(a - b).max() < 1e-5
+
+    def result(row: dict, i: int) -> Result:
+        verdict = Verdict(row["task"], row["params"], False, None, False, None, None)
+        return Result(f"r{i}", row["response"], [], "eos", [verdict], 0, {}, "v")
+
+    batched = check_results([result(r, i) for i, r in enumerate(rows)])
+    single = [check_verdicts(result(r, i)) for i, r in enumerate(rows)]
+    assert [r.verdicts[0].satisfied for r in batched] == [r.verdicts[0].satisfied for r in single]
+    assert {r.verdicts[0].satisfied for r in batched} == {True, False}
+    with pytest.raises(ValueError, match="2 responses but 1"):
+        get_task("topic").check_many(["a", "b"], [{"topic": "cooking"}])
+
+
 # --------------------------------------------------------------------------------------------------
 # tasks
 # --------------------------------------------------------------------------------------------------

@@ -330,3 +330,58 @@ def test_the_servicer_maps_every_reason_to_a_status_code():
 
     assert set(STATUS_OF) == set(Reason)
     assert len(set(STATUS_OF.values())) == len(Reason)
+
+
+class GatedAdmission:
+    """The real `Steerer`, whose `admit` (the prefill) waits for `release`: a long admission the test holds
+    open to read the gauges during it."""
+
+    def __init__(self, steerer) -> None:
+        self._steerer = steerer
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def admit(self, requests):
+        self.entered.set()
+        assert self.release.wait(120), "never released"
+        return self._steerer.admit(requests)
+
+    def __getattr__(self, name):
+        return getattr(self._steerer, name)
+
+
+def test_gauges_count_a_wave_while_it_is_being_admitted(lm):
+    """Both gauges once read 0 for seconds while a wave was prefilled; every submitted request is in the
+    batch (admitted or being admitted) or in the queue until its result."""
+    from steerer.core import Steerer
+    from steerer.metrics import Metrics
+
+    metrics = Metrics()
+    gates: list[GatedAdmission] = []
+
+    def factory(bank):
+        gates.append(GatedAdmission(Steerer(lm, bank, capacity=4, check=False)))
+        return gates[-1]
+
+    bank = placeholder_bank(lm.fingerprint, lm.hidden_size, "v1")
+    scheduler = Scheduler(lm, bank, max_batch=4, max_queue=4, batch_wait_s=0, metrics=metrics,
+                          steerer_factory=factory).start()
+
+    def gauge(name: str) -> float:
+        return metrics.registry.get_sample_value(name)
+
+    try:
+        tickets = [scheduler.submit(_request(2))]
+        assert gates[0].entered.wait(60)  # the first admission is under way, and held
+        tickets += [scheduler.submit(_request(2)) for _ in range(5)]
+        assert gauge("steerer_batch_size") >= 1
+        assert gauge("steerer_batch_size") + gauge("steerer_queue_depth") == 6
+        gates[0].release.set()
+        assert all(isinstance(_terminal(t, 120), Result) for t in tickets)
+        wait_until = time.monotonic() + 30
+        while gauge("steerer_batch_size") and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert gauge("steerer_batch_size") == 0 and gauge("steerer_queue_depth") == 0
+    finally:
+        gates[0].release.set()
+        scheduler.stop(drain=False, timeout=60)

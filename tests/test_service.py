@@ -7,6 +7,7 @@ says which bank produced it. Token counts stay small: the machine is a shared 2-
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -21,14 +22,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from steerer.service.client import SteererClient, build_request
-from steerer.service.proto import pb2
+from steerer.service.proto import pb2, pb2_grpc
 from steerer.service.testing import ServerProcess, broken_bank, free_port, metric_value, placeholder_bank
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "SERVICE.md"
 PROMPT = "Name three colors."
+ADMIN = "adm1n-t0ken"  # the module server's admin token (ReloadProbeBank)
 WORDS = ("word_count", {"relation": "at most", "limit": 40})
 
 
@@ -58,13 +61,19 @@ def banks(lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(banks):
-    with ServerProcess("--bank", banks["v1"], "--max-batch", "2", "--max-queue", "2") as proc:
+    with ServerProcess("--bank", banks["v1"], "--max-batch", "2", "--max-queue", "2", "--admin-token", ADMIN) as proc:
         yield proc
 
 
 @pytest.fixture
 def client(server):
     with SteererClient(server.target) as c:
+        yield c
+
+
+@pytest.fixture
+def admin(server):
+    with SteererClient(server.target, token=ADMIN) as c:
         yield c
 
 
@@ -235,7 +244,7 @@ def test_requests_share_forward_passes(client, server):
     wait_for(lambda: metric(server, "steerer_batch_size") == 0, timeout=30)
 
 
-def test_reload_under_load_is_atomic(client, server, banks):
+def test_reload_under_load_is_atomic(client, admin, server, banks):
     """Requests in flight finish on v1, later ones run on v2; no response mixes the two."""
     def run(out: list, **kwargs) -> None:
         messages = list(client.stream(PROMPT, constraints=["lowercase"], ignore_eos=True, **kwargs))
@@ -248,7 +257,7 @@ def test_reload_under_load_is_atomic(client, server, banks):
     wait_for(lambda: metric(server, "steerer_batch_size") == 2, timeout=60)
     swaps = metric(server, "steerer_bank_reloads_total", result="ok")
     reply = {}
-    reloader = threading.Thread(target=lambda: reply.update(r=client.reload_bank(banks["v2"])))
+    reloader = threading.Thread(target=lambda: reply.update(r=admin.reload_bank(banks["v2"])))
     reloader.start()
     late: list = []
     second = [threading.Thread(target=run, args=(late,), kwargs={"max_new_tokens": 4}) for _ in range(2)]
@@ -269,7 +278,7 @@ def test_reload_under_load_is_atomic(client, server, banks):
             assert all((r > 0.5) == (version == "v1") for r in risks), (version, risks)
         assert client.model_info().bank_version == "v2"
     finally:
-        client.reload_bank(banks["v1"])
+        admin.reload_bank(banks["v1"])
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
@@ -380,10 +389,15 @@ BAD_INPUT = {  # case (as in docs/SERVICE.md) -> (RPC, request or bank name, or 
     "reload-truncated": ("reload", "truncated"),
     "reload-nan-directions": ("reload", "nan-directions"),
     "reload-empty-path": ("reload", ""),
+    "force-arms-unknown": (GEN, build_request(PROMPT, constraints=["lowercase"], force_arms={"x": "y"})),
 }
 # Rows of the table that need a situation rather than a request; each has its own test.
 DEDICATED = {"queue-full": "test_queue_full_is_resource_exhausted", "deadline": "test_deadline_exceeded_ends_the_request",
-             "bad-token": "test_auth_token_is_required", "context-overflow": "test_prompt_and_response_must_fit_the_context"}
+             "bad-token": "test_auth_token_is_required", "context-overflow": "test_prompt_and_response_must_fit_the_context",
+             "two-auth-headers": "test_one_authorization_header_at_most",
+             "admin-no-token": "test_admin_rpcs_need_the_admin_token",
+             "admin-disabled": "test_auth_token_is_required",
+             "rpc-limit": "test_unread_streams_are_cancelled_and_health_answers_whatever_the_load"}
 
 
 def documented_cases() -> dict[str, tuple[str, str]]:
@@ -402,7 +416,7 @@ def test_every_documented_case_has_a_test():
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input(case, client, banks, server):
+def test_bad_input(case, client, admin, banks, server):
     status, message = documented_cases()[case]
     kind, what = BAD_INPUT[case]
     what = what() if callable(what) else what
@@ -416,7 +430,7 @@ def test_bad_input(case, client, banks, server):
                                                   response_deserializer=pb2.GenerateResponse.FromString)
             generate(what, timeout=60)
         else:
-            client.reload_bank(banks.get(what, what), timeout=60)
+            admin.reload_bank(banks.get(what, what), timeout=60)
     assert err.value.code().name == status, err.value.details()
     assert message in err.value.details()
     assert metric(server, "steerer_requests_total", method=method, code=status) == counted + 1  # and counted
@@ -518,6 +532,15 @@ def test_auth_token_is_required(banks, tls):
         assert err.value.code().name == status
         with SteererClient(server.target, tls_ca=cert, token="s3cret") as good:
             assert good.generate(PROMPT, max_new_tokens=2).bank_version == "v1"
+            # No --admin-token: admin RPCs are refused even with the right auth token, whatever the path.
+            disabled, reason = documented_cases()["admin-disabled"]
+            for path in (banks["v2"], "/no/such/folder"):
+                with pytest.raises(grpc.RpcError) as err:
+                    good.reload_bank(path)
+                assert err.value.code().name == disabled and reason in err.value.details()
+                assert "--admin-token" in err.value.details() and path not in err.value.details()
+            assert good.model_info().bank_version == "v1"
+        assert metric(server, "steerer_requests_total", method="ReloadProbeBank", code=disabled) == 2
         with SteererClient(server.target) as plaintext, pytest.raises(grpc.RpcError) as err:
             plaintext.health(timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -625,9 +648,111 @@ def test_generated_code_is_not_committed_and_follows_the_proto(tmp_path):
 
 
 def test_without_experiments_keys_join_nothing_and_forcing_is_refused(client):
+    """One rule with or without --experiments: a key joins the running experiments that steer the request's
+    tasks (here none: accepted, `arms` empty); a forced arm must exist (here it cannot: refused, the same
+    line as for an experiment a configured server does not run)."""
     reply = client.generate(PROMPT, constraints=["lowercase"], max_new_tokens=2, experiment_key="user-1")
     assert list(reply.arms) == [] and reply.experiment_key == "user-1"
     with pytest.raises(grpc.RpcError) as err:
         client.generate(PROMPT, constraints=["lowercase"], max_new_tokens=2, force_arms={"x": "y"})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "this server runs no experiments" in err.value.details()
+    assert err.value.details() == "force_arms: no experiment 'x'; experiments: none"
+
+
+# -- credentials: one authorization header, admin RPCs ----------------------------------------------------------
+def test_one_authorization_header_at_most(client, server):
+    """Two `authorization` headers: which one a server reads depends on the proxies in front of it; refused
+    whatever their values (here the server has no auth token at all), counted, and health stays open."""
+    status, message = documented_cases()["two-auth-headers"]
+    before = metric(server, "steerer_requests_total", method="Generate", code=status)
+    twice = (("authorization", "Bearer a"), ("authorization", f"Bearer {ADMIN}"))
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Generate(build_request(PROMPT, max_new_tokens=2), metadata=twice, timeout=60)
+    assert err.value.code().name == status and message in err.value.details()
+    assert "\n" not in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.ReloadProbeBank(pb2.ReloadProbeBankRequest(path="/"), metadata=twice, timeout=60)
+    assert err.value.code().name == status
+    assert metric(server, "steerer_requests_total", method="Generate", code=status) == before + 1
+    assert client.generate(PROMPT, max_new_tokens=2, timeout=60).usage.completion_tokens >= 1  # one header: fine
+
+
+def test_admin_rpcs_need_the_admin_token(client, admin, server, banks, tmp_path):
+    """Without the admin token a reload is refused before any path is looked at: the answer is the same for
+    a bank that exists, a folder without one and a path that does not exist (nothing leaks to a non-admin).
+    The admin token also serves the other RPCs."""
+    status, message = documented_cases()["admin-no-token"]
+    before = metric(server, "steerer_requests_total", method="ReloadProbeBank", code=status)
+    answers = set()
+    with SteererClient(server.target, token="not-the-admin") as wrong:
+        for who in (client, wrong):
+            for path in (banks["v2"], str(tmp_path), str(tmp_path / "nope")):
+                with pytest.raises(grpc.RpcError) as err:
+                    who.reload_bank(path, timeout=60)
+                answers.add((err.value.code().name, err.value.details()))
+    assert len(answers) == 1 and answers.pop()[0] == status
+    assert message in err.value.details()
+    assert metric(server, "steerer_requests_total", method="ReloadProbeBank", code=status) == before + 6
+    assert client.model_info().bank_version == "v1"
+    with pytest.raises(grpc.RpcError) as err:  # the admin sees NOT_FOUND for a missing path
+        admin.reload_bank(str(tmp_path / "nope"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert admin.generate(PROMPT, max_new_tokens=2, timeout=60).usage.completion_tokens >= 1
+
+
+def test_serve_refuses_an_empty_admin_token_and_a_bad_unread_timeout(banks):
+    for args, env, needle in [(["--admin-token", " "], {}, "the admin token is empty"),
+                              ([], {"STEERER_ADMIN_TOKEN": ""}, "the admin token is empty"),
+                              (["--unread-stream-timeout", "0"], {}, "unread-stream-timeout must be > 0")]:
+        proc = subprocess.run([sys.executable, "-m", "steerer.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                               "--bank", banks["v1"], *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("steerer: error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], (args, env, proc.stderr)
+
+
+# -- clients that never read ------------------------------------------------------------------------------------
+# A tiny HTTP/2 window and no BDP probing: the server can send a stream a message or two, then its thread
+# waits for a read that never comes (what one client did to the server in issue #18).
+NEVER_READ = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0), ("grpc.http2.max_frame_size", 16384)]
+
+
+def test_unread_streams_are_cancelled_and_health_answers_whatever_the_load(banks):
+    """120 finished streams that one client never reads: health answers SERVING (on that client's own
+    channel too) and a new Generate is served while they are held; 40 more streams pass the RPC limit
+    (batch + queue + 16 = 152) and the 8 the client sees refused are the 8 the metrics count; after the
+    documented 30 s each undrained stream is cancelled (its client sees CANCELLED, the metrics count it), and
+    the server serves again. Before the fix health and Generate answered RESOURCE_EXHAUSTED, uncounted."""
+    with ServerProcess("--bank", banks["v1"], "--max-batch", "32", "--max-queue", "104") as server:
+        holder = grpc.insecure_channel(server.target, options=NEVER_READ)
+        stub = pb2_grpc.SteererStub(holder)
+        tiny = build_request("Hi", max_new_tokens=2, ignore_eos=True)
+        held = [stub.GenerateStream(tiny, timeout=600) for _ in range(120)]
+        wait_for(lambda: metric(server, "steerer_prefill_rows_sum") >= 120 and metric(server, "steerer_batch_size") == 0
+                 and metric(server, "steerer_queue_depth") == 0, timeout=300, every=0.5)
+        assert health_pb2_grpc.HealthStub(holder).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with SteererClient(server.target) as other:
+            assert other.health(timeout=10) == "SERVING"
+            assert other.generate(PROMPT, max_new_tokens=2, timeout=120).usage.completion_tokens >= 1
+            assert metric(server, "steerer_requests_total", method="GenerateStream", code="CANCELLED") == 0  # held
+            refused_before = metric(server, "steerer_requests_total", method="GenerateStream", code="RESOURCE_EXHAUSTED")
+            more = [stub.GenerateStream(tiny, timeout=600) for _ in range(40)]
+            # A refused call ends at once on the client; an admitted one only once it is read (gRPC delivers
+            # a stream's status after its messages), so the client's refusals are the calls done now.
+            wait_for(lambda: sum(c.done() for c in more) >= 8, timeout=60)
+            # 30 s after each finished, the server cancels all 152 held streams (120 + 32 admitted).
+            wait_for(lambda: metric(server, "steerer_requests_total", method="GenerateStream", code="CANCELLED") == 152,
+                     timeout=120, every=0.5)
+            refused = [c.code() for c in held + more if c.done()]
+            assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8, collections.Counter(refused)
+            assert metric(server, "steerer_requests_total", method="GenerateStream",
+                          code="RESOURCE_EXHAUSTED") - refused_before == len(refused)
+            with pytest.raises(grpc.RpcError) as err:  # reading one now: its messages, then CANCELLED
+                list(held[0])
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+            assert other.health(timeout=10) == "SERVING"
+            assert other.generate(PROMPT, max_new_tokens=2, timeout=120).usage.completion_tokens >= 1
+        for call in held + more:
+            call.cancel()
+        holder.close()

@@ -1,9 +1,8 @@
 """`probes.steering`: directions from features, the choice rule, the bank it writes, its intervals; and the
-split parameter of the benchmarks' prompt builder. Pure functions on synthetic data: no model is run."""
+split parameter of the benchmarks' prompt builder (`probes.heldout`). Pure functions on synthetic data: no model is run."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,23 +132,29 @@ def test_steered_bank_round_trips_with_its_choices(tmp_path):
         assert again.probes[0].conditioning["steer_signs"] == {"upper": 1, "lower": -1}
 
 
-def test_intervals():
-    assert steering.wilson(0, 0) is None
-    low, high = steering.wilson(10, 20)
-    assert low == pytest.approx(0.2993, abs=1e-3) and high == pytest.approx(0.7007, abs=1e-3)
-    assert steering.wilson(0, 20)[0] == 0.0
-    low, high = steering.paired_gain_ci([True] * 15 + [False] * 5, [False] * 20)
+def test_the_sweep_intervals_come_from_the_one_statistics_module():
+    """Compliance and gain intervals of a sweep cell are `steerer.stats`' (no copy of the formulas here)."""
+    from probes.steering import arms, gate
+    from steerer import stats
+
+    assert arms.wilson is stats.wilson and arms.paired_gain_ci is gate.paired_gain_ci is stats.paired_gain_ci
+    assert arms.ppl_ratio_ci is stats.ratio_of_means_ci
+    low, high = stats.paired_gain_ci([True] * 15 + [False] * 5, [False] * 20)
     assert low < 0.75 < high and low > 0.4
-    assert steering.paired_gain_ci([True] * 10, [True] * 10) == (0.0, 0.0)
-    low, high = steering.ppl_ratio_ci([0.1] * 10)
+    low, high = stats.ratio_of_means_ci([0.1] * 10)
     assert low == pytest.approx(np.exp(0.1)) and high == pytest.approx(np.exp(0.1))
 
 
-def test_benchmark_prompts_take_a_split():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from heldout import held_out_prompts
+def test_no_sys_path_edits_in_the_packages():
+    """The held-out prompts live in `probes.heldout`; nothing reaches a script folder through sys.path."""
+    for folder in ("steerer", "probes", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            assert "sys.path.insert" not in path.read_text() and "sys.path.append" not in path.read_text(), path
 
+
+def test_benchmark_prompts_take_a_split():
     from probes.dataset import SPLIT_SEED
+    from probes.heldout import held_out_prompts
     from probes.templates import split_base_requests
 
     train_ids, test_ids = split_base_requests(SPLIT_SEED)

@@ -30,10 +30,23 @@ except ImportError:
 
 from steerer import Constraint, ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
 from steerer.engine.vllm import ARCHITECTURE, VLLM_VERSION  # noqa: E402
-from steerer.engine.vllm.parity import PROMPTS, parity_requests, result_record  # noqa: E402
 from steerer.model import chat_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PARITY = ROOT / "benchmarks" / "vllm_parity.py"  # the comparison tool (above both backends, so not in steerer/)
+
+
+def _load_parity():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("vllm_parity", PARITY)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_parity = _load_parity()
+PROMPTS, parity_requests, result_record = _parity.PROMPTS, _parity.parity_requests, _parity.result_record
 HF_PYTHON = Path(os.environ.get("STEERER_HF_PYTHON", ROOT / ".venv" / "bin" / "python"))
 # 48 tokens per step chunks every prompt; 32-token KV blocks (CPU default: 128) let a 30-token answer fill
 # cached blocks, which the prefix-cache test needs.
@@ -115,7 +128,7 @@ def plain_tokens(steerer, tmp_path_factory):
                     "gpu_memory_utilization": 0.3, "enable_prefix_caching": True, "async_scheduling": False,
                     "seed": 0, **ENGINE}}
             (folder / "spec.json").write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "steerer.engine.vllm.parity", "--plain-vllm",
+            subprocess.run([sys.executable, str(PARITY), "--plain-vllm",
                             str(folder / "spec.json"), "--out", str(folder / "out.json"), "--max-new-tokens",
                             str(max_new_tokens)], check=True, cwd=ROOT, timeout=900)
             for p, tokens in zip(missing, json.loads((folder / "out.json").read_text()), strict=True):
@@ -154,7 +167,7 @@ def hf_reference(tmp_path_factory):
             pytest.fail(f"no transformers-backend venv at {HF_PYTHON} (set STEERER_HF_PYTHON)")
         pytest.skip(f"no transformers-backend venv at {HF_PYTHON} (set STEERER_HF_PYTHON)")
     out = tmp_path_factory.mktemp("hf") / "ref.json"
-    subprocess.run([str(HF_PYTHON), "-m", "steerer.engine.vllm.parity", "--out", str(out)], check=True, cwd=ROOT,
+    subprocess.run([str(HF_PYTHON), str(PARITY), "--out", str(out)], check=True, cwd=ROOT,
                    timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {r["id"]: r for r in json.loads(out.read_text())}
 
@@ -283,7 +296,9 @@ def test_serve_with_engine_vllm(steerer, tmp_path):
     assert set(other.layers) != set(steerer.bank.layers)
     other_path = other.save(tmp_path / "swap")
     with ServerProcess("--engine", "vllm", "--metrics-port", "-1", "--max-batch", "4", "--max-prompt-tokens", "512",
-                       "--max-new-tokens", "64", "--threads", "1", startup_s=900) as server, SteererClient(server.target) as client:
+                       "--max-new-tokens", "64", "--threads", "1", "--admin-token", "admin-secret",
+                       "--stop-steering-on-detection", startup_s=900) as server, \
+            SteererClient(server.target) as client, SteererClient(server.target, token="admin-secret") as admin:
         info = client.model_info()
         assert info.fingerprint == steerer.fingerprint() and info.num_layers == 30
         kwargs = dict(constraints=["lowercase", "json_format"], policy="constant:24", max_new_tokens=8)
@@ -295,10 +310,42 @@ def test_serve_with_engine_vllm(steerer, tmp_path):
         events = [m.WhichOneof("event") for m in streamed]
         assert events[-1] == "final" and events[:-1] and set(events[:-1]) == {"token"}
         assert list(streamed[-1].final.token_ids) == ref.tokens
-        swapped = client.reload_bank(str(other_path), timeout=300)
+        swapped = admin.reload_bank(str(other_path), timeout=300)  # an admin RPC: the admin token
         assert swapped.bank_version == "vllm-swap" and swapped.previous_version == steerer.bank.version
         after = client.generate(PROMPTS[0], timeout=300, **kwargs)
         assert after.bank_version == "vllm-swap" and 1 <= len(after.token_ids) <= 8
+
+
+def test_stop_steering_on_detection_and_the_backend_interface_on_vllm(steerer):
+    """The driver's options are the same on vLLM: a detected task's conditional steering stops from the next pass
+    with `stop_steering_on_detection=True` and goes on without it; `VLLMSteerer` is a `steerer.backend.Backend`."""
+    from dataclasses import replace
+
+    from steerer.backend import Backend
+    from steerer.engine.vllm.driver import VLLMSteerer
+    from steerer.engine.vllm.state import STATE
+    from steerer.request import TokenEvent
+    from steerer.service.testing import placeholder_bank
+
+    assert isinstance(steerer, Backend)
+    layers = steerer.bank.layers  # the engine's op layers: a bank on this engine must read and steer there
+    bank = placeholder_bank(steerer.fingerprint(), steerer.hidden_size, "vllm-stop", {"lowercase": -4.0})
+    bank.probes = [replace(p, layer=layers[i % len(layers)]) for i, p in enumerate(bank.probes)]
+    request = Request(PROMPTS[0], (Constraint("lowercase", {}),), SteeringPolicy("conditional", 4.0),
+                      sampling=SamplingParams(max_new_tokens=10), id="stop")
+    after = {}
+    steerer.close()  # one driver holds the plugin state at a time
+    try:
+        for stop in (False, True):
+            with VLLMSteerer(bank, llm=steerer.llm, threads=1, stop_steering_on_detection=stop) as other:
+                assert isinstance(other, Backend)
+                events = [e for e in other.generate([request]) if isinstance(e, TokenEvent)]
+            (at,) = [e.index for e in events for _ in e.detections]  # the first capital: a certain violation
+            after[stop] = [e.steering["lowercase"] for e in events if e.index > at]
+    finally:
+        STATE.install(steerer.capacity, steerer.controller.tap_layers, steerer.controller.steering)
+    assert after[True] and all(alpha == 0 for alpha in after[True])
+    assert any(alpha != 0 for alpha in after[False])
 
 
 # -- preemption: recompute under KV-cache pressure -----------------------------------------------------------------

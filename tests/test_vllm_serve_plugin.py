@@ -34,8 +34,9 @@ except ImportError:
 from steerer import ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
 from steerer.controller import Result, TokenEvent  # noqa: E402
 from steerer.engine.vllm import ARCHITECTURE  # noqa: E402
-from steerer.engine.vllm.serve_plugin import CacheSalt, row_spec, steering_salt  # noqa: E402
+from steerer.engine.vllm.serve_plugin import CacheSalt, row_spec, steering_salt, validate  # noqa: E402
 from steerer.model import chat_prompt, resolve_model_path  # noqa: E402
+from steerer.policy import strength_bounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Describe the ocean in two sentences."
@@ -103,6 +104,16 @@ def test_vllm_internals_the_plugin_relies_on():
     assert "validate_params" in vars(LogitsProcessor)  # the API server's per-request check (HTTP 400)
     for request in (ChatCompletionRequest, CompletionRequest):
         assert {"vllm_xargs", "cache_salt"} <= set(request.model_fields)
+    # Start-up checks (startup.py): vLLM's per-architecture config hook, run while VllmConfig is built (API server).
+    from vllm.config import VllmConfig
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    assert "self.try_verify_and_update_config()" in inspect.getsource(VllmConfig.__post_init__)
+    assert "cls.verify_and_update_config(self)" in inspect.getsource(VllmConfig.try_verify_and_update_config)
+    from steerer.engine.vllm.plugin import register
+
+    register()
+    assert issubclass(MODELS_CONFIG_MAP[ARCHITECTURE], VerifyAndUpdateConfig)
 
 
 def test_vllm_xargs_key_scheme_and_messages():
@@ -122,6 +133,10 @@ def test_vllm_xargs_key_scheme_and_messages():
                          ({"steerer_constraints": "lowercase", "steerer_policies": "lowercase:2"}, "TASK=kind:alpha")]:
         with pytest.raises(ValueError, match=message):
             row_spec(bad)
+    bound = strength_bounds(ProbeBank.load())["lowercase"]  # the bank's strength bound, in the API server's check
+    with pytest.raises(ValueError, match=rf"^steering strength 1000 for lowercase is above this bank's bound {bound:g}"):
+        validate({"steerer_constraints": "lowercase", "steerer_policies": "lowercase=constant:1000"})
+    assert validate({"steerer_constraints": "lowercase", "steerer_policy": f"constant:{bound:g}"}) is not None
 
 
 def test_cache_salt_middleware_sets_the_steering_salt():

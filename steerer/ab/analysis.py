@@ -1,13 +1,16 @@
 """The A/B report: per arm and task compliance, differences to the control, latency and fluency, the
 sample-ratio check and the always-valid sequential result, from an outcome log.
 
-    from steerer.ab.analysis import analyse, write_report
+    from steerer.ab.analysis import analyse
+    from steerer.ab.render import write_report
     report = analyse("outcomes.sqlite", "lowercase-strength")
     write_report(report, "reports/ab")          # report.md, report.json, compliance.png
 
-Statistics come from statsmodels and scipy: Wilson intervals per proportion, Newcombe's (Wilson-based)
-interval and a two-proportion z-test for a difference, Welch's t interval for latency and fluency,
-a chi-square test of the arm counts against the weights. The sequential result is `steerer.ab.sequential`.
+The report is split by job: `records` reads the log, this module decides (per arm and task),
+`render` writes markdown, JSON and the plot, and the statistics are the project's `steerer.stats` (Wilson
+intervals per proportion, Newcombe's interval and a score test for a difference, Welch's t interval for
+latency and fluency, a chi-square test of the arm counts against the weights) and `steerer.ab.sequential`
+(the always-valid confidence sequence).
 
 Which records: the latest version of the experiment (arms, weights, policies and salt unchanged), not
 forced (forced arms are QA traffic, not randomized). A task's compliance counts the responses whose
@@ -18,24 +21,27 @@ many responses each, intervals are optimistic (the report says how many response
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sqlite3
-import warnings
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from steerer.ab import records
 from steerer.ab.outcomes import connect
+from steerer.ab.records import Row, experiments_in
 from steerer.ab.sequential import difference_sequence
+from steerer.stats import chi_square, needed_per_arm, two_proportions, welch, wilson
 
 MIN_PER_ARM = 30  # checked responses per arm before any interval of a proportion is trusted
+BURN_IN = 2 * MIN_PER_ARM  # responses (arm + control) before a crossing of zero by the sequence counts
 SRM_P = 0.001  # a sample-ratio mismatch: the arm counts are this unlikely under the configured weights
-POWER = 0.8
+
+__all__ = ["BURN_IN", "MIN_PER_ARM", "SRM_P", "ArmInfo", "Compliance", "Difference", "MeanDifference", "Report",
+           "SampleRatio", "analyse", "experiments_in", "sample_ratio", "wilson"]  # wilson: old import path
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,9 @@ class Difference:
     cs_n: int | None
     cs_low: float | None  # always-valid confidence sequence, read now (valid at every look)
     cs_high: float | None
-    cs_first_excluding_zero: int | None
+    cs_first_excluding_zero: int | None  # first n (arm + control, at or after cs_burn_in) it excluded 0
+    cs_burn_in: int | None  # the floor: crossings before this n are not counted (the variance is unsettled)
+    cs_first_is_floor: bool | None  # True: it already excluded 0 at the floor; the figure is not a measurement
     needed_per_arm: (
         int | None
     )  # fixed-horizon responses per arm (equal split) for 80% power at the observed rates
@@ -133,137 +141,13 @@ class Report:
         return _finite(dataclasses.asdict(self))
 
 
-# -- loading ----------------------------------------------------------------------------------------------
-@dataclass
-class _Row:
-    id: int
-    arm: str
-    key_hash: str | None
-    latency_s: float
-    ttft_s: float | None
-    repetition: float | None
-    completion_tokens: int
-    nll: float | None = None
-    verdicts: dict[str, tuple[bool | None, int]] = field(default_factory=dict)  # task -> (satisfied, steered)
-
-
-def experiments_in(db: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in db.execute("SELECT DISTINCT experiment FROM assignments ORDER BY experiment")]
-
-
-def _config(db: sqlite3.Connection, experiment: str, version: str | None) -> tuple[str, dict]:
-    if version is None:  # the version of the latest record (what is running now)
-        row = db.execute(
-            "SELECT version FROM assignments WHERE experiment = ? AND forced = 0 "
-            "ORDER BY outcome_id DESC LIMIT 1",
-            (experiment,),
-        ).fetchone()
-        if row is None:
-            row = db.execute(
-                "SELECT version FROM experiments WHERE name = ? ORDER BY first_seen DESC LIMIT 1",
-                (experiment,),
-            ).fetchone()
-        if row is None:
-            raise ValueError(f"no records and no configuration of experiment {experiment!r} in the log")
-        version = row[0]
-    config = db.execute("SELECT config FROM experiments WHERE version = ?", (version,)).fetchone()
-    if config is None:
-        raise ValueError(f"the log has no configuration for version {version} of {experiment!r}")
-    return version, json.loads(config[0])
-
-
-def _rows(db: sqlite3.Connection, experiment: str, version: str, perplexity_model: str | None) -> list[_Row]:
-    rows: dict[int, _Row] = {}
-    query = (
-        "SELECT o.id, a.arm, o.key_hash, o.latency_s, o.ttft_s, o.repetition, o.completion_tokens, p.nll "
-        "FROM assignments a JOIN outcomes o ON o.id = a.outcome_id "
-        "LEFT JOIN perplexity p ON p.outcome_id = o.id AND p.model = ? "
-        "WHERE a.experiment = ? AND a.version = ? AND a.forced = 0 ORDER BY o.id"
-    )
-    for r in db.execute(query, (perplexity_model or "", experiment, version)):
-        rows[r[0]] = _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
-    if rows:
-        for r in db.execute(
-            "SELECT v.outcome_id, v.task, v.satisfied, v.steered_tokens FROM verdicts v "
-            "JOIN assignments a ON a.outcome_id = v.outcome_id "
-            "WHERE a.experiment = ? AND a.version = ? AND a.forced = 0",
-            (experiment, version),
-        ):
-            rows[r[0]].verdicts[r[1]] = (None if r[2] is None else bool(r[2]), int(r[3]))
-    return list(rows.values())
-
-
-# -- statistics -------------------------------------------------------------------------------------------
-def wilson(successes: int, n: int, alpha: float = 0.05) -> tuple[float | None, float | None]:
-    from statsmodels.stats.proportion import proportion_confint
-
-    if n == 0:
-        return None, None
-    low, high = proportion_confint(successes, n, alpha=alpha, method="wilson")
-    return float(low), float(high)
-
-
-def two_proportions(
-    s1: int, n1: int, s0: int, n0: int, alpha: float = 0.05
-) -> tuple[float, float, float, float]:
-    """(difference, Newcombe low, high, two-sided z-test p) for rate1 - rate0."""
-    from statsmodels.stats.proportion import confint_proportions_2indep, test_proportions_2indep
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # statsmodels also computes ratios, undefined at 0
-        low, high = confint_proportions_2indep(s1, n1, s0, n0, method="newcomb", compare="diff", alpha=alpha)
-        test = test_proportions_2indep(s1, n1, s0, n0, method="score", compare="diff")
-    p = float(test.pvalue)
-    return s1 / n1 - s0 / n0, float(low), float(high), p if math.isfinite(p) else 1.0
-
-
-def needed_per_arm(p1: float, p0: float, alpha: float = 0.05, power: float = POWER) -> int | None:
-    """Responses per arm (equal split) a fixed-horizon test needs to detect p1 vs p0 with 80% power (Cohen's
-    h); None if p1 == p0. A planning figure, not a stopping rule."""
-    from statsmodels.stats.power import NormalIndPower
-    from statsmodels.stats.proportion import proportion_effectsize
-
-    h = proportion_effectsize(p1, p0)
-    if not math.isfinite(h) or abs(h) < 1e-9:
-        return None
-    n = NormalIndPower().solve_power(effect_size=abs(h), alpha=alpha, power=power, ratio=1.0)
-    return int(math.ceil(float(np.asarray(n).item())))
-
-
-def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> tuple[float | None, ...]:
-    """(mean a, mean b, difference, low, high, p) by Welch's t-test; None where there are too few values."""
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    mean_a = float(a.mean()) if len(a) else None
-    mean_b = float(b.mean()) if len(b) else None
-    if len(a) < 2 or len(b) < 2:
-        diff = None if mean_a is None or mean_b is None else mean_a - mean_b
-        return mean_a, mean_b, diff, None, None, None
-    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no spread: the test is undefined; the difference is exact
-        return (
-            mean_a,
-            mean_b,
-            mean_a - mean_b,
-            mean_a - mean_b,
-            mean_a - mean_b,
-            1.0 if mean_a == mean_b else 0.0,
-        )
-    with warnings.catch_warnings():  # scipy warns on nearly constant samples; the interval is still right
-        warnings.simplefilter("ignore", RuntimeWarning)
-        test = stats.ttest_ind(a, b, equal_var=False)
-        ci = test.confidence_interval(1 - alpha)
-    return mean_a, mean_b, mean_a - mean_b, float(ci.low), float(ci.high), float(test.pvalue)
-
-
 def sample_ratio(observed: dict[str, int], shares: dict[str, float], unit: str) -> SampleRatio:
-    from scipy import stats
-
     total = sum(observed.values())
     expected = {arm: total * share for arm, share in shares.items()}
     if total == 0 or len(shares) < 2:
         return SampleRatio(unit, observed, expected, None, None, False)
-    chi2, p = stats.chisquare([observed.get(a, 0) for a in shares], [expected[a] for a in shares])
-    return SampleRatio(unit, observed, expected, float(chi2), float(p), bool(p < SRM_P))
+    chi2, p = chi_square([observed.get(a, 0) for a in shares], [expected[a] for a in shares])
+    return SampleRatio(unit, observed, expected, chi2, p, bool(p < SRM_P))
 
 
 # -- the report -------------------------------------------------------------------------------------------
@@ -304,11 +188,11 @@ def _analyse(
                 f"--experiment"
             )
         experiment = names[0]
-    version, config = _config(db, experiment, version)
+    version, config = records.config(db, experiment, version)
     if perplexity_model is None:
         models = [r[0] for r in db.execute("SELECT DISTINCT model FROM perplexity")]
         perplexity_model = models[0] if len(models) == 1 else None
-    rows = _rows(db, experiment, version, perplexity_model)
+    rows = records.rows(db, experiment, version, perplexity_model)
     forced = db.execute(
         "SELECT COUNT(*) FROM assignments WHERE experiment = ? AND forced = 1", (experiment,)
     ).fetchone()[0]
@@ -320,7 +204,7 @@ def _analyse(
     shares = {a["name"]: a["weight"] / total_weight for a in config["arms"]}
     control = next(a["name"] for a in config["arms"] if a["control"])
     primary = sorted({t for a in config["arms"] for t in a["policies"]})
-    by_arm: dict[str, list[_Row]] = defaultdict(list)
+    by_arm: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         by_arm[row.arm].append(row)
     arms = [
@@ -381,11 +265,11 @@ def _analyse(
     return report
 
 
-def _compliance(task: str, arm: str, rows: list[_Row], alpha: float) -> Compliance:
+def _compliance(task: str, arm: str, rows: list[Row], alpha: float) -> Compliance:
     verdicts = [r.verdicts[task] for r in rows if task in r.verdicts]
     checked = [s for s, _ in verdicts if s is not None]
     n, ok = len(checked), sum(checked)
-    low, high = wilson(ok, n, alpha)
+    low, high = wilson(ok, n, alpha) or (None, None)
     tokens = sum(r.completion_tokens for r in rows if task in r.verdicts)
     steered = sum(st for _, st in verdicts)
     return Compliance(
@@ -399,7 +283,7 @@ def _difference(
     control: str,
     primary: bool,
     rate: dict,
-    rows: list[_Row],
+    rows: list[Row],
     shares: dict[str, float],
     alpha: float,
     t_opt: float,
@@ -417,7 +301,7 @@ def _difference(
     if pairs:
         y, in_arm = np.array([float(s) for s, _ in pairs]), np.array([x for _, x in pairs])
         seq = difference_sequence(
-            y, in_arm, shares[arm] / (shares[arm] + shares[control]), alpha, t_opt, burn_in=2 * MIN_PER_ARM
+            y, in_arm, shares[arm] / (shares[arm] + shares[control]), alpha, t_opt, burn_in=BURN_IN
         )
     needed = None
     if a.n and c.n:
@@ -437,6 +321,8 @@ def _difference(
         seq.low if seq else None,
         seq.high if seq else None,
         seq.first_excluding_zero if seq else None,
+        seq.burn_in if seq else None,
+        seq.first_is_floor if seq else None,
         needed,
         _decision(a.n, c.n, diff, low, high, seq, needed, alpha),
     )
@@ -489,154 +375,6 @@ def _summary(report: Report) -> list[str]:
             f"and are optimistic"
         )
     return lines
-
-
-# -- output -----------------------------------------------------------------------------------------------
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def to_markdown(report: Report) -> str:
-    r = report
-    level = f"{100 * (1 - r.alpha):g}%"
-    out = [f"# A/B report: {r.experiment}", ""]
-    if r.description:
-        out += [r.description, ""]
-    out += [
-        f"Version `{r.version}`; {r.records} randomized responses"
-        + (f" from {sum(a.keys for a in r.arms)} keys" if r.responses_per_key else "")
-        + f"; {r.excluded_forced} forced (QA) and {r.excluded_other_versions} of other versions left out.",
-        "",
-        "## Summary",
-        "",
-    ]
-    out += [f"- {line}" for line in r.summary] + [""]
-    out += [
-        "## Arms",
-        "",
-        "| arm | control | weight share | policies | responses | keys |",
-        "|---|---|---|---|---|---|",
-    ]
-    for a in r.arms:
-        policies = (
-            ", ".join(f"{t}: {p['kind']} {p['alpha']:g}" for t, p in a.policies.items()) or "request's own"
-        )
-        out.append(
-            f"| {a.name} | {'yes' if a.control else ''} | {a.share:.3f} | {policies} | {a.responses} | {a.keys} |"
-        )
-    srm = r.sample_ratio
-    out += [
-        "",
-        f"Sample ratio ({srm.unit}): chi-square {_fmt(srm.chi2, '.2f')}, p = {_fmt(srm.p_value, '.3g')}"
-        f" ({'MISMATCH' if srm.mismatch else 'consistent with the weights'}; mismatch below p = {SRM_P}).",
-        "",
-    ]
-    out += [
-        "## Compliance",
-        "",
-        f"Checker verdicts; Wilson {level} intervals.",
-        "",
-        "| task | arm | n | satisfied | compliance | interval | steered tokens |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for c in r.compliance:
-        out.append(
-            f"| {c.task} | {c.arm} | {c.n} | {c.satisfied} | {_fmt(c.rate)} | [{_fmt(c.low)}, {_fmt(c.high)}] | "
-            f"{_fmt(c.steered_share, '.0%')} |"
-        )
-    out += [
-        "",
-        "## Difference to control",
-        "",
-        f"Fixed horizon: Newcombe {level} interval and two-proportion z-test (valid for one look at a sample "
-        f"size fixed in advance). Always valid: the {level} confidence sequence, valid at every look.",
-        "",
-        "| task | arm | n arm / control | difference | fixed interval | p | always-valid interval | "
-        "first excluded 0 at n | decision |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for d in r.differences:
-        task = d.task if d.primary else f"{d.task} (guardrail)"
-        out.append(
-            f"| {task} | {d.arm} | {d.n_arm} / {d.n_control} | {_fmt(d.difference, '+.3f')} | "
-            f"[{_fmt(d.low, '+.3f')}, {_fmt(d.high, '+.3f')}] | {_fmt(d.p_value, '.3g')} | "
-            f"[{_fmt(d.cs_low, '+.3f')}, {_fmt(d.cs_high, '+.3f')}] | {d.cs_first_excluding_zero or '-'} | "
-            f"{d.decision} |"
-        )
-    out += [
-        "",
-        "## Latency and fluency",
-        "",
-        f"Arm minus control, Welch {level} interval. `repetition` is the online fluency stand-in (rep-3: share "
-        f"of repeated token 3-grams; higher is worse); `perplexity_nll` is the unsteered model's mean NLL per "
-        f"response token (exp of the difference is the perplexity ratio), when `--model` scored the log.",
-        "",
-        "| metric | arm | n arm / control | mean arm | mean control | difference | interval | p |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in r.metrics:
-        out.append(
-            f"| {m.metric} | {m.arm} | {m.n_arm} / {m.n_control} | {_fmt(m.mean_arm, '.4g')} | "
-            f"{_fmt(m.mean_control, '.4g')} | {_fmt(m.difference, '+.4g')} | "
-            f"[{_fmt(m.low, '+.4g')}, {_fmt(m.high, '+.4g')}] | {_fmt(m.p_value, '.3g')} |"
-        )
-    return "\n".join(out) + "\n"
-
-
-def plot(report: Report, path: str | Path) -> Path:
-    """Compliance by arm with Wilson intervals, one panel per task (the experiment's tasks first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(c.task for c in report.compliance))
-    fig, axes = plt.subplots(
-        1,
-        max(len(tasks), 1),
-        figsize=(1.8 + 2.2 * max(len(tasks), 1) * max(1, len(report.arms) / 2), 3.6),
-        squeeze=False,
-    )
-    for ax, task in zip(axes[0], tasks, strict=False):
-        rows = [c for c in report.compliance if c.task == task]
-        x = np.arange(len(rows))
-        rates = [c.rate if c.rate is not None else np.nan for c in rows]
-        err = np.array(
-            [[c.rate - c.low, c.high - c.rate] if c.rate is not None else [np.nan, np.nan] for c in rows]
-        ).T
-        colors = [
-            "#888888" if any(a.control and a.name == c.arm for a in report.arms) else "#2a6fdb" for c in rows
-        ]
-        ax.bar(x, rates, color=colors, alpha=0.8)
-        ax.errorbar(x, rates, yerr=err, fmt="none", ecolor="black", capsize=4)
-        ax.set_xticks(x, [f"{c.arm}\nn={c.n}" for c in rows], fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_title(task, fontsize=10)
-        ax.set_ylabel("compliance")
-    fig.suptitle(
-        f"{report.experiment}: compliance by arm ({100 * (1 - report.alpha):g}% Wilson intervals)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(report: Report, out: str | Path) -> dict[str, Path]:
-    """report.md, report.json and compliance.png in `out`."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "markdown": folder / "report.md",
-        "json": folder / "report.json",
-        "plot": folder / "compliance.png",
-    }
-    paths["markdown"].write_text(to_markdown(report))
-    paths["json"].write_text(json.dumps(report.as_dict(), indent=1) + "\n")
-    plot(report, paths["plot"])
-    return paths
 
 
 def _finite(value: Any) -> Any:

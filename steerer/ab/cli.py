@@ -100,8 +100,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from steerer.ab.analysis import analyse, to_markdown, write_report
+    from steerer.ab.analysis import analyse
     from steerer.ab.outcomes import connect
+    from steerer.ab.render import to_markdown, write_report
 
     if not 0 < args.alpha < 1:
         raise _usage("--alpha must be in (0, 1)")

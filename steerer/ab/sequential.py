@@ -63,6 +63,13 @@ class SequenceResult:
     low: float
     high: float
     first_excluding_zero: int | None  # the first n (after burn-in) at which the sequence excluded zero
+    burn_in: int = 2  # the earliest n a crossing counts at (see `difference_sequence`)
+
+    @property
+    def first_is_floor(self) -> bool:
+        """True when `first_excluding_zero` equals the burn-in: the sequence already excluded zero when counting
+        began, so the figure is the floor the analysis set, not an observed crossing."""
+        return self.first_excluding_zero is not None and self.first_excluding_zero == self.burn_in
 
 
 def ipw_terms(y: np.ndarray, in_arm: np.ndarray, pi: float) -> np.ndarray:
@@ -91,6 +98,7 @@ def difference_sequence(
     radius = asymptotic_radius(t, np.sqrt(var), alpha, t_opt)
     low, high = mean - radius, mean + radius
     excluded = (low > 0) | (high < 0)
-    excluded[: max(burn_in, 2) - 1] = False
+    floor = max(burn_in, 2)
+    excluded[: floor - 1] = False
     first = int(np.argmax(excluded)) + 1 if excluded.any() else None
-    return SequenceResult(n, float(mean[-1]), float(low[-1]), float(high[-1]), first)
+    return SequenceResult(n, float(mean[-1]), float(low[-1]), float(high[-1]), first, floor)

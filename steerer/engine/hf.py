@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from steerer.driver import eos_token_ids as merge_eos
 from steerer.engine.base import BatchState
 from steerer.model import LoadedModel
 from steerer.taps import LayerHooks, LayerSteering
@@ -103,8 +104,5 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
-    """The tokens that end a row: the generation config's EOS ids and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, list | tuple) else [eos]
-    eos.append(tokenizer.eos_token_id)
-    return tuple(sorted({int(e) for e in eos if e is not None}))
+    """The tokens that end a row: the generation config's EOS ids and the tokenizer's (`driver.eos_token_ids`)."""
+    return merge_eos(model.generation_config.eos_token_id, tokenizer.eos_token_id)

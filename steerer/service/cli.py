@@ -14,6 +14,7 @@ import sys
 from steerer.policy import POLICY_KINDS  # light: no torch
 
 TOKEN_ENV = "STEERER_AUTH_TOKEN"
+ADMIN_ENV = "STEERER_ADMIN_TOKEN"
 DEFAULT_OUTCOME_LOG = "steerer-outcomes.sqlite"
 
 
@@ -22,6 +23,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0 = any, -1 = off)")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="also serve the OpenAI-compatible HTTP API on this port (0 = any; default: off)")
     serve.add_argument("--model", default=None, help="local path or Hugging Face id (default: embedded SmolLM2)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -53,6 +56,12 @@ def add_commands(sub) -> None:
     serve.add_argument("--tls-key", default=None, help="PEM private key")
     serve.add_argument("--auth-token", default=None,
                        help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV} if set)")
+    serve.add_argument("--admin-token", default=None,
+                       help=f"the credential of admin RPCs (ReloadProbeBank), 'authorization: Bearer TOKEN'; "
+                            f"without one they are refused (default: ${ADMIN_ENV} if set)")
+    serve.add_argument("--unread-stream-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="cancel a stream whose response is finished but which its client has not read "
+                            "within this time, freeing its server thread (default 30)")
     serve.add_argument("--experiments", default=None,
                        help="A/B experiments file (.yaml/.json, docs/AB.md); SIGHUP reloads it")
     serve.add_argument("--outcome-log", default=None,
@@ -116,12 +125,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=args.host, port=args.port,
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                          http_port=args.http_port,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           batch_wait_ms=args.batch_wait_ms,
                           batch_wait_max_ms=args.batch_wait_max_ms, prefill_chunk=args.prefill_chunk,
                           admit_wait_ms=args.admit_wait_ms, grace_s=args.grace, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_serve_token(args.auth_token),
+                          admin_token=_serve_token(args.admin_token, ADMIN_ENV),
+                          unread_stream_timeout_s=args.unread_stream_timeout,
                           use_unreliable_probes=args.use_unreliable_probes, experiments=args.experiments,
                           stop_steering_on_detection=args.stop_steering_on_detection,
                           outcome_log=_outcome_log(args.outcome_log, args.experiments),
@@ -147,8 +159,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cli_environment()
         if args.device not in ("auto", "cpu"):
             raise _usage("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
-        if args.stop_steering_on_detection:
-            raise _usage("--stop-steering-on-detection is not available with --engine vllm yet")
     try:
         bank = ProbeBank.load(args.bank)
     except BankError as exc:
@@ -161,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_num_seqs=config.max_batch,
                             max_model_len=config.max_prompt_tokens + config.max_new_tokens + 1, check=False,
                             check_bank=False, use_unreliable_probes=args.use_unreliable_probes,
+                            stop_steering_on_detection=args.stop_steering_on_detection,
                             threads=args.threads, layers="all")  # any bank can be swapped in
         lm, factory = VLLMModel(first, args.model), scheduler_factory(first)
     else:
@@ -189,10 +200,10 @@ def _outcome_log(flag: str | None, experiments: str | None) -> str | None:
     return DEFAULT_OUTCOME_LOG if experiments else None
 
 
-def _serve_token(flag: str | None) -> str | None:
+def _serve_token(flag: str | None, env: str = TOKEN_ENV) -> str | None:
     """The flag, else the environment; an empty value given either way stays empty (and is refused), so
     `--auth-token ""` cannot turn authentication off unnoticed."""
-    return flag if flag is not None else os.environ.get(TOKEN_ENV)
+    return flag if flag is not None else os.environ.get(env)
 
 
 def _client(args: argparse.Namespace):
@@ -275,7 +286,8 @@ def _summary(reply) -> None:
         p = f"p={v.p_satisfied_end:.2f}" if v.HasField("p_satisfied_end") else "no reading"
         steered = reply.usage.steered_tokens.get(v.task, 0)
         if v.probe_muted:
-            parts.append(f"{v.task}: probe unreliable (muted, {p}), {actual}{detection_note(v)}")
+            why = f": {v.probe_note}" if v.probe_note else ""  # the failed held-out column, or the param out of range
+            parts.append(f"{v.task}: probe unreliable (muted, {p}), {actual}{detection_note(v)}{why}")
             continue
         predicted = "violation" if v.predicted_violation else "ok"
         note = "" if v.probe_reliable else " [probe unreliable]"

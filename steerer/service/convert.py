@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from steerer.constraints import Constraint, known_tasks, validate_request
+from steerer.constraints import Constraint, known_tasks
 from steerer.core import Request, Result, TokenEvent
 from steerer.generation import SamplingParams
 from steerer.policy import SteeringPolicy
@@ -161,8 +161,7 @@ def request_from_pb(message: pb2.GenerateRequest, limits: Limits) -> Request:
     request = Request(prompt=prompt, constraints=tuple(constraints), policy=policy_from_pb(message.policy, "policy"),
                       policies=policies, sampling=sampling_from_pb(message.sampling, limits),
                       system=message.system or None)
-    validate_request(request)  # the library's own checks; the bank's tasks are the scheduler's to check
-    return request
+    return request  # validated once, with the bank, by the backend (`Scheduler.validate`, right after this)
 
 
 def token_to_pb(event: TokenEvent) -> pb2.TokenEvent:
@@ -186,7 +185,8 @@ def result_to_pb(result: Result, request_id: str, experiment_key: str, model: st
         out.arms.add(experiment=a.experiment, arm=a.arm, forced=a.forced, version=a.version)
     for v in result.verdicts:
         verdict = out.verdicts.add(task=v.task, predicted_violation=v.predicted_violation, flagged=v.flagged,
-                                   probe_reliable=v.probe_reliable, probe_muted=v.probe_muted)
+                                   probe_reliable=v.probe_reliable, probe_muted=v.probe_muted,
+                                   probe_note=getattr(v, "probe_note", ""))
         if v.p_satisfied_end is not None and math.isfinite(v.p_satisfied_end):  # unset, not a made-up 0.0
             verdict.p_satisfied_end = v.p_satisfied_end
         verdict.params.CopyFrom(dict_to_struct(v.params))
@@ -201,3 +201,31 @@ def result_to_pb(result: Result, request_id: str, experiment_key: str, model: st
     out.usage.steered_tokens.update({k: int(n) for k, n in result.steered_tokens.items()})
     return out
 
+
+
+def probe_info(probe, muted: bool) -> pb2.ProbeInfo:
+    """A bank probe as `ListProbes` lists it: thresholds, metrics, reliability and which held-out column failed."""
+    flag_threshold = probe.threshold if probe.flag_threshold is None else probe.flag_threshold
+    info = pb2.ProbeInfo(task=probe.task, layer=probe.layer, position=probe.position, threshold=probe.threshold,
+                         method=probe.method, flag_threshold=flag_threshold, reliable=bool(probe.reliable),
+                         muted=muted, failed_columns=probe.failed_columns,
+                         unreliable_reason=probe.unreliable_reason() or "")
+    info.metrics.CopyFrom(dict_to_struct(_plain(probe.metrics)))
+    if probe.reliability is not None:
+        info.reliability.CopyFrom(dict_to_struct(_plain(probe.reliability)))
+    if probe.reliable_range is not None:
+        info.reliable_range.CopyFrom(dict_to_struct(_plain(probe.reliable_range)))
+    return info
+
+
+def _plain(value):
+    """JSON values a Struct can hold: tuples as lists, non-finite numbers as null, anything else as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)

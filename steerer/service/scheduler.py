@@ -33,15 +33,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
 
 import torch
 
+from steerer.backend import Backend
 from steerer.bank import ProbeBank
 from steerer.core import Request, Result, Steerer, TokenEvent, check_verdicts
+from steerer.metrics import Metrics
 from steerer.model import LoadedModel
 from steerer.monitor import MonitorConfig
-from steerer.service.metrics import Metrics
 
 log = logging.getLogger("steerer.service")
 
@@ -90,15 +90,21 @@ class Ticket:
     bank_version: str | None = None
     cancelled: bool = False
     done: bool = False
+    finished_at: float | None = None  # time.monotonic() when its Result or Failure went on `out`
+
+    def finish(self, item: Result | Failure) -> None:
+        """Put the last item on `out`, noting when (the servicer cancels streams left undrained long after)."""
+        self.finished_at = time.monotonic()
+        self.out.put(item)
 
     @property
     def id(self) -> str:
         return self.request.id
 
 
-# What the scheduler drives: `Steerer`, or a fake with the same members (tests). `steerer_factory(bank)` makes
-# one; it must expose admit, step, drain, cancel, validate, free_slots, in_flight, bank and close.
-SteererFactory = Callable[[ProbeBank], Any]
+# What the scheduler drives: a `steerer.backend.Backend` (`Steerer`, `VLLMSteerer`, or a fake with the same members
+# in tests); `steerer_factory(bank)` makes one.
+SteererFactory = Callable[[ProbeBank], Backend]
 
 
 @dataclass
@@ -314,6 +320,8 @@ class Scheduler:
             take = admission_size(len(self._queue), room, bool(self._live), self.prefill_chunk,
                                   time.monotonic() - self._queue[0].arrived, self.admit_wait_s)
             picked = [self._queue.popleft() for _ in range(take)]
+            # Picked requests count in the batch from here (until validation drops one), never in neither.
+            self.metrics.batch_size.set(len(self._live) + len(picked))
             self.metrics.queue_depth.set(len(self._queue))
         if not picked:
             return
@@ -334,6 +342,7 @@ class Scheduler:
         if not ready:
             return
         self.metrics.prefill_rows.observe(len(ready))
+        self._gauges()  # the wave being prefilled is in the batch now: a long admission must not read as idle
         try:
             results = self._steerer.admit([t.request for t in ready])
         except Exception as exc:
@@ -354,7 +363,7 @@ class Scheduler:
                 if result.verdicts:
                     self._checker.submit(self._deliver, ticket, result)
                 else:  # nothing to check: not behind someone else's check
-                    ticket.out.put(result)
+                    ticket.finish(result)
 
     def _deliver(self, ticket: Ticket, result: Result) -> None:
         """On the checker thread: the checkers' verdicts, then the result to the waiting RPC."""
@@ -363,12 +372,12 @@ class Scheduler:
         except Exception:  # a checker bug must not lose the response; its verdicts stay unknown
             log.exception("checking the result of %s failed", ticket.id)
         finally:
-            ticket.out.put(result)
+            ticket.finish(result)
 
     def _fail(self, ticket: Ticket, reason: Reason, message: str) -> None:
         if not ticket.done:
             ticket.done = True
-            ticket.out.put(Failure(reason, message))
+            ticket.finish(Failure(reason, message))
 
     def _crash(self, exc: Exception) -> None:
         """A pass failed: fail the requests in flight and start over with a fresh Steerer (same bank)."""
@@ -400,7 +409,7 @@ class Scheduler:
             self.metrics.reload_pending.set(0)
         swap.finished.set()
 
-    def _new_steerer(self, bank: ProbeBank) -> Any:
+    def _new_steerer(self, bank: ProbeBank) -> Backend:
         return self._factory(bank)
 
     def _real_steerer(self, bank: ProbeBank) -> Steerer:
@@ -409,6 +418,8 @@ class Scheduler:
                        stop_steering_on_detection=self.stop_steering_on_detection)
 
     def _gauges(self) -> None:
+        """`steerer_batch_size` is every request admitted, including a wave still being prefilled;
+        `steerer_queue_depth` every request waiting for a slot."""
         self.metrics.batch_size.set(len(self._live))
         self.metrics.queue_depth.set(len(self._queue))
 

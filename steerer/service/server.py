@@ -2,6 +2,11 @@
 
 Shutdown is graceful: health flips to NOT_SERVING, the server stops taking RPCs, streams in flight get
 `grace_s` to finish (the scheduler keeps generating for them), then whatever is left is cancelled.
+
+Under load: `_Admission` bounds the RPCs in flight (RESOURCE_EXHAUSTED past it, counted) and runs health
+checks on their own threads outside that bound, so health answers whatever the load; the servicer cancels
+finished streams their clients leave unread (`UnreadStreams`). Credentials (`_Auth`): one `authorization`
+header at most, the auth token when set, the admin token for admin RPCs (refused without one).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import hmac
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from steerer.ab.experiments import ExperimentError, ExperimentSet, LiveExperiments
 from steerer.ab.outcomes import SYNC_MODES, OutcomeLog
 from steerer.bank import ProbeBank
+from steerer.metrics import Metrics
 from steerer.model import LoadedModel
 from steerer.service.convert import Limits
-from steerer.service.metrics import Metrics
+from steerer.service.http import HttpConfig, HttpFront
 from steerer.service.proto import SERVICE_NAME, pb2_grpc
 from steerer.service.scheduler import Scheduler, SteererFactory
 from steerer.service.servicer import SteererServicer, Undecodable
@@ -31,7 +39,12 @@ from steerer.service.servicer import SteererServicer, Undecodable
 log = logging.getLogger("steerer.service")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 AUTH_EXEMPT = (f"/{HEALTH_SERVICE}/",)  # load balancers and orchestrators probe health without a token
+HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"
 STEERER = f"/{SERVICE_NAME}/"
+ADMIN_METHODS = ("ReloadProbeBank",)  # need the admin token; refused when the server has none
+ADMIN_ENV = "STEERER_ADMIN_TOKEN"
+HEALTH_THREADS = 4  # health checks' own threads: never behind generation RPCs
+RPC_HEADROOM = 16  # RPCs beyond the batch and the queue: quick ones (ListProbes, reflection), refusals
 
 
 @dataclass
@@ -39,6 +52,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9464  # None: no metrics endpoint
+    http_port: int | None = None  # the OpenAI-compatible HTTP front (steerer/service/http.py); None: off
     max_batch: int = 32
     max_queue: int = 64
     max_prompt_tokens: int = 2048
@@ -51,6 +65,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None
+    admin_token: str | None = None  # admin RPCs (ReloadProbeBank); None: they are refused
+    unread_stream_timeout_s: float = 30.0  # a finished stream the client has not drained by then is cancelled
     use_unreliable_probes: bool = False  # flag and steer with probes whose measured AUROC reaches chance too
     stop_steering_on_detection: bool = False  # a task's conditional steering ends once its violation is detected
     experiments: str | None = None  # experiments file (steerer/ab); reloaded on SIGHUP
@@ -58,7 +74,8 @@ class ServerConfig:
     outcome_sync: str = "normal"  # SQLite synchronous: normal (safe against a process kill) or full (power loss)
 
     def validate(self) -> None:
-        if not 0 <= self.port <= 65535 or (self.metrics_port is not None and not 0 <= self.metrics_port <= 65535):
+        if not 0 <= self.port <= 65535 or any(p is not None and not 0 <= p <= 65535
+                                               for p in (self.metrics_port, self.http_port)):
             raise ValueError("ports must be in 0..65535")
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -78,6 +95,11 @@ class ServerConfig:
             raise ValueError(f"experiments file not found: {self.experiments}")
         if self.outcome_log is not None and not Path(self.outcome_log).resolve().parent.is_dir():
             raise ValueError(f"the outcome log's folder does not exist: {Path(self.outcome_log).parent}")
+        if not self.unread_stream_timeout_s > 0:
+            raise ValueError("unread-stream-timeout must be > 0 seconds")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError(f"the admin token is empty (--admin-token or ${ADMIN_ENV}); give a token, or leave "
+                             f"both unset to refuse admin RPCs")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("the auth token is empty (--auth-token or $STEERER_AUTH_TOKEN); give a token, or "
                              "leave both unset to serve without authentication")
@@ -95,34 +117,154 @@ class ServerConfig:
                                  f"of {max_positions} positions (prompt + response); at most {max_positions - 1}")
 
 
-class _BearerToken(grpc.ServerInterceptor):
-    """Reject RPCs without `authorization: Bearer <token>` (health checks excepted) with UNAUTHENTICATED."""
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    """'unary_unary', 'unary_stream', 'stream_unary' or 'stream_stream': the handler's arity."""
+    return (f"{'stream' if handler.request_streaming else 'unary'}_"
+            f"{'stream' if handler.response_streaming else 'unary'}")
 
-    def __init__(self, token: str, metrics: Metrics):
-        self._expected = f"Bearer {token}".encode()
+
+def _with_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+    """`handler` with its behavior replaced by `wrap(behavior)`, same arity and (de)serializers."""
+    kind = _kind(handler)
+    return getattr(grpc, f"{kind}_rpc_method_handler")(wrap(getattr(handler, kind)),
+                                                        request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses the RPC with `code` (the request still decodes through the real deserializer)."""
+
+    def deny(request, context: grpc.ServicerContext):
+        context.abort(code, message)
+
+    return _with_behavior(handler, lambda _behavior: deny)
+
+
+class _Auth(grpc.ServerInterceptor):
+    """Credentials, checked before any work: at most one `authorization` header (with two, which one decides
+    would depend on the proxy in front); admin RPCs (`ADMIN_METHODS`) need the admin token and are refused
+    when none is configured; the others need the auth token when one is set (the admin token also works).
+    Health checks are exempt: orchestrators probe them without credentials. Every refusal is counted."""
+
+    def __init__(self, token: str | None, admin_token: str | None, metrics: Metrics):
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._admin = f"Bearer {admin_token}".encode() if admin_token else None
         self._metrics = metrics
 
     def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if details.method.startswith(AUTH_EXEMPT):
             return continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
-            return continuation(details)
         handler = continuation(details)
         if handler is None:
             return None
-        self._metrics.request_done(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED)
+        method = details.method.rsplit("/", 1)[-1]
+        refusal = self._refusal(details, method)
+        if refusal is None:
+            return handler
+        code, message = refusal
+        self._metrics.request_done(method, code)
+        return _refusal(handler, code, message)
 
-        def deny(request, context: grpc.ServicerContext):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+    def _refusal(self, details: grpc.HandlerCallDetails, method: str) -> tuple[grpc.StatusCode, str] | None:
+        given = [str(v) for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(given) > 1:
+            return grpc.StatusCode.UNAUTHENTICATED, (f"{len(given)} authorization headers: send exactly one "
+                                                     f"'authorization: Bearer <token>'")
+        token = given[0].encode() if given else b""
+        admin = self._admin is not None and hmac.compare_digest(token, self._admin)
+        if details.method.startswith(STEERER) and method in ADMIN_METHODS:
+            if self._admin is None:
+                return grpc.StatusCode.PERMISSION_DENIED, (f"{method} is an admin RPC and this server has no admin "
+                                                           f"token: start it with --admin-token (or ${ADMIN_ENV})")
+            if not admin:
+                return grpc.StatusCode.UNAUTHENTICATED, (f"{method} is an admin RPC: send 'authorization: Bearer "
+                                                         f"<admin token>'")
+            return None
+        if self._expected is None or admin or hmac.compare_digest(token, self._expected):
+            return None
+        return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"
 
-        wrap = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-            (handler.request_streaming, handler.response_streaming)]
-        return wrap(deny, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+
+class _Admission(grpc.ServerInterceptor):
+    """At most `limit` RPCs run at once; past it RESOURCE_EXHAUSTED, counted. Health checks are outside the
+    limit and run on their own small thread pool, so they answer whatever the load.
+
+    This replaces grpc's `maximum_concurrent_rpcs`, which refused health checks along with everything else
+    and counted none of its refusals. A slot is taken when the RPC's behavior starts and given back when it
+    returns or the RPC terminates (whichever comes first: a stream cancelled while blocked in a send never
+    returns to its generator). Unknown methods are counted as UNIMPLEMENTED."""
+
+    def __init__(self, limit: int, metrics: Metrics, health_pool: futures.ThreadPoolExecutor):
+        self.limit = limit
+        self._metrics = metrics
+        self._health_pool = health_pool
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        method = details.method.rsplit("/", 1)[-1]
+        if handler is None:
+            self._metrics.request_done(method, grpc.StatusCode.UNIMPLEMENTED)
+            return None
+        if details.method == HEALTH_CHECK:
+            return _with_behavior(handler, self._on_health_pool)
+        return _with_behavior(handler, lambda behavior: self._admitted(behavior, method,
+                                                                       handler.response_streaming))
+
+    def _on_health_pool(self, behavior: Callable) -> Callable:
+        def check(request, context):
+            return behavior(request, context)
+
+        check.experimental_thread_pool = self._health_pool  # grpc runs a behavior with this on that pool
+        return check
+
+    def _enter(self, context: grpc.ServicerContext, method: str) -> Callable[[], None]:
+        with self._lock:
+            if self._active >= self.limit:
+                busy = True
+            else:
+                busy = False
+                self._active += 1
+        if busy:
+            self._metrics.request_done(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {self.limit} RPCs in flight; "
+                          f"retry later")
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._active -= 1
+
+        if not context.add_callback(release):  # already terminated
+            release()
+        return release
+
+    def _admitted(self, behavior: Callable, method: str, streaming: bool) -> Callable:
+        if streaming:
+            def stream(request, context):
+                release = self._enter(context, method)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    release()
+
+            return stream
+
+        def unary(request, context):
+            release = self._enter(context, method)
+            try:
+                return behavior(request, context)
+            finally:
+                release()
+
+        return unary
 
 
 class _DecodeGuard(grpc.ServerInterceptor):
@@ -141,8 +283,7 @@ class _DecodeGuard(grpc.ServerInterceptor):
             except Exception as exc:  # DecodeError: bad UTF-8, nesting past protobuf's limit, truncation
                 return Undecodable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
-        kind = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-                (True, True): "stream_stream"}[(handler.request_streaming, handler.response_streaming)]
+        kind = _kind(handler)
         return getattr(grpc, f"{kind}_rpc_method_handler")(getattr(handler, kind), request_deserializer=guarded,
                                                             response_serializer=handler.response_serializer)
 
@@ -172,15 +313,19 @@ class SteererServer:
             raise
         if self.experiments is not None:
             self._experiments_loaded(self.experiments.current)
-        self.servicer = SteererServicer(self.scheduler, self.metrics, limits, self.experiments, self.outcome_log)
-        # One thread per RPC in flight: the batch, the queue and some room for quick RPCs and health checks.
-        # Past that gRPC itself answers RESOURCE_EXHAUSTED.
-        workers = config.max_batch + config.max_queue + 16
-        interceptors = [_BearerToken(config.auth_token, self.metrics)] if config.auth_token else []
-        interceptors.append(_DecodeGuard())  # inside the token check, whose deny handlers then decode safely too
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                                  interceptors=interceptors, maximum_concurrent_rpcs=workers,
-                                  options=[("grpc.so_reuseport", 0)])
+        self.servicer = SteererServicer(self.scheduler, self.metrics, limits, self.experiments, self.outcome_log,
+                                        unread_stream_timeout_s=config.unread_stream_timeout_s)
+        # One thread per RPC in flight: the batch, the queue and some headroom, counted by `_Admission` (past
+        # it RESOURCE_EXHAUSTED); the pool has room for the admission's own refusals beyond that, and health
+        # checks have a pool of their own.
+        limit = config.max_batch + config.max_queue + RPC_HEADROOM
+        self._health_pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="health")
+        self.admission = _Admission(limit, self.metrics, self._health_pool)
+        interceptors = [_Auth(config.auth_token, config.admin_token, self.metrics), self.admission,
+                        _DecodeGuard()]  # credentials first; the deny handlers decode safely too
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limit + RPC_HEADROOM,
+                                                             thread_name_prefix="rpc"),
+                                  interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         pb2_grpc.add_SteererServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -198,6 +343,16 @@ class SteererServer:
         if self.port == 0:
             self.scheduler.stop(drain=False)
             raise OSError(f"cannot listen on {address} (address in use or not available)")
+        self.http: HttpFront | None = None
+        if config.http_port is not None:
+            try:
+                self.http = HttpFront(self.servicer, HttpConfig(
+                    config.host, config.http_port, config.auth_token, config.admin_token, config.tls_cert,
+                    config.tls_key, limit))
+            except OSError as exc:
+                self.scheduler.stop(drain=False)
+                raise OSError(f"cannot serve HTTP on {_host(config.host)}:{config.http_port}: "
+                              f"{exc.strerror or exc}") from None
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
@@ -211,6 +366,8 @@ class SteererServer:
                               f"{exc.strerror or exc}") from None
         self.scheduler.start()
         self.server.start()
+        if self.http is not None:
+            self.http.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -221,7 +378,14 @@ class SteererServer:
             return
         grace = self.config.grace_s if grace_s is None else grace_s
         self.health.enter_graceful_shutdown()
+        started = time.monotonic()
+        if self.http is not None:
+            self.http.close()  # no new connections or requests; those in flight go on
         self.server.stop(grace).wait()
+        if self.http is not None:
+            self.http.drain(max(0.0, grace - (time.monotonic() - started)))
+        self.servicer.close()
+        self._health_pool.shutdown(wait=False)
         self.scheduler.stop(drain=False, timeout=30)
         if self.outcome_log is not None:  # every finished response has committed its record by now
             self.outcome_log.close()
@@ -278,6 +442,8 @@ def model_info_line(server: SteererServer) -> str:
     bank = server.scheduler.bank
     line = (f"steerer: serving {SERVICE_NAME} on {_host(c.host)}:{server.port} ({scheme}), metrics {metrics}, "
             f"model {server.servicer.lm.name}, bank {bank.version}")
+    if server.http is not None:
+        line += f", http {server.http.scheme}://{_host(c.host)}:{server.http.port}/v1"
     if server.experiments is not None:
         line += f", experiments {_describe(server.experiments.current)}"
     if server.outcome_log is not None:

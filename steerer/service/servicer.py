@@ -4,7 +4,7 @@ Each RPC runs on a server thread, turns the request into a library `Request` (ba
 it queues, with INVALID_ARGUMENT), submits it to the `Scheduler` and relays the ticket's output. Status
 codes: INVALID_ARGUMENT for bad input, RESOURCE_EXHAUSTED when the admission queue is full,
 DEADLINE_EXCEEDED / CANCELLED when the client's deadline passes or it goes away (its slot is freed at
-once), NOT_FOUND / FAILED_PRECONDITION for a missing bank or one made for another model (any other problem
+once) or leaves a finished stream unread past the server's timeout (`UnreadStreams`), NOT_FOUND / FAILED_PRECONDITION for a missing bank or one made for another model (any other problem
 with a bank's files or content is INVALID_ARGUMENT), UNAVAILABLE while shutting down, INTERNAL for a failed
 forward pass.
 """
@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import queue
@@ -26,17 +27,18 @@ from pathlib import Path
 
 import grpc
 
-from steerer.ab.experiments import Assignment, LiveExperiments, assignments, key_hash
+from steerer.ab.experiments import Assignment, ExperimentSet, LiveExperiments, assignments, key_hash
 from steerer.ab.outcomes import ArmRecord, OutcomeLog, OutcomeRecord, VerdictRecord
 from steerer.bank import MANIFEST, BankError, ProbeBank, muted_notice
 from steerer.core import Request, Result, TokenEvent
+from steerer.metrics import Metrics
 from steerer.model import chat_prompt
 from steerer.service import convert
-from steerer.service.metrics import Metrics
 from steerer.service.proto import pb2, pb2_grpc
 from steerer.service.scheduler import Failure, Reason, Scheduler, SchedulerError, Ticket
 
 log = logging.getLogger("steerer.service")
+NO_EXPERIMENTS = ExperimentSet(source="(none: the server runs without --experiments)")
 POLL_S = 0.25  # how often a waiting RPC thread checks that its client is still there
 # The status code for each reason the scheduler refuses or fails a request: the one place they meet.
 STATUS_OF: dict[Reason, grpc.StatusCode] = {
@@ -125,10 +127,70 @@ def _rpc(method: str, streaming: bool = False) -> Callable:
     return decorate
 
 
+class UnreadStreams:
+    """Cancels streams whose response is finished but whose client has not drained it within `timeout_s`.
+
+    Why: a stream's messages wait in HTTP/2 flow control until the client reads them, and its server thread
+    waits with them; a client that never reads would hold that thread (and its admission slot) for ever,
+    and enough of them take the server down. The clock starts when the scheduler finished the response
+    (its row is free by then), so a slow generation is never cut short, only an undrained one."""
+
+    def __init__(self, timeout_s: float):
+        if not timeout_s > 0:
+            raise ValueError("the unread-stream timeout must be > 0 seconds")
+        self.timeout_s = timeout_s
+        self._streams: dict[int, tuple[Ticket, grpc.ServicerContext]] = {}
+        self._keys = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, ticket: Ticket, context: grpc.ServicerContext) -> Callable[[], None]:
+        """Watch a stream until the returned function is called (also called when the RPC terminates)."""
+        key = next(self._keys)
+        with self._lock:
+            self._streams[key] = (ticket, context)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="steerer-unread-streams", daemon=True)
+                self._thread.start()
+
+        def forget() -> None:
+            with self._lock:
+                self._streams.pop(key, None)
+
+        context.add_callback(forget)
+        return forget
+
+    def overdue(self, now: float) -> list[tuple[Ticket, grpc.ServicerContext]]:
+        """Streams finished more than `timeout_s` before `now`, forgotten as they are returned."""
+        with self._lock:
+            keys = [k for k, (t, _) in self._streams.items()
+                    if t.finished_at is not None and now - t.finished_at > self.timeout_s]
+            return [self._streams.pop(k) for k in keys]
+
+    def _run(self) -> None:
+        period = min(1.0, max(self.timeout_s / 4, 0.05))
+        while not self._stop.wait(period):
+            for ticket, context in self.overdue(time.monotonic()):
+                log.warning("cancelling stream %s: finished %.0f s ago and its client has not read it", ticket.id,
+                            time.monotonic() - ticket.finished_at)
+                try:
+                    context.cancel()  # wakes its thread blocked in a send; the RPC ends CANCELLED
+                except Exception:  # the call ended meanwhile: nothing to free
+                    log.debug("stream %s already ended", ticket.id, exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
 class SteererServicer(pb2_grpc.SteererServicer):
     def __init__(self, scheduler: Scheduler, metrics: Metrics, limits: convert.Limits,
-                 experiments: LiveExperiments | None = None, outcome_log: OutcomeLog | None = None):
+                 experiments: LiveExperiments | None = None, outcome_log: OutcomeLog | None = None,
+                 unread_stream_timeout_s: float = 30.0):
         self.scheduler = scheduler
+        self.unread = UnreadStreams(unread_stream_timeout_s)
         self.metrics = metrics
         self.limits = limits
         self.experiments = experiments  # A/B arms for requests with an experiment key (steerer/ab)
@@ -149,7 +211,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
 
     @_rpc("GenerateStream", streaming=True)
     def GenerateStream(self, request: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
-        for item in self._run(request, context):
+        for item in self._run(request, context, stream=True):
             if isinstance(item, pb2.GenerateResponse):
                 yield pb2.GenerateStreamResponse(final=item)
             else:
@@ -160,13 +222,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
         bank = self.scheduler.bank
         out = pb2.ListProbesResponse(bank_version=bank.version, model=bank.model)
         muted = bank.muted(self.scheduler.use_unreliable_probes).tolist()
-        for probe, mute in zip(bank.probes, muted, strict=True):
-            flag_threshold = getattr(probe, "flag_threshold", None)
-            info = out.probes.add(task=probe.task, layer=probe.layer, position=probe.position,
-                                  threshold=probe.threshold, method=probe.method,
-                                  flag_threshold=probe.threshold if flag_threshold is None else flag_threshold,
-                                  reliable=bool(probe.reliable), muted=mute)
-            info.metrics.CopyFrom(convert.dict_to_struct(_jsonable(probe.metrics)))
+        out.probes.extend(convert.probe_info(probe, mute) for probe, mute in zip(bank.probes, muted, strict=True))
         return out
 
     @_rpc("GetModelInfo")
@@ -231,15 +287,17 @@ class SteererServicer(pb2_grpc.SteererServicer):
         return request
 
     def _assign(self, message: pb2.GenerateRequest, request: Request) -> tuple[list[Assignment], Request]:
-        """The request's experiment arms, and the request with their policies in place of its own."""
+        """The request's experiment arms, and the request with their policies in place of its own.
+
+        One rule with or without an experiments file (a server without one has none): `experiment_key` joins
+        every running experiment that steers one of the request's tasks, possibly none (the reply's `arms`
+        is then empty: an experiment ending must not break the clients that send keys); `force_arms` names
+        an experiment and arm that must exist, else the request is refused with the same line either way."""
         forced = dict(message.force_arms)
-        if self.experiments is None:
-            if forced:
-                raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "force_arms: this server runs no experiments")
-            return [], request
+        current = self.experiments.current if self.experiments is not None else NO_EXPERIMENTS
         tasks = [c.task for c in request.constraints]
         try:
-            arms = assignments(self.experiments.current, message.experiment_key, tasks, forced)
+            arms = assignments(current, message.experiment_key, tasks, forced)
         except (KeyError, ValueError) as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"force_arms: {exc.args[0]}") from None
         if not arms:
@@ -247,8 +305,12 @@ class SteererServicer(pb2_grpc.SteererServicer):
         policies = {t: p for a in arms for t, p in a.policies.items() if t in tasks}
         return arms, dataclasses.replace(request, policies={**request.policies, **policies})
 
-    def _run(self, message: pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
-        """Check, queue, and relay one request: TokenEvent messages, then the GenerateResponse."""
+    def close(self) -> None:
+        self.unread.close()
+
+    def _run(self, message: pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool = False) -> Iterator:
+        """Check, queue, and relay one request: TokenEvent messages, then the GenerateResponse. A stream is
+        watched for a client that stops reading (`UnreadStreams`)."""
         arrived = time.monotonic()
         request = self._check(message)
         arms, request = self._assign(message, request)
@@ -261,6 +323,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
         client_id = message.request_id or f"{ticket.id}-{int(time.time() * 1000)}"
         finished = False
         context.add_callback(lambda: self.scheduler.cancel(ticket))  # client gone or deadline: free the slot
+        forget = self.unread.watch(ticket, context) if stream else None
         try:
             last = first = None
             flags: collections.Counter[str] = collections.Counter()
@@ -286,6 +349,8 @@ class SteererServicer(pb2_grpc.SteererServicer):
                     finished = True
                     raise StatusError(STATUS_OF[item.reason], item.message)
         finally:
+            if forget is not None:
+                forget()
             if not finished:
                 self.scheduler.cancel(ticket)
 
@@ -346,14 +411,3 @@ class SteererServicer(pb2_grpc.SteererServicer):
 
     def _observe_result(self, result: Result) -> None:
         self.metrics.result(result)
-
-
-def _jsonable(value):
-    """Probe metrics as JSON values a Struct can hold (numbers, strings, lists, dicts)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    return str(value)

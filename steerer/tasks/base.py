@@ -31,6 +31,9 @@ TOKEN_BUDGET = 112  # new tokens enough to judge format, words and tone
 LONG_TOKEN_BUDGET = 160  # for tasks whose label needs the whole response (the length tasks)
 
 Checker = Callable[[str, Mapping[str, Any]], bool]
+# Several responses at once (each with its own params): the same verdicts as the checker one by one, for a
+# checker whose cost is mostly per call (the topic task's MiniLM embedding: one batched encode, not N).
+BatchChecker = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], list[bool]]
 OnsetRule = Callable[[Mapping[str, Any], Sequence[str]], "int | None"]
 
 
@@ -123,6 +126,7 @@ class Task:
     onset_rule: OnsetRule = at_the_end  # set from `detector` when the task has one
     detector: DetectorFactory = no_detector  # params -> a fresh Detector, or None (no prefix decides)
     progress: ProgressFactory | None = None  # params -> a fresh Progress (tasks with a count limit)
+    batch_checker: BatchChecker | None = None  # several responses in one call (None: the checker, one by one)
     token_budget: int = TOKEN_BUDGET  # new tokens a response needs for its label (dataset building)
     order: int = 1000  # position in the registry (`TASKS` is sorted by it, then by id)
 
@@ -150,6 +154,14 @@ class Task:
     def check(self, response: str, params: Mapping[str, Any]) -> bool:
         """Whether ``response`` satisfies the constraint (the probe's label)."""
         return self.checker(response, params)
+
+    def check_many(self, responses: Sequence[str], params: Sequence[Mapping[str, Any]]) -> list[bool]:
+        """`check` for each (response, params) pair, batched where the task has a `batch_checker`."""
+        if len(responses) != len(params):
+            raise ValueError(f"{self.id}: {len(responses)} responses but {len(params)} parameter sets")
+        if self.batch_checker is not None and len(responses) > 1:
+            return [bool(v) for v in self.batch_checker(responses, params)]
+        return [bool(self.checker(r, p)) for r, p in zip(responses, params, strict=True)]
 
     def sample_params(self, rng: random.Random, difficulty: float) -> Params:
         """Random parameters; ``difficulty`` 0 is easy for a small model, 1 hard."""

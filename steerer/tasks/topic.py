@@ -80,31 +80,48 @@ def _topic_vectors(topics: Sequence[str]) -> Any:
     return np.stack([_topic_cache[t.lower()] for t in topics])
 
 
-def _response_vector(text: str) -> Any:
-    """Mean of normalised chunk embeddings: MiniLM truncates at 256 tokens, a drift late on must count."""
+def _chunks(text: str) -> list[str]:
+    """~120-word chunks: MiniLM truncates at 256 tokens, a drift late on must count."""
+    words = text.split()
+    return [" ".join(words[i : i + TOPIC_CHUNK_WORDS]) for i in range(0, len(words), TOPIC_CHUNK_WORDS)] or [""]
+
+
+def _response_vectors(texts: Sequence[str]) -> list[Any]:
+    """Per text, the mean of its normalised chunk embeddings (renormalised): every chunk of every text in one
+    encode, so N responses cost one call rather than N."""
     import numpy as np
 
-    words = text.split()
-    chunks = [" ".join(words[i : i + TOPIC_CHUNK_WORDS]) for i in range(0, len(words), TOPIC_CHUNK_WORDS)]
-    vecs = semantic.embed(chunks or [""])
-    mean = vecs.mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+    chunks = [_chunks(t) for t in texts]
+    vecs = semantic.embed([c for cs in chunks for c in cs])
+    out, at = [], 0
+    for cs in chunks:
+        mean = vecs[at : at + len(cs)].mean(axis=0)
+        at += len(cs)
+        out.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+    return out
 
 
-def topic_scores(response: str, topic: str) -> tuple[float, float, str]:
-    """(similarity to the named topic, best competing similarity, best competitor's name)."""
+def _response_vector(text: str) -> Any:
+    return _response_vectors([text])[0]
+
+
+def _scores(resp: Any, topic: str) -> tuple[float, float, str]:
     competitors = [t for t in REFERENCE_TOPICS if t.lower() != topic.lower()]
     vecs = _topic_vectors([topic, *competitors])
     named_vec, comp_vecs = vecs[0], vecs[1:]
     # Competitors that mean (nearly) the same as the named topic are not competition.
     keep = [i for i, v in enumerate(comp_vecs) if float(v @ named_vec) < TOPIC_SYNONYM_SIM]
-    resp = _response_vector(semantic.strip_preamble(response))
     named_sim = float(resp @ named_vec)
     if not keep:
         return named_sim, -1.0, ""
     sims = comp_vecs[keep] @ resp
     best = int(sims.argmax())
     return named_sim, float(sims[best]), competitors[keep[best]]
+
+
+def topic_scores(response: str, topic: str) -> tuple[float, float, str]:
+    """(similarity to the named topic, best competing similarity, best competitor's name)."""
+    return _scores(_response_vector(semantic.strip_preamble(response)), topic)
 
 
 def check(response: str, params: Mapping[str, Any]) -> bool:
@@ -116,12 +133,22 @@ def check(response: str, params: Mapping[str, Any]) -> bool:
     ``TOPIC_SYNONYM_SIM`` between the topic sentences). Satisfied iff
     ``sim(named) >= max(sim(competitor)) - TOPIC_MARGIN``. An empty response satisfies no topic.
     """
-    name = validate(params)
-    text = common.require_text("topic", response)
-    if not text.strip():
-        return False
-    named_sim, best_other, _ = topic_scores(text, name)
-    return named_sim >= best_other - TOPIC_MARGIN
+    return check_many([response], [params])[0]
+
+
+def check_many(responses: Sequence[str], params: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """`check` for several responses, their embeddings in one batched encode (the end-of-response checks of
+    every row a pass finished; one MiniLM call costs about as much as a few texts in one)."""
+    names = [validate(p) for p in params]
+    texts = [common.require_text("topic", r) for r in responses]
+    todo = [i for i, t in enumerate(texts) if t.strip()]  # an empty response satisfies no topic
+    stripped = [semantic.strip_preamble(texts[i]) for i in todo]
+    vectors = dict(zip(todo, _response_vectors(stripped) if todo else [], strict=True))
+    out = [False] * len(texts)
+    for i in todo:
+        named_sim, best_other, _ = _scores(vectors[i], names[i])
+        out[i] = named_sim >= best_other - TOPIC_MARGIN
+    return out
 
 
 def sample(rng: random.Random, d: float) -> Params:
@@ -142,5 +169,5 @@ def demo(params: Mapping[str, Any]) -> str:
 TASK = Task(
     id="topic", kind="semantic", summary="MiniLM: the named topic ranks first among reference topics",
     checker=check, validator=validate, render=lambda p: f"Talk only about {p['topic'].strip()}.",
-    sampler=sample, demo_text=demo, order=80,
+    sampler=sample, demo_text=demo, batch_checker=check_many, order=80,
 )

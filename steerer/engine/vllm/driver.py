@@ -23,20 +23,21 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
+from steerer import backend
 from steerer.bank import ProbeBank
-from steerer.controller import Controller, Result, TokenEvent
-from steerer.core import Request
+from steerer.driver import Driver, Options, Stop, eos_token_ids
 from steerer.engine.vllm import ARCHITECTURE, LAYERS_KEY, VLLM_VERSION
-from steerer.engine.vllm.state import STATE, slot_masks
-from steerer.generation import MIN_TEMPERATURE
+from steerer.engine.vllm.state import STATE
 from steerer.lens import LensWeights
 from steerer.model import chat_prompt, resolve_model_path
 from steerer.monitor import MonitorConfig
+from steerer.request import Request, Result, TokenEvent
+from steerer.sampling import MIN_TEMPERATURE
 from steerer.taps import Where
 
 # Set before vLLM reads them (setdefault: the caller's environment wins).
@@ -79,7 +80,6 @@ class _Live:
     request: Request
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
-    started: bool = False  # a pass has completed its prompt
     outputs: int = 0  # tokens vLLM has generated for it (EOS included)
     closing: bool = False  # chose EOS: one more pass reads the EOS residual
 
@@ -102,9 +102,10 @@ class VLLMModel:
 
 
 class VLLMSteerer:
-    """Generate with monitoring and per-request steering on vLLM. `run`/`generate` as `Steerer`'s; `admit`,
-    `step`, `drain`, `cancel`, `validate`, `free_slots`, `in_flight`, `bank` and `close` as the server's
-    scheduler drives them.
+    """Generate with monitoring and per-request steering on vLLM: the vLLM backend (`steerer.backend.Backend`:
+    `admit`, `step`, `drain`, `cancel`, `validate`, `free_slots`, `in_flight`, `bank`, `close`, as the server's
+    scheduler drives them; `run`/`generate` as `Steerer`'s). Options as `Steerer`'s, `stop_steering_on_detection`
+    included.
 
     `enforce_eager=False` (default) runs vLLM compiled. `llm_kwargs` go to `vllm.LLM` (e.g. a smaller
     `max_num_batched_tokens` to force chunked prefill). `layers`: the decoder layers that call the op
@@ -119,7 +120,7 @@ class VLLMSteerer:
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
                  check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
                  seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
-                 threads: int | None = None, llm: Any = None):
+                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False):
         configure_environment()
         check_version()
         from transformers import AutoTokenizer
@@ -163,15 +164,13 @@ class VLLMSteerer:
         if check_bank:
             bank.check_model(self.fingerprint(), self.hidden_size)
         self.capacity = capacity
-        self.options = dict(monitor_config=self.monitor_config, where=self.where, capacity=capacity, record=record,
-                            check=check, use_unreliable_probes=use_unreliable_probes)  # for a successor on this engine
-        self.controller = Controller(bank, self.tokenizer, capacity=capacity, device="cpu",
-                                     monitor_config=self.monitor_config, where=self.where, record=record,
-                                     check=check, use_unreliable_probes=use_unreliable_probes,
-                                     lens=self.lens_weights(bank))
-        self._muted = self.controller.muted.tolist()
+        self.options = Options(capacity, self.monitor_config, self.where, record, check, use_unreliable_probes,
+                               stop_steering_on_detection)  # also for a successor on this engine
         self.eos_token_ids = eos_ids(self.path, self.tokenizer)
-        self._all = torch.arange(capacity)
+        self.driver = Driver.build(bank, self.tokenizer, self.eos_token_ids, self.options, device="cpu",
+                                   lens=self.lens_weights(bank))
+        self.controller = self.driver.controller
+        self._muted = self.controller.muted.tolist()
         self._live: dict[int, _Live] = {}  # slot -> request in flight
         self._by_vllm: dict[str, int] = {}
         self._ids = itertools.count()
@@ -219,7 +218,7 @@ class VLLMSteerer:
 
     @property
     def free_slots(self) -> int:
-        return self.controller.free_slots
+        return self.driver.free_slots
 
     # -- requests ----------------------------------------------------------------------------------------------
     def salt(self, request: Request) -> str | None:
@@ -228,8 +227,9 @@ class VLLMSteerer:
         return cache_salt(request, self.bank, self._muted, self.where.value, self.monitor_config)
 
     def validate(self, request: Request) -> None:
-        """Raise ValueError (with a message for the user) if the request cannot run on this bank."""
-        self.controller.validate(request)
+        """Raise ValueError (with a message for the user) if the request cannot run on this bank (once per
+        request: `admit` does not repeat it)."""
+        self.driver.validate(request)
 
     def drain(self) -> list[TokenEvent]:
         """Events produced outside `step` (none here: prefill happens inside vLLM's steps)."""
@@ -242,13 +242,12 @@ class VLLMSteerer:
         from vllm.sampling_params import RequestOutputKind
 
         requests = list(requests)
-        if len(requests) > self.controller.free_slots:
-            raise RuntimeError(f"only {self.controller.free_slots} free slots for {len(requests)} requests")
-        for request in requests:
-            self.controller.validate(request)
-        for request in requests:
-            slot = self.controller.add(request)
-            sampling = request.sampling.validate()
+        # vLLM runs with ignore_eos; the driver's stop rule ends rows (EOS, then one closing pass; or length).
+        stops = [Stop(frozenset(self.eos_token_ids), r.sampling.max_new_tokens, r.sampling.ignore_eos)
+                 for r in requests]
+        slots = self.driver.join_all(requests, stops)  # validated there (sampling included), all or none
+        for request, slot in zip(requests, slots, strict=True):
+            sampling = request.sampling
             ids = chat_prompt(self.tokenizer, request.prompt, request.system)
             greedy = sampling.temperature < MIN_TEMPERATURE
             params = VLLMSampling(max_tokens=sampling.max_new_tokens + 1, ignore_eos=True,
@@ -267,50 +266,28 @@ class VLLMSteerer:
         return []
 
     def cancel(self, request_id: str) -> bool:
-        slot = self.controller.slot_of(request_id)
+        slot = self.driver.slot_of(request_id)
         if slot is None or slot not in self._live:
             return False
         self._drop(slot)
-        self.controller.remove(slot)
+        self.driver.leave(slot)
         return True
 
     def step(self) -> tuple[list[TokenEvent], list[Result]]:
         """One vLLM step (one forward pass over what its scheduler picked): token events and finished results."""
         use_threads(self.threads)  # per OS thread: the server steps from its scheduler thread
-        self._coefficients()
+        self.driver.before_slots()  # every in-flight slot's alphas; the op gathers rows by slot
         outputs = self.engine.step()
         return self._read(outputs)
 
     def generate(self, requests: Iterable[Request], max_batch: int | None = None) -> Iterator[TokenEvent | Result]:
         """Run requests to completion, admitting up to `max_batch` at a time; yield events and results."""
-        queue = list(requests)
-        max_batch = min(max_batch or self.capacity, self.capacity)
-        while queue or self._live:
-            room = min(max_batch - self.in_flight, self.controller.free_slots)
-            if queue and room > 0:
-                admitted, queue = queue[:room], queue[room:]
-                self.admit(admitted)
-            events, done = self.step()
-            yield from events
-            yield from done
+        return backend.generate(self, requests, max_batch)
 
     def run(self, requests: Iterable[Request], max_batch: int | None = None) -> list[Result]:
-        requests = list(requests)
-        results = [r for r in self.generate(requests, max_batch) if isinstance(r, Result)]
-        by_id = {r.request_id: r for r in results}
-        if all(r.id for r in requests):
-            return [by_id[r.id] for r in requests]
-        return sorted(results, key=lambda r: int(r.request_id.rsplit("-", 1)[-1]))
+        return backend.run(self, requests, max_batch)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _coefficients(self) -> None:
-        """Every in-flight slot's alphas for the next pass, indexed by slot (the op gathers rows from them).
-        A row still in its prompt gets position -1, so `where=generated` gives it zeros (as the HF loop)."""
-        if not self._live:
-            return
-        live, positions = slot_masks(self.capacity, self._live, [s for s, row in self._live.items() if row.started])
-        self.controller.coefficients(self._all, positions, live)
-
     def _read(self, outputs) -> tuple[list[TokenEvent], list[Result]]:
         new_tokens: dict[int, list[int]] = {}
         for output in outputs:
@@ -349,33 +326,28 @@ class VLLMSteerer:
             return [], []
         rows = torch.tensor(picked)
         residuals = {layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers}
-        slot_tensor = torch.tensor(slots)
-        observation = self.controller.observe(slot_tensor, torch.tensor(index), residuals, torch.tensor(closing))
-        self.controller.settle(slots, index, closing, observation.tensors())
+        self.driver.read(slots, index, residuals, closing)
         events, results = [], []
         for slot, is_closing in zip(slots, closing, strict=True):
             live = self._live[slot]
-            if is_closing:
-                results.append(self._finish(slot, "eos"))
+            if is_closing:  # the EOS residual is read: the row ends
+                results.append(self._finish(slot))
                 continue
             (token,) = new_tokens[slot][-1:]  # one sampled token per completed pass (no speculative decoding)
-            live.started = True
-            sampling = live.request.sampling
-            eos = token in self.eos_token_ids and not sampling.ignore_eos
-            if not eos:
+            events.append(self.driver.token(slot, token))  # the row's stop rule decides EOS and length
+            ending = self.driver.ending(slot)
+            if ending != "eos":
                 live.tokens.append(token)
-            finished = eos or len(live.tokens) >= sampling.max_new_tokens
-            events.append(self.controller.token(slot, token, not eos, finished))
-            if eos:
-                live.closing = True
-            elif finished:
-                results.append(self._finish(slot, "length"))
+            if ending == "eos":
+                live.closing = True  # one more pass reads the EOS token's residual
+            elif ending == "length":
+                results.append(self._finish(slot))
         return events, results
 
-    def _finish(self, slot: int, reason: str) -> Result:
+    def _finish(self, slot: int) -> Result:
         live = self._live[slot]
         self._drop(slot)
-        return self.controller.finish(slot, reason, live.prompt_tokens, live.tokens)
+        return self.driver.finish(slot, None, live.prompt_tokens, live.tokens)
 
     def _drop(self, slot: int) -> None:
         live = self._live.pop(slot)
@@ -384,23 +356,22 @@ class VLLMSteerer:
 
 
 def eos_ids(path: str, tokenizer) -> tuple[int, ...]:
-    """The generation config's EOS ids and the tokenizer's (as `steerer.engine.hf.eos_token_ids`)."""
+    """The generation config's EOS ids and the tokenizer's (the one rule: `steerer.driver.eos_token_ids`)."""
     from transformers import GenerationConfig
 
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:
         eos = None
-    eos = list(eos) if isinstance(eos, list | tuple) else [eos]
-    eos.append(tokenizer.eos_token_id)
-    return tuple(sorted({int(e) for e in eos if e is not None}))
+    return eos_token_ids(eos, tokenizer.eos_token_id)
 
 
 def scheduler_factory(first: VLLMSteerer) -> Callable[[ProbeBank], VLLMSteerer]:
     """`steerer_factory` for the server's scheduler: the first call hands over `first`; later ones (a bank
     swap, a restart after a failed pass) build a `VLLMSteerer` on the same vLLM engine with the same options."""
     pending = [first]
-    options = dict(first.options, threads=first.threads)
+    options = {f.name: getattr(first.options, f.name) for f in fields(first.options)}
+    options["threads"] = first.threads
 
     def make(bank: ProbeBank) -> VLLMSteerer:
         if pending and pending[0].bank is bank:

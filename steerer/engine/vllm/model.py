@@ -8,7 +8,10 @@ attention are vLLM's; the subclass only passes `layer_type` and adds the call.
 Which layers call the op: `hf_config.steerer_layers` (`LAYERS_KEY`, set by the driver through `hf_overrides`
 to the bank's probe layers, where it taps and steers); every layer when absent. Each call is an opaque
 boundary in the compiled graph (Inductor cannot fuse the residual add across it and the Python body runs),
-so layers the bank does not use get none. The list is part of the HF config, which vLLM hashes into its
+so layers the bank does not use get none.
+
+It implements Llama checkpoints only (`startup.SUPPORTED`): any other architecture is refused by name, at start-up
+and here, rather than run as Llama with its other weights (e.g. Qwen2's q/k/v biases) silently dropped. The list is part of the HF config, which vLLM hashes into its
 compile-cache key, so a cached graph built for other layers is never reused.
 
 A vLLM decoder layer returns `(hidden, residual)` with the MLP output not yet added: the residual stream
@@ -25,6 +28,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from steerer.engine.vllm import LAYERS_KEY
 from steerer.engine.vllm.ops import register_ops
+from steerer.engine.vllm.startup import architecture_problem
 from steerer.engine.vllm.state import STATE
 
 register_ops()
@@ -47,6 +51,9 @@ class SteererLlamaDecoderLayer(LlamaDecoderLayer):
 
 class SteererLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        problem = architecture_problem(vllm_config.model_config.hf_config)  # also refused at start-up (startup.py)
+        if problem is not None:
+            raise ValueError(problem)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SteererLlamaDecoderLayer)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):

@@ -13,8 +13,9 @@ Requests without these keys are plain vLLM traffic (never steered, never tapped)
 
 Where it runs. `SteererServe` is a V1 logits processor, built by the model runner in the worker process, where
 the model's custom op and its `WorkerState` (`state.py`) live: it owns a `steerer.controller.Controller` and
-drives it from `update_state(BatchUpdate)`, which vLLM calls before every forward pass (also after the last
-one: the step that clears finished requests calls it with their removal). There it
+drives it through the `steerer.driver.Driver` every engine uses, from `update_state(BatchUpdate)`, which vLLM
+calls before every forward pass (also after the last one: the step that clears finished requests calls it with
+their removal). There it
   - reads the previous pass: rows whose vLLM output list grew sampled a token in it; their tapped residuals are
     scored (`observe`/`settle`) and the token goes to the controller (`token`, a `TokenEvent`);
   - applies the batch update: an added row's `extra_args` become a controller row (the output list in
@@ -33,16 +34,21 @@ gives requests that steer the `cache_salt` the offline driver gives them (`salt.
 shares KV between steering configurations; a client's own salt is combined with it. Without the middleware a
 client must send that salt itself (`steering_salt(vllm_xargs)`).
 
-Metrics: the service's Prometheus metrics (`steerer.service.metrics.Metrics`), published from the worker
+Start-up: the bank and the checkpoint's architecture are checked in the API server before the engine starts
+(`startup.py`: exit with one line, or STEERER_ON_BANK_MISMATCH=off: steerer off, plain traffic served).
+
+Metrics: the service's Prometheus metrics (`steerer.metrics.Metrics`, without the gRPC method labels and without
+the latency/batch series vLLM exports itself), published from the worker
 process on `STEERER_METRICS_PORT` (+ the data-parallel rank; unset: not served) at `STEERER_METRICS_HOST`
 (default 127.0.0.1); `steerer_requests{method="vllm"}` counts finished (OK) and cancelled requests.
 Environment: `STEERER_BANK` (default: the packaged bank), `STEERER_USE_UNRELIABLE_PROBES=1`,
-`STEERER_RESULTS_LOG` (append each `Result` as a JSON line). One worker only (tensor/pipeline parallel size 1).
+`STEERER_STOP_STEERING_ON_DETECTION=1` (as the library's option), `STEERER_RESULTS_LOG` (append each `Result` as a
+JSON line). One worker only (tensor/pipeline parallel size 1).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,8 +65,10 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from steerer.bank import BankError, ProbeBank
 from steerer.constraints import Constraint, validate_request
 from steerer.controller import Controller, Result, RowSpec, check_verdicts
-from steerer.engine.vllm.state import STATE, UNMANAGED, slot_masks
-from steerer.policy import SteeringPolicy
+from steerer.driver import Driver, Stop
+from steerer.engine.vllm.startup import bank_problem, load_bank, off_reason
+from steerer.engine.vllm.state import STATE, UNMANAGED
+from steerer.policy import SteeringPolicy, check_strengths
 
 CONSTRAINTS_KEY, POLICY_KEY, POLICIES_KEY = "steerer_constraints", "steerer_policy", "steerer_policies"
 KEYS = (CONSTRAINTS_KEY, POLICY_KEY, POLICIES_KEY)
@@ -105,21 +113,26 @@ def row_spec(extra_args: dict | None) -> RowSpec | None:
     return RowSpec(constraints, SteeringPolicy.parse(policy[0]), policies)
 
 
-@functools.cache
-def load_bank() -> ProbeBank:
-    """The bank this process serves (`STEERER_BANK`, default: the packaged one), loaded once."""
-    return ProbeBank.load(os.environ.get("STEERER_BANK") or None)
-
-
 def use_unreliable_probes() -> bool:
     return os.environ.get("STEERER_USE_UNRELIABLE_PROBES", "") not in ("", "0", "false", "False")
 
 
+def stop_steering_on_detection() -> bool:
+    """`STEERER_STOP_STEERING_ON_DETECTION=1`: as the library's option (a detected task's conditional steering ends)."""
+    return os.environ.get("STEERER_STOP_STEERING_ON_DETECTION", "") not in ("", "0", "false", "False")
+
+
 def validate(extra_args: dict | None) -> RowSpec | None:
-    """`row_spec`, then the library's request validation against the bank (ValueError for the client)."""
+    """`row_spec`, then the library's request validation against the bank and its strength bound (ValueError for
+    the client); refused outright while steerer is off (the start-up check found a bank that does not fit)."""
     spec = row_spec(extra_args)
     if spec is not None:
-        validate_request(spec, load_bank().tasks)
+        reason = off_reason()
+        if reason:
+            raise ValueError(f"steerer is off on this server ({reason}); send the request without steerer_ keys")
+        bank = load_bank()
+        validate_request(spec, bank.tasks)
+        check_strengths(spec, bank)
     return spec
 
 
@@ -194,25 +207,32 @@ _metrics = None
 _metrics_lock = threading.Lock()
 
 
-def process_metrics(bank: ProbeBank, offset: int = 0):
-    """This process's `Metrics`, created once; served on STEERER_METRICS_PORT + `offset` when that is set (a
-    port already taken is logged, not fatal: serving goes on without the endpoint)."""
+def process_metrics(bank: ProbeBank | None, offset: int = 0):
+    """This process's `Metrics` (`steerer.metrics`: no grpc), created once with the series this front exports (no
+    gRPC method labels); served on STEERER_METRICS_PORT + `offset` when set (`startup.serve_metrics`: a taken
+    port is retried a while, then logged, not fatal). `bank` None: steerer is off in this server."""
     global _metrics
-    from steerer.service.metrics import Metrics
+    from steerer.engine.vllm.startup import serve_metrics
+    from steerer.metrics import METHODS, Metrics
 
     with _metrics_lock:
         if _metrics is None:
             metrics = Metrics()
-            metrics.set_bank(bank.version, bank.model, bank.tasks)
+            if bank is None:
+                metrics.bank.info({"version": "off", "model": "steerer off: the bank does not fit this model"})
+            else:
+                metrics.set_bank(bank.version, bank.model, bank.tasks)
+            for method in METHODS:  # the gRPC service's series, which `set_bank` creates: none here
+                with contextlib.suppress(KeyError):
+                    metrics.requests.remove(method, "OK")
+            # vLLM exports these itself (vllm:time_to_first_token_seconds, vllm:num_requests_running, ...), which
+            # the dashboard reads under `vllm serve`: steerer's copies would only ever read 0.
+            for metric in (metrics.ttft, metrics.itl, metrics.batch_size, metrics.queue_depth, metrics.step_batch,
+                           metrics.prefill_rows):
+                metrics.registry.unregister(metric)
             for code in ("OK", "CANCELLED"):
                 metrics.requests.labels(METHOD, code)
-            port, host = os.environ.get("STEERER_METRICS_PORT"), os.environ.get("STEERER_METRICS_HOST", "127.0.0.1")
-            if port:
-                try:
-                    bound = metrics.serve(int(port) + offset, host)
-                    log.info("steerer: metrics on http://%s:%d/metrics", host, bound)
-                except (OSError, ValueError) as exc:
-                    log.error("steerer: cannot serve metrics on %s:%s (%s); serving without them", host, port, exc)
+            serve_metrics(metrics, offset)
             _metrics = metrics
         return _metrics
 
@@ -255,7 +275,6 @@ class SteererServe(LogitsProcessor):
 
         from steerer.engine.vllm import ARCHITECTURE
         from steerer.engine.vllm.driver import check_version
-        from steerer.engine.vllm.model import op_layers
 
         check_version()
         self.runner = _building_runner()
@@ -271,16 +290,15 @@ class SteererServe(LogitsProcessor):
                                "with --no-async-scheduling")
         if STATE.installed:
             raise RuntimeError("another steerer engine holds this process's vLLM plugin state")
+        if off_reason() is not None:  # the start-up check refused the bank (STEERER_ON_BANK_MISMATCH=off)
+            self.metrics = process_metrics(None, parallel.data_parallel_rank)
+            self._failed = True  # `update_state` does nothing: plain vLLM
+            log.warning("steerer: off in this worker (%s); serving plain traffic", off_reason())
+            return
         self.bank = load_bank()
-        config = model_config.hf_config
-        if self.bank.hidden_size != config.hidden_size:
-            raise BankError(f"bank is for hidden size {self.bank.hidden_size} ({self.bank.model}); the model has "
-                            f"{config.hidden_size}")
-        layers = op_layers(config)
-        missing = sorted(set(self.bank.layers) - (set(range(config.num_hidden_layers)) if layers is None else layers))
-        if missing:
-            raise ValueError(f"the bank uses decoder layers {missing} where this model calls no steerer op "
-                             f"(hf_overrides steerer_layers {sorted(layers or ())})")
+        problem = bank_problem(self.bank, model_config.hf_config, None)  # as at start-up (fingerprint: `_start`)
+        if problem is not None:
+            raise BankError(problem)
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer,
                                                        revision=model_config.tokenizer_revision)
@@ -322,13 +340,16 @@ class SteererServe(LogitsProcessor):
         self.bank.check_model(fingerprint(model), int(model.config.hidden_size))
         lens = lens_weights(model) if any(self.bank.lens_params) else None
         self.controller = Controller(self.bank, self.tokenizer, capacity=self.capacity, device=self.device,
-                                     check=False, use_unreliable_probes=use_unreliable_probes(), lens=lens)
+                                     check=False, use_unreliable_probes=use_unreliable_probes(), lens=lens,
+                                     stop_steering_on_detection=stop_steering_on_detection())
         self._all = torch.arange(self.capacity, device=self.device)
         STATE.install(self.capacity, self.controller.tap_layers, self.controller.steering)
         log.info("steerer: monitoring with bank %s (%d probes) in this worker", self.bank.version,
                  len(self.bank.probes))
 
     def _update(self, batch_update: BatchUpdate | None) -> None:
+        if getattr(self, "driver", None) is None or self.driver.controller is not self.controller:
+            self.driver = Driver(self.controller)  # over this engine's controller; stop rules per request (`_stop`)
         self._read_pass()
         if batch_update is not None:
             added = [(row, self._joined(params, prompt, output), len(prompt or ()))
@@ -359,41 +380,40 @@ class SteererServe(LogitsProcessor):
             return
         rows = torch.tensor(picked, device=self.device)
         residuals = {layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers}
-        closing = [False] * len(slots)
-        observation = self.controller.observe(torch.tensor(slots, device=self.device),
-                                              torch.tensor(index, device=self.device), residuals,
-                                              torch.tensor(closing, device=self.device))
-        self.controller.settle(slots, index, closing, [t.cpu() for t in observation.tensors()])
+        self.driver.read(slots, index, residuals)  # no closing pass: vLLM stops a row at its EOS itself
         for slot in slots:
             live = self.rows[slot]
             token = live.output[live.seen]
             live.seen += 1
-            params = live.params
-            stop = token == params.eos_token_id or token in (params.stop_token_ids or ())
-            length = live.seen >= (params.max_tokens or sys.maxsize) or \
-                live.prompt_tokens + live.seen >= self.max_model_len
-            live.finish = "eos" if stop else "length" if length else None
-            event = self.controller.token(slot, token, not stop, live.finish is not None)
+            event = self.driver.token(slot, token)  # the row's stop rule (vLLM's, `_stop`) decides its end
+            live.finish = self.driver.ending(slot)
             self.metrics.token_event(event)
+
+    def _stop(self, params, prompt_tokens: int) -> Stop:
+        """vLLM's own stop rule for a request, as the driver applies it: its EOS and stop token ids, and its
+        token budget (`max_tokens`, and what the context leaves after the prompt)."""
+        eos = frozenset(t for t in (params.eos_token_id, *(params.stop_token_ids or ())) if t is not None)
+        budget = min(params.max_tokens or sys.maxsize, self.max_model_len - prompt_tokens)
+        return Stop(eos, max(budget, 1))
 
     def _joined(self, params, prompt, output) -> int:
         """A row added to the batch: a managed request coming back, a new one (its slot), or plain traffic."""
         slot = self._by_params.get(id(params))
         if slot is not None and self.rows[slot].params is params:
             return slot  # resumed (preempted, or not scheduled for a step)
-        try:
+        try:  # the worker's one validation (the API server's `validate_params` ran in another process)
             spec = validate(params.extra_args)
         except ValueError as exc:  # refused at the API already; an engine fed directly gets no steering
             log.warning("steerer: request not monitored: %s", exc)
             return UNMANAGED
         if spec is None:
             return UNMANAGED
-        if not self.controller.free_slots:
+        if not self.driver.free_slots:
             log.warning("steerer: all %d slots in use; a request goes unmonitored", self.capacity)
             return UNMANAGED
         request_id = next((rid for rid, state in self.runner.requests.items() if state.output_token_ids is output),
                           None) or f"vllm-{id(output):x}"
-        slot = self.controller.add(spec, request_id)
+        slot = self.driver.join(spec, request_id, self._stop(params, len(prompt or ())), validated=True)
         self.rows[slot] = _Row(request_id, params, len(prompt or ()), output, seen=len(output))
         self._by_params[id(params)] = slot
         return slot
@@ -405,7 +425,7 @@ class SteererServe(LogitsProcessor):
             return
         del self.rows[slot]
         del self._by_params[id(live.params)]
-        result = self.controller.finish(slot, live.finish or "stop", live.prompt_tokens)
+        result = self.driver.finish(slot, live.finish or "stop", live.prompt_tokens)
         if live.finish is None and not any(s in result.text for s in (live.params.stop or ())):
             self.metrics.requests.labels(METHOD, "CANCELLED").inc()  # aborted (e.g. the client went away)
             return
@@ -425,7 +445,4 @@ class SteererServe(LogitsProcessor):
     def _coefficients(self) -> None:
         """Every managed slot's alphas for the next pass; a row that has not sampled yet gets zeros (as the
         driver: `where=generated` starts with the first generated token)."""
-        if not self.rows:
-            return
-        live, positions = slot_masks(self.capacity, self.rows, [s for s, row in self.rows.items() if row.seen])
-        self.controller.coefficients(self._all, positions.to(self.device), live.to(self.device))
+        self.driver.before_slots()

@@ -33,3 +33,31 @@ def lens_weights(model) -> LensWeights:
     norm = model.model.norm
     return LensWeights(norm.weight.detach().float().clone(), float(norm.variance_epsilon),
                        model.lm_head.weight.detach().float().clone())
+
+
+EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
+
+
+def checkpoint_fingerprint(folder, config) -> str | None:
+    """The fingerprint of a local safetensors checkpoint before anything loads it (its first embedding rows and
+    `config`); None where it cannot be read here (not a local folder, another format): checked at load then."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(str(folder)).glob("*.safetensors")) if Path(str(folder)).is_dir() else []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = set(handle.keys())
+                key = next((k for k in EMBEDDING_KEYS if k in names), None)
+                if key is not None:
+                    return fingerprint_of(config, handle.get_slice(key)[:64])
+        except Exception:  # an unreadable file: leave the check to the load
+            return None
+    return None
+
+
+def fingerprint_of(config, embedding_rows: torch.Tensor) -> str:
+    """`model_fingerprint` of a config and the embedding's first rows."""
+    return model_fingerprint(_Embeddings(config, embedding_rows))

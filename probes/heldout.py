@@ -1,6 +1,8 @@
 """Held-out prompts for the benchmarks: test-split base requests x task params over a spread of difficulty.
 
-Shared by `steering_efficacy.py` and `early_warning.py` so both measure on the same prompts. The base
+Shared by the benchmarks (`benchmarks/steering_efficacy.py`, `early_warning.py`, and the plain prompts of
+`overhead_hf.py` and `grpc_load.py`) and the steering sweep (`probes.steering`), so all measure on the same
+prompts; it lives in `probes/` so both import it as a module, without any `sys.path` edit. The base
 requests come from the dataset's test split (`split_base_requests(SPLIT_SEED)[1]`), so no prompt text was
 seen by the probes in training; there is no compliance aid (`aid=None`), as a real user would not add one.
 `split="train"` builds the same kind of prompts from the training split's base requests instead (the

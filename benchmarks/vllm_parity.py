@@ -1,11 +1,12 @@
 """The parity request set and its references: the transformers backend's results, and plain vLLM's tokens.
 
 vLLM 0.32 needs transformers < 5.20 while steerer pins 5.24 (whose cache API the transformers backend
-uses), so the two backends live in two venvs. `python -m steerer.engine.vllm.parity --out ref.json`
+uses), so the two backends live in two venvs. `python benchmarks/vllm_parity.py --out ref.json`
 (in the main venv) runs `Steerer` on `parity_requests()` and writes per request the tokens, text, finish
 reason, steered-token counts, verdict readings and per-token P(satisfied) traces; the vLLM tests run the
 same requests on `VLLMSteerer` and compare. `--plain-vllm SPEC` (in the vLLM venv) writes plain vLLM's
-greedy tokens instead. No vLLM import at module level.
+greedy tokens instead. No vLLM import at module level. A comparison tool, not part of the runtime: it sits
+above both backends (it runs `Steerer` and plain vLLM), so it lives in benchmarks/, never under `steerer.engine`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import json
 from pathlib import Path
 
 from steerer.constraints import Constraint
-from steerer.controller import Result
-from steerer.generation import SamplingParams
 from steerer.policy import SteeringPolicy
+from steerer.request import Request, Result, SamplingParams
 
 PROMPTS = ("Name three colors.", "Describe the ocean in two sentences.", "Write a haiku about autumn leaves.",
            "Give me one tip for learning a new language.")
@@ -27,8 +27,6 @@ ALPHA = 24.0  # strong enough to change SmolLM2-135M's text within its first tok
 def parity_requests(max_new_tokens: int = 24):
     """Four prompts x (unsteered, constant steering on every constraint), three constraints each: one plain,
     one whose probe is conditioned on its params (a count limit), one that reads the lens of its words."""
-    from steerer.core import Request
-
     constraints = (Constraint("lowercase", {}), Constraint("word_count", {"relation": "at most", "limit": 20}),
                    Constraint("term_exclusion", {"terms": ["blue", "water"]}))
     out = []

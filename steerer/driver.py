@@ -1,0 +1,259 @@
+"""The driver: ONE loop that turns an engine's passes into `Controller` calls, for every engine.
+
+Four engines drive a controller: the transformers loop (`Steerer`), the `generate()` drop-in
+(`SteererLogitsProcessor`), vLLM's offline engine (`VLLMSteerer`) and plain `vllm serve` (`SteererServe`).
+What they share lives here, once; each keeps only how it learns rows, positions and tokens:
+
+    build        Driver(bank, tokenizer, eos, options, device, lens)   one `Options` for every engine
+    membership   validate(spec)                 once per path (remembered per request; `steerer.backend`)
+                 join(spec, id, stop) -> slot   a row joins (stop rule: EOS ids, token budget)
+                 leave(slot)                    a row leaves without a result (cancelled)
+                 finish(slot, reason, ...)      a row ended: its `Result`
+    per pass     before(rows, positions, live)  coefficients for the pass about to run
+                 before_slots()                 the same for every slot (an engine whose op indexes by slot)
+                 read(...)                      after it: observe -> one host transfer -> settle
+                 observe(...) / settle(...)     the same in two halves, for an engine that folds the
+                                                readings into its own transfer (`StepView.fetch`)
+                 token(slot, token) -> event    a chosen token: EOS / length decided here, unless the engine
+                                                decided it on its device (`recorded=`, `final=`)
+                 ending(slot)                   "eos" / "length" once a token ended the row, else None
+
+Nothing here imports an engine: engines import the driver (layering: backends -> driver -> controller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerer.bank import ProbeBank
+from steerer.controller import Controller, Observation
+from steerer.lens import LensWeights
+from steerer.monitor import MonitorConfig
+from steerer.request import Result, Spec, TokenEvent
+from steerer.taps import Where
+
+__all__ = ["Driver", "Options", "Stop", "eos_token_ids", "to_host"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every engine's controller is built with (one set, so engines cannot drift apart).
+
+    `check=False` leaves `Verdict.satisfied` None for the caller (a server checks off the model's thread);
+    `stop_steering_on_detection`: a task's conditional steering ends once its violation is detected."""
+
+    capacity: int = 128
+    monitor_config: MonitorConfig | None = None
+    where: Where = Where.GENERATED
+    record: bool = False
+    check: bool = True
+    use_unreliable_probes: bool = False
+    stop_steering_on_detection: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    """When a row's token ends it: one of `eos` (unless `ignore_eos`), or `max_new_tokens` recorded tokens."""
+
+    eos: frozenset[int] = frozenset()
+    max_new_tokens: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class _Row:
+    stop: Stop
+    recorded: int = 0  # tokens appended to the response
+    tokens: int = 0  # token events (EOS included)
+    ending: str | None = None
+
+
+def eos_token_ids(*sources: Any) -> tuple[int, ...]:
+    """The tokens that end a row, from every source given (a generation config's `eos_token_id`, which may be
+    a list, and the tokenizer's): sorted, unique, None dropped. One rule for every engine."""
+    out: set[int] = set()
+    for source in sources:
+        for value in source if isinstance(source, list | tuple | set | frozenset) else [source]:
+            if value is not None:
+                out.add(int(value))
+    return tuple(sorted(out))
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU copies of `tensors` in one device-to-host transfer (one synchronisation); CPU tensors as they are.
+
+    Packed as float64, which holds every token id, count, bool and float32 exactly."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    wide = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # mps has no float64
+    flat = torch.cat([t.reshape(-1).to(wide) for t in tensors]).cpu()
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[at:at + n].view(t.shape).to(t.dtype))
+        at += n
+    return out
+
+
+@dataclass
+class Driver:
+    """See the module docstring. `controller` is public: tests and callers read its monitor and policies."""
+
+    controller: Controller
+    eos: frozenset[int] = frozenset()
+    _rows: dict[int, _Row] = field(default_factory=dict)
+    # Requests this driver validated (by identity; the bank never changes under a driver): admitting one of
+    # them again costs nothing, so a request is validated once however many layers ask.
+    _valid: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+
+    @classmethod
+    def build(cls, bank: ProbeBank, tokenizer: Any, eos: Iterable[int], options: Options = Options(), *,
+              device: str | torch.device = "cpu", lens: LensWeights | None = None) -> Driver:
+        o = options
+        controller = Controller(bank, tokenizer, capacity=o.capacity, device=device, monitor_config=o.monitor_config,
+                                where=o.where, record=o.record, check=o.check,
+                                use_unreliable_probes=o.use_unreliable_probes, lens=lens,
+                                stop_steering_on_detection=o.stop_steering_on_detection)
+        return cls(controller, frozenset(eos))
+
+    @property
+    def device(self) -> torch.device:
+        return self.controller.device
+
+    @property
+    def capacity(self) -> int:
+        return self.controller.capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self.controller.in_flight
+
+    @property
+    def free_slots(self) -> int:
+        return self.controller.free_slots
+
+    def slot_of(self, request_id: str) -> int | None:
+        return self.controller.slot_of(request_id)
+
+    # -- membership ----------------------------------------------------------------------------------------
+    def validate(self, spec: Spec) -> None:
+        """ValueError (a message for the user) unless `spec` runs on this bank; a spec already validated by
+        this driver is not checked again (idempotent and cheap, so every layer may call it)."""
+        if self._valid.get(id(spec)) is spec:
+            return
+        self.controller.validate(spec)
+        with contextlib.suppress(TypeError):  # not weak-referenceable: validated, just not remembered
+            self._valid[id(spec)] = spec
+
+    def join(self, spec: Spec, request_id: str | None = None, stop: Stop | None = None,
+             validated: bool = False) -> int:
+        """A row joins (validated unless this driver already did, or the engine says it did: `validated`); its
+        slot. `stop`: default the engine's EOS ids and no token budget (an engine that ends rows itself)."""
+        if not validated:
+            self.validate(spec)
+        slot = self.controller.add(spec, request_id, validated=True)
+        self._rows[slot] = _Row(stop if stop is not None else Stop(self.eos))
+        return slot
+
+    def join_all(self, specs: Iterable[Spec], stops: Iterable[Stop | None] | None = None) -> list[int]:
+        """Several rows join, all or none: every spec is validated (and capacity checked) before any joins."""
+        specs = list(specs)
+        if len(specs) > self.free_slots:
+            raise RuntimeError(f"only {self.free_slots} free slots for {len(specs)} requests")
+        for spec in specs:
+            self.validate(spec)
+        stops = list(stops) if stops is not None else [None] * len(specs)
+        return [self.join(spec, None, stop) for spec, stop in zip(specs, stops, strict=True)]
+
+    def leave(self, slot: int) -> None:
+        """A row leaves without a result (cancelled); its slot is free before the next pass."""
+        self._rows.pop(slot, None)
+        self.controller.remove(slot)
+
+    def finish(self, slot: int, reason: str | None = None, prompt_tokens: int = 0,
+               tokens: list[int] | None = None) -> Result:
+        """A row ended: its `Result` (reason default: how its last token ended it, else the controller's)."""
+        row = self._rows.pop(slot, None)
+        if reason is None and row is not None:
+            reason = row.ending
+        return self.controller.finish(slot, reason, prompt_tokens, tokens)
+
+    def finish_all(self, ended: list[tuple[int, str | None, int, list[int] | None]]) -> list[Result]:
+        """Rows that ended in one pass, as `finish`'s arguments: their `Result`s, the checkers run once for all
+        (`Controller.finish_all`)."""
+        items = []
+        for slot, reason, prompt_tokens, tokens in ended:
+            row = self._rows.pop(slot, None)
+            items.append((slot, row.ending if reason is None and row is not None else reason, prompt_tokens, tokens))
+        return self.controller.finish_all(items)
+
+    def ending(self, slot: int) -> str | None:
+        """"eos" or "length" once a token ended the row (`token`), else None."""
+        return self._rows[slot].ending
+
+    def started(self, slot: int) -> bool:
+        """The row has had a token event (it is past its prompt)."""
+        return self._rows[slot].tokens > 0
+
+    # -- per pass ------------------------------------------------------------------------------------------
+    def before(self, rows: torch.Tensor, positions: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        """Before a pass: the coefficients of `rows` (slots [B]) at `positions` [B] (-1: in the prompt)."""
+        self.controller.coefficients(rows, positions, live)
+
+    def before_slots(self) -> None:
+        """Before a pass, for an engine whose steering op gathers rows by slot (vLLM): every slot's alphas; a
+        slot not in flight gets zeros, one that has not sampled yet is at position -1 (its prompt)."""
+        if not self._rows:
+            return
+        capacity = self.capacity
+        live = torch.zeros(capacity, dtype=torch.bool)
+        positions = torch.full((capacity,), -1, dtype=torch.long)
+        live[list(self._rows)] = True
+        positions[[s for s, row in self._rows.items() if row.tokens]] = 0
+        device = self.device
+        self.controller.coefficients(torch.arange(capacity, device=device), positions.to(device), live.to(device))
+
+    def observe(self, rows: torch.Tensor, positions: torch.Tensor, residuals: dict[int, torch.Tensor],
+                closing: torch.Tensor) -> Observation:
+        """After a pass, on the device: score the residuals; bring `Observation.tensors()` to the host with
+        the engine's own data, then `settle`."""
+        return self.controller.observe(rows, positions, residuals, closing)
+
+    def settle(self, slots: list[int], positions: list[int], closing: list[bool], host: list[torch.Tensor]) -> None:
+        self.controller.settle(slots, positions, closing, host)
+
+    def read(self, slots: list[int], positions: list[int], residuals: dict[int, torch.Tensor],
+             closing: list[bool] | None = None) -> None:
+        """After a pass: observe -> one host transfer -> settle, for rows `slots` at `positions` (their input
+        token's place in the response, -1 for the prompt's end); `residuals` aligned with `slots`.
+        `closing`: rows that fed their EOS token (the pass reads the EOS residual; no token follows)."""
+        device = self.device
+        closing = closing if closing is not None else [False] * len(slots)
+        observation = self.observe(torch.tensor(slots, dtype=torch.long, device=device),
+                                   torch.tensor(positions, dtype=torch.long, device=device), residuals,
+                                   torch.tensor(closing, dtype=torch.bool, device=device))
+        self.settle(slots, positions, closing, to_host(*observation.tensors()))
+
+    def token(self, slot: int, token: int, *, recorded: bool | None = None, final: bool = False) -> TokenEvent:
+        """The token a row chose in the pass last read: its event. The row's stop rule decides whether it is
+        EOS (not recorded) and whether it ends the row, unless the engine already decided (`recorded` given:
+        then `final` is the engine's too). `final=True` also ends the row (the engine stopped it)."""
+        row = self._rows[slot]
+        if recorded is None:
+            stop = row.stop
+            eos = token in stop.eos and not stop.ignore_eos
+            recorded = not eos
+            length = stop.max_new_tokens is not None and row.recorded + recorded >= stop.max_new_tokens
+            row.ending = "eos" if eos else "length" if length else None
+            final = final or row.ending is not None
+        elif final:
+            row.ending = "length" if recorded else "eos"
+        row.recorded += recorded
+        row.tokens += 1
+        return self.controller.token(slot, token, recorded, final)
