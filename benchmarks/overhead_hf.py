@@ -24,6 +24,9 @@ makes the forward pass slower, so the same host work is a smaller share of it th
 `generate` on the same prompts, for checking that the plain loop is not slower than it.
 
     .venv/bin/python benchmarks/overhead_hf.py            # writes benchmarks/results/overhead_hf.json
+
+`--random-config llama-3.1-8b` times a random-weight model of that shape built in memory on the device (no
+weights on disk, a word-level tokenizer built from the prompts): what `scripts/gpu-check` runs on a GPU.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ from steerer.controller import check_results
 from steerer.core import Request, Result, Steerer
 from steerer.engine.hf import HFEngine
 from steerer.generation import SamplingParams, generate
-from steerer.model import DEFAULT_MODEL, chat_prompt, load_model, resolve_device
+from steerer.model import (
+    DEFAULT_MODEL,
+    DTYPES,
+    LoadedModel,
+    chat_prompt,
+    load_model,
+    model_fingerprint,
+    resolve_device,
+)
 from steerer.monitor import BankScorer
 from steerer.policy import SteeringPolicy
 from steerer.taps import FixedSteering, LayerHooks, LayerSteering, Where, unit_directions
@@ -71,6 +82,46 @@ def random_bank(lm, tasks: list[str]) -> ProbeBank:
     probes = [Probe(task=t, layer=layer, reliable=True) for t, layer in zip(tasks, PROBE_LAYERS, strict=True)]
     return ProbeBank("bench", lm.fingerprint, d, probes, torch.randn(k, d, generator=g) / d**0.5,
                      torch.zeros(k), unit_directions(torch.randn(k, d, generator=g)))
+
+
+# Shapes for --random-config (transformers' LlamaConfig fields); "tiny" has the probe layers too (CPU dry runs).
+RANDOM_CONFIGS = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def word_tokenizer(texts: list[str], size: int):
+    """A word-level tokenizer over the words of `texts` (at most `size` ids): prompts without a tokenizer
+    on disk, for a random-weight model whose outputs nobody reads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<eos>"]
+    words = sorted({w for t in texts for w in t.split()})[: size - len(specials)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   padding_side="left")
+
+
+def random_model(name: str, dtype: str, device: str) -> LoadedModel:
+    """A Llama of shape `RANDOM_CONFIGS[name]` with random weights, initialised on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**RANDOM_CONFIGS[name])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    tokenizer = word_tokenizer(list(PROMPTS), config.vocab_size)
+    return LoadedModel(model, tokenizer, f"random:{name}", model_fingerprint(model))
 
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
@@ -127,6 +178,8 @@ def paired_ratio(plain: list[float], other: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--random-config", choices=tuple(RANDOM_CONFIGS), default=None,
+                        help="a random-weight model of this shape built in memory instead of --model")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--new-tokens", default="32,128", help="comma-separated token counts, one case each")
@@ -162,7 +215,10 @@ def main() -> None:
     cases = []
     load_start = os.getloadavg()[0]
     for dtype in args.dtypes.split(","):
-        lm = load_model(args.model, dtype=dtype, device=device)
+        if args.random_config:
+            lm = random_model(args.random_config, dtype, device)
+        else:
+            lm = load_model(args.model, dtype=dtype, device=device)
         bank = random_bank(lm, [c.task for c in constraints])
         for batch in (int(b) for b in args.batches.split(",")):
             texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -206,7 +262,8 @@ def main() -> None:
                               flush=True)
     machine = (f"CUDA ({torch.cuda.get_device_name()})" if device.startswith("cuda")
                else f"CPU, {os.cpu_count()} cores, torch.set_num_threads({args.threads})")
-    out = {"model": args.model or DEFAULT_MODEL, "machine": machine, "device": device,
+    model_name = f"random:{args.random_config}" if args.random_config else args.model or DEFAULT_MODEL
+    out = {"model": model_name, "machine": machine, "device": device,
            "probe_layers": list(PROBE_LAYERS), "steer_layer": 14,
            "steerer_constraints": [c.task for c in constraints],
            "checks": "steerer path: check=False, then one batched check_results on the same thread (= check=True "

@@ -20,13 +20,20 @@ Per (task, policy, alpha) cell, with 95% intervals beside each figure:
                     perplexity ratios (bootstrap over prompts). Prompts where either response is empty are
                     left out.
   repetition        mean over responses (with >= 3 tokens) of 1 - distinct/total token 3-grams (rep-3)
+  distinct_2        mean over responses (with >= 2 tokens) of distinct/total token 2-grams: a second fluency
+                    measure beside perplexity (looping text is likely text, so the ratio alone misses it)
   verdict           the probe's end verdict against the checker on these responses: accuracy of
                     `predicted_violation` (Wilson) and AUROC of `p_satisfied_end` (stratified bootstrap)
 The summary's `verdict_calibration` pools them over tasks: unsteered vs each steering policy.
 Every request of one task (all policies and strengths) runs in one shared batch through `Steerer`.
+A cell counts as a gain at low cost only if its perplexity ratio is <= 1.10 *and* its repetition stays
+within 0.05 of the unsteered run (`loop_free`; the summary's `*_loop_free` entries and the bar); the
+ratio-only figures are kept beside them. `--recount` recomputes the summary of an existing JSON with these
+rules without generating (distinct_2 is None in records written before it was measured).
 
     .venv/bin/python benchmarks/steering_efficacy.py --bank BANK [--n-per-task 60] [--alpha-scales 1]
         [--threads 1]     # writes benchmarks/results/steering_efficacy.json and .png
+    .venv/bin/python benchmarks/steering_efficacy.py --recount [--output JSON]   # summary only, no model
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from probes.heldout import HeldOutPrompt, held_out_prompts, load_bank
-from probes.steering import repetition
+from probes.steering import REP_MARGIN, distinct, loop_free, repetition
 from probes.tasks import TASKS
 from probes.train import auroc, auroc_ci
 from steerer.ab.fluency import response_nll, scored_tokens
@@ -160,6 +167,7 @@ def cell(arm: Arm, layer: int, results: list[Result], base: list[Result], nll: l
         "perplexity_ratio_ci": _round(ppl_ratio_ci(deltas)),
         "perplexity_pairs": len(deltas),
         "repetition": mean_or_none([repetition(r.tokens) for r in results]),
+        "distinct_2": mean_or_none([distinct(r.tokens) for r in results]),
         "steered_token_share": round(statistics.fmean(steered), 4),
         "mean_tokens": statistics.fmean(len(r.tokens) for r in results),
         "verdict": verdict_calibration(results),
@@ -167,59 +175,107 @@ def cell(arm: Arm, layer: int, results: list[Result], base: list[Result], nll: l
 
 
 def _best(c: dict) -> dict:
-    return {k: c[k] for k in ("alpha", "fraction", "scale", "gain", "gain_ci", "perplexity_ratio",
-                              "perplexity_ratio_ci", "compliance", "compliance_ci")}
+    return {k: c.get(k) for k in ("alpha", "fraction", "scale", "gain", "gain_ci", "perplexity_ratio",
+                                  "perplexity_ratio_ci", "compliance", "compliance_ci", "repetition", "distinct_2")}
 
 
-def best_cell(cells: list[dict], policy: str, ppl_limit: float | None) -> dict | None:
-    """The steered cell of `policy` with the largest compliance gain (ties: lower perplexity ratio)."""
+def best_cell(cells: list[dict], policy: str, ppl_limit: float | None, loops: bool = True) -> dict | None:
+    """The steered cell of `policy` with the largest compliance gain (ties: lower perplexity ratio); with
+    `loops` False only cells whose rep-3 stays within `REP_MARGIN` of the unsteered cell (`cells[0]`)."""
+    base_rep = cells[0].get("repetition")
     eligible = [c for c in cells if c["policy"] == policy and c["perplexity_ratio"] is not None
-                and (ppl_limit is None or c["perplexity_ratio"] <= ppl_limit)]
+                and (ppl_limit is None or c["perplexity_ratio"] <= ppl_limit)
+                and (loops or loop_free(c, base_rep, REP_MARGIN))]
     if not eligible:
         return None
     return _best(max(eligible, key=lambda c: (c["gain"], -c["perplexity_ratio"])))
 
 
+def _matches(cells: list[dict], loops: bool) -> bool | None:
+    """Some conditional cell gains >= MATCH_SHARE of constant's best gain (any perplexity) at a lower
+    perplexity ratio than that constant cell; with `loops` False, among loop-free cells only. None where
+    constant gains nothing."""
+    base_rep = cells[0].get("repetition")
+    const = best_cell(cells, "constant", None, loops)
+    if const is None or const["gain"] <= 0:
+        return None
+    return any(c["policy"] == "conditional" and c["perplexity_ratio"] is not None
+               and c["gain"] >= MATCH_SHARE * const["gain"] and c["perplexity_ratio"] < const["perplexity_ratio"]
+               and (loops or loop_free(c, base_rep, REP_MARGIN)) for c in cells)
+
+
 def summarise(tasks: dict[str, list[dict]]) -> dict:
-    per_task, gaining, sure, matches = {}, {p: [] for p in POLICIES}, {p: [] for p in POLICIES}, []
+    """Per task and policy the best cells, and which tasks gain >= GAIN at low cost: by perplexity alone
+    (`*_within_ppl_limit`, the old rule, kept beside) and loop-free (`*_loop_free`: the bar's rule)."""
+    per_task: dict[str, dict] = {}
+    gaining, sure, free, free_sure = ({p: [] for p in POLICIES} for _ in range(4))
+    matches, free_matches = [], []
     for task, cells in tasks.items():
         entry: dict = {"compliance_baseline": cells[0]["compliance_baseline"],
-                       "compliance_baseline_ci": cells[0]["compliance_baseline_ci"]}
+                       "compliance_baseline_ci": cells[0]["compliance_baseline_ci"],
+                       "repetition_unsteered": cells[0].get("repetition"),
+                       "distinct_2_unsteered": cells[0].get("distinct_2")}
         for policy in POLICIES:
             entry[f"{policy}_best_within_ppl_limit"] = best_cell(cells, policy, PPL_LIMIT)
+            entry[f"{policy}_best_loop_free"] = best_cell(cells, policy, PPL_LIMIT, loops=False)
             entry[f"{policy}_best"] = best_cell(cells, policy, None)
-            within = entry[f"{policy}_best_within_ppl_limit"]
-            if within is not None and within["gain"] >= GAIN:
-                gaining[policy].append(task)
-                if within["gain_ci"] is not None and within["gain_ci"][0] > 0:
-                    sure[policy].append(task)
-        const = entry["constant_best"]
-        match = None
-        if const is not None and const["gain"] > 0:
-            match = any(c["policy"] == "conditional" and c["perplexity_ratio"] is not None
-                        and c["gain"] >= MATCH_SHARE * const["gain"]
-                        and c["perplexity_ratio"] < const["perplexity_ratio"] for c in cells)
-            if match:
-                matches.append(task)
-        entry["conditional_matches_constant_at_lower_ppl"] = match
+            for key, lists in (("within_ppl_limit", (gaining, sure)), ("loop_free", (free, free_sure))):
+                best = entry[f"{policy}_best_{key}"]
+                if best is not None and best["gain"] >= GAIN:
+                    lists[0][policy].append(task)
+                    if best["gain_ci"] is not None and best["gain_ci"][0] > 0:
+                        lists[1][policy].append(task)
+        entry["conditional_matches_constant_at_lower_ppl"] = match = _matches(cells, loops=True)
+        entry["conditional_matches_constant_loop_free"] = free_match = _matches(cells, loops=False)
+        matches += [task] if match else []
+        free_matches += [task] if free_match else []
+        steered = [c for c in cells[1:] if c.get("alpha")]
+        entry["steerable_without_loops"] = any(loop_free(c, cells[0].get("repetition"), REP_MARGIN) and c["gain"] > 0
+                                               and c["perplexity_ratio"] is not None
+                                               and c["perplexity_ratio"] <= PPL_LIMIT for c in steered)
         per_task[task] = entry
     either = sorted(set().union(*gaining.values()))
+    either_free = sorted(set().union(*free.values()))
     return {
         "criteria": {"gain_at_least": GAIN, "perplexity_ratio_at_most": PPL_LIMIT, "match_share": MATCH_SHARE,
+                     "repetition_within": REP_MARGIN,
+                     "loop_free_rule": f"rep-3 <= the unsteered run's + {REP_MARGIN} (and perplexity ratio <= "
+                                       f"{PPL_LIMIT}): looping text is likely text, so the ratio alone misses it",
                      "match_rule": "conditional matches constant if some conditional cell gains at least "
                                    f"{MATCH_SHARE:.0%} of constant's best gain (any perplexity) at a lower perplexity "
-                                   "ratio than that constant cell (None where constant gains nothing)"},
+                                   "ratio than that constant cell (None where constant gains nothing); the loop-free "
+                                   "variant considers loop-free cells only"},
         "tasks_gaining_at_low_cost": {**gaining, "either": either},
         "tasks_gaining_at_low_cost_interval_above_zero": sure,
+        "tasks_gaining_loop_free": {**free, "either": either_free},
+        "tasks_gaining_loop_free_interval_above_zero": free_sure,
         "conditional_matches_constant_at_lower_ppl": matches,
-        "bar": {"steering_gain": {"rule": f"gain >= {GAIN} at perplexity ratio <= {PPL_LIMIT} on >= "
-                                          f"{TASKS_GAINING_BAR} tasks (any policy)",
-                                  "tasks": either, "met": len(either) >= TASKS_GAINING_BAR},
+        "conditional_matches_constant_loop_free": free_matches,
+        "not_steerable_without_loops": [t for t, e in per_task.items() if not e["steerable_without_loops"]
+                                        and any(c.get("alpha") and c["gain"] > 0 for c in tasks[t][1:])],
+        "bar": {"steering_gain": {"rule": f"gain >= {GAIN} at perplexity ratio <= {PPL_LIMIT} with rep-3 within "
+                                          f"{REP_MARGIN} of unsteered on >= {TASKS_GAINING_BAR} tasks (any policy)",
+                                  "tasks": either_free, "met": len(either_free) >= TASKS_GAINING_BAR},
                 "conditional_matches": {"rule": f"conditional reaches >= {MATCH_SHARE:.0%} of constant's best gain at "
-                                                f"a lower perplexity ratio on >= {TASKS_MATCHING_BAR} tasks",
-                                        "tasks": matches, "met": len(matches) >= TASKS_MATCHING_BAR}},
+                                                f"a lower perplexity ratio on >= {TASKS_MATCHING_BAR} tasks, loop-free "
+                                                "cells only",
+                                        "tasks": free_matches, "met": len(free_matches) >= TASKS_MATCHING_BAR},
+                "ppl_only_rule_for_comparison": {"steering_gain": either, "conditional_matches": matches}},
         "per_task": per_task,
     }
+
+
+def recount(path: Path) -> dict:
+    """Recompute the summary of a written result with today's rules (no generation): the cells hold the
+    measures. The verdict calibration and the config are kept; the rule is recorded."""
+    doc = json.loads(path.read_text())
+    calibration = doc["summary"].get("verdict_calibration")
+    doc["summary"] = summarise(doc["tasks"]) | ({"verdict_calibration": calibration} if calibration else {})
+    doc["config"]["recounted"] = ("summary recomputed from these cells by `benchmarks/steering_efficacy.py "
+                                  "--recount` (loop-free rule); distinct_2 is None where the cells predate it")
+    doc["config"].setdefault("distinct_2", "mean over responses of distinct/total token 2-grams")
+    path.write_text(json.dumps(doc, indent=1))
+    return doc
 
 
 def calibration_summary(results_by_policy: dict[str, list[Result]]) -> dict:
@@ -301,7 +357,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=192)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recount", action="store_true",
+                        help="recompute the summary of --output with today's rules, without generating")
     args = parser.parse_args(argv)
+    if args.recount:
+        if not Path(args.output).exists():
+            parser.error(f"--recount: no result at {args.output}")
+        summary = recount(Path(args.output))["summary"]
+        print(json.dumps(summary["bar"], indent=1))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
@@ -386,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "intervals": "95%: Wilson for compliance and accuracy, paired bootstrap over prompts for gains, "
                                 "stratified bootstrap for AUROC",
                    "repetition": "mean over responses of 1 - distinct/total token 3-grams",
+                   "distinct_2": "mean over responses of distinct/total token 2-grams",
                    "command": shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])},
     }
     output = Path(args.output)

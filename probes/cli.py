@@ -10,6 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def add_commands(sub) -> None:
+    from probes.bank_build import add_commands as add_bank_commands
+
+    add_bank_commands(sub)  # `steerer bank build`
     verify = sub.add_parser("verify", help="check responses against their constraints (jsonl in, jsonl out)")
     verify.add_argument("--input", required=True, help="rows {id, task, params, response}; - = stdin")
     verify.add_argument("--output", required=True, help="rows {id, satisfied} or {id, error}; - = stdout")
@@ -113,6 +116,9 @@ def add_commands(sub) -> None:
     corpus.add_argument("--max-new-tokens-other", type=int, default=112, help="token budget of the other tasks")
     corpus.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     corpus.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    corpus.add_argument("--ranges", choices=("default", "ifeval"), default="default",
+                        help="ifeval: IFEval's ranges (word limits 50-800, 1-3 instructions, word lists) for "
+                             "word_count, term_exclusion, keyword_inclusion, in probes/corpora/{model}-ifeval")
     corpus.add_argument("--relabel", action="store_true",
                         help="generate nothing: recompute every row's label and violation onset with today's rules")
     corpus.set_defaults(handler=cmd_corpus)
@@ -284,6 +290,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     doc, directions = steering.run(lm, source, corpus, features, config, report, fresh=args.fresh)
     choices = {t: steering.choice_record(doc["tasks"][t]) for t in directions}
     bank = steering.steered_bank(source, choices, directions)
+    bank = steering.without_looping_steering(bank, doc)  # loops only: steering off
     thresholds = [float(g) for g in args.gate_thresholds.split(",") if g.strip()]
     gate_tasks = [t for t, c in choices.items() if c["gain"] >= args.gate_min_gain]
     if thresholds and gate_tasks and steering.gate_supported():
@@ -439,9 +446,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     config = CorpusConfig(tasks=tuple(_tasks(args.tasks) or TASKS), per_task=args.per_task,
                           batch_size=args.batch_size, round_size=args.round_size, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, max_new_tokens_other=args.max_new_tokens_other,
-                          max_rounds=args.max_rounds)
+                          max_rounds=args.max_rounds, ranges=args.ranges)
     lm = load_model(args.model, threads=args.threads, device=args.device)
-    out = Path(args.out) if args.out else default_out(lm.name)
+    out = Path(args.out) if args.out else default_out(lm.name, args.ranges)
     if args.relabel:
         from probes.corpus import relabel_onsets
 

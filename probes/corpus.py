@@ -14,6 +14,9 @@ a finished task has >= 30% of each class; likewise once one aid value fills 60% 
 neither class is mostly one aid (a probe could read the demonstration instead of the behaviour). Every row records how it was obtained (aid, difficulty,
 temperature, seed, round, strategy).
 
+``--ranges ifeval`` (issue 22) builds a sibling corpus over IFEval's ranges without IFEval's prompts (word
+limits 50-800 with the budget to reach them, 1-3 instructions per prompt, word lists of 1-8): see ``RANGES``.
+
 Layout of the output folder (resumable: a rerun continues after the last finished round):
     {task}.jsonl.gz   one gzip member per round (kept rows only); rewritten atomically per round
     rounds.jsonl      one line per task and round: strategy, generated, kept, discarded, by-aid counts
@@ -64,6 +67,26 @@ EXTRA_TOPICS: tuple[str, ...] = (
 )
 
 
+# IFEval-range rows (issue 22): the three tasks IFEval scores, with its parameter ranges and 1-3 instructions
+# per prompt. They go to their own folder (``default_out(model, "ifeval")``) with ``tag`` = RANGE_TAG on
+# every row, so that training takes them or not; the shipped corpus is untouched.
+RANGES: tuple[str, ...] = ("default", "ifeval")
+RANGE_TASKS: tuple[str, ...] = ("word_count", "term_exclusion", "keyword_inclusion")
+RANGE_TAG = "ifeval-range"
+WORD_LIMITS = (50, 800)  # IFEval's number_words limits are mostly 50-800 (a few 20-46 and 900-1200)
+TOKENS_PER_WORD = 1.5  # SmolLM2's tokenizer spends ~1.3 tokens per English word; the rest is margin
+INSTRUCTION_COUNTS = {1: 0.56, 2: 0.33, 3: 0.11}  # IFEval's prompts carry 1-3 instructions in these shares
+TERM_COUNTS = {1: 0.22, 2: 0.42, 3: 0.18, 4: 0.08, 5: 0.05, 6: 0.03, 8: 0.02}  # forbidden/required list sizes
+# Instructions that may join a primary one in a prompt: none contradicts it (no char limit beside a word
+# limit, no topic change beside a request, required and forbidden words kept disjoint).
+COMPANIONS: dict[str, tuple[str, ...]] = {
+    "word_count": ("lowercase", "json_format", "term_exclusion", "keyword_inclusion", "sentiment", "register"),
+    "term_exclusion": ("lowercase", "json_format", "word_count", "keyword_inclusion", "sentiment", "register"),
+    "keyword_inclusion": ("lowercase", "json_format", "word_count", "term_exclusion", "sentiment", "register"),
+}
+_COMPANION_JOINS = (" ", "\n", "\n\n")
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     tasks: tuple[str, ...] = tuple(TASKS)
@@ -79,6 +102,15 @@ class CorpusConfig:
     aid_cap: float = 0.6  # within a class, one aid value (None included) fills at most this share of the cap
     max_generated_factor: float = 5.0  # give a task up after per_task * this many responses
     max_rounds: int | None = None  # rounds in this run (None: until every task is done)
+    ranges: str = "default"  # "ifeval": IFEval's ranges (``RANGE_TASKS`` only; see ``sample_range_params``)
+    range_budget_cap: int = 448  # token budget cap of IFEval-range word limits (a CPU cost; see ``range_budget``)
+
+    def __post_init__(self) -> None:
+        if self.ranges not in RANGES:
+            raise ValueError(f"unknown ranges {self.ranges!r}; expected one of {list(RANGES)}")
+        if self.ranges == "ifeval" and set(self.tasks) - set(RANGE_TASKS):
+            raise ValueError(f"--ranges ifeval covers {', '.join(RANGE_TASKS)} only; got "
+                             f"{', '.join(sorted(set(self.tasks) - set(RANGE_TASKS)))}")
 
     @property
     def cap(self) -> int:
@@ -89,9 +121,11 @@ class CorpusConfig:
         return math.ceil(self.cap * self.aid_cap)
 
 
-def default_out(model_name: str) -> Path:
-    """probes/corpora/{model}: one corpus per model (its responses are the model's own)."""
-    return CORPORA / re.sub(r"[^a-z0-9._-]+", "--", model_name.lower()).strip("-")
+def default_out(model_name: str, ranges: str = "default") -> Path:
+    """probes/corpora/{model}: one corpus per model (its responses are the model's own); IFEval-range rows
+    in the sibling probes/corpora/{model}-ifeval."""
+    name = re.sub(r"[^a-z0-9._-]+", "--", model_name.lower()).strip("-")
+    return CORPORA / (name if ranges == "default" else f"{name}-{ranges}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +156,82 @@ def sample_params(task_id: str, rng: random.Random, difficulty: float) -> dict:
         return TASKS[task_id].sample_params(rng, difficulty)
     TASKS[task_id].validate(params)
     return params
+
+
+def _weighted(rng: random.Random, shares: dict[int, float]) -> int:
+    return rng.choices(list(shares), weights=list(shares.values()))[0]
+
+
+def sample_range_params(task_id: str, rng: random.Random, difficulty: float) -> dict:
+    """IFEval's ranges: word limits 50-800 ("at least" 60%, "less than" 40%, as IFEval; harder = a higher
+    floor or a lower ceiling, log scale) and lists of 1-8 words (IFEval: mostly 1-3, up to 12) from the
+    corpus's tiered pools. Validated."""
+    if task_id == "word_count":
+        t = min(1.0, max(0.0, difficulty + rng.uniform(-0.2, 0.2)))
+        lo, hi = WORD_LIMITS
+        if rng.random() < 0.6:
+            params: dict = {"relation": "at least", "limit": round(lo * (hi / lo) ** t)}
+        else:
+            params = {"relation": "less than", "limit": round(hi * (lo / hi) ** t)}
+        params["limit"] = max(lo, min(hi, int(round(params["limit"] / 10) * 10)))
+    elif task_id in ("term_exclusion", "keyword_inclusion"):
+        tiers, extra = (EXCLUSION_TIERS, EXTRA_EXCLUSION) if task_id == "term_exclusion" else \
+            (INCLUSION_TIERS, EXTRA_INCLUSION)
+        t = min(1.0, max(0.0, difficulty + rng.uniform(-0.2, 0.2)))
+        i = min(len(tiers) - 1, int(t * len(tiers)))
+        pool = tuple(dict.fromkeys((*tiers[i], *extra[i])))
+        params = {"terms": rng.sample(pool, k=min(_weighted(rng, TERM_COUNTS), len(pool)))}
+    else:
+        raise ValueError(f"--ranges ifeval has no ranges for {task_id!r}; expected one of {list(RANGE_TASKS)}")
+    TASKS[task_id].validate(params)
+    return params
+
+
+def range_budget(task_id: str, params: dict, config: CorpusConfig) -> int:
+    """New tokens for an IFEval-range row: for a word limit, enough to pass it (``TOKENS_PER_WORD``) so the
+    verdict is the model's, capped at ``range_budget_cap`` for this CPU (above ~290 words a response cut by
+    the cap is ``censored`` and not kept); other tasks keep their usual budget."""
+    if task_id == "word_count":
+        return min(config.range_budget_cap, math.ceil(TOKENS_PER_WORD * params["limit"]) + 16)
+    return config.max_new_tokens_other
+
+
+def censored(task_id: str, params: dict, satisfied: bool, finish_reason: str) -> bool:
+    """A length verdict the budget decided rather than the model: cut short below an "at least" limit, or
+    still within an upper limit when cut (the rest of the answer might have crossed it)."""
+    if task_id != "word_count" or finish_reason != "length":
+        return False
+    return not satisfied if params["relation"] == "at least" else satisfied
+
+
+def sample_companions(task_id: str, params: dict, rng: random.Random) -> list[dict]:
+    """0-2 further instructions for a prompt (IFEval's 1-3 per prompt), each from a train-split family of
+    its own task, with parameters in IFEval's ranges; required and forbidden words kept apart."""
+    n = _weighted(rng, INSTRUCTION_COUNTS) - 1
+    out: list[dict] = []
+    for other in rng.sample(COMPANIONS[task_id], k=n):
+        d = rng.random()
+        other_params = sample_range_params(other, rng, d) if other in RANGE_TASKS else sample_params(other, rng, d)
+        taken = {t for c in [{"params": params}, *out] for t in c["params"].get("terms", ())}
+        if "terms" in other_params:
+            other_params["terms"] = [t for t in other_params["terms"] if t not in taken]
+            if not other_params["terms"]:
+                continue
+        family = rng.choice([f for f in phrasings.families(other)
+                             if phrasings.family_split(other, f.name) == "train"])
+        variant = rng.randrange(len(family.sentences))
+        out.append({"task": other, "params": other_params, "family": family.name, "variant": variant,
+                    "text": phrasings.instruction(other, family.name, variant, other_params),
+                    "join": rng.choice(_COMPANION_JOINS), "before": rng.random() < 0.3})
+    return out
+
+
+def with_companions(messages: list[dict[str, str]], companions: list[dict]) -> list[dict[str, str]]:
+    """The final user turn with each companion instruction before or after it."""
+    user = messages[-1]["content"]
+    for c in companions:
+        user = f"{c['text']}{c['join']}{user}" if c["before"] else f"{user}{c['join']}{c['text']}"
+    return [*messages[:-1], {"role": "user", "content": user}]
 
 
 def prompt_messages(task_id: str, family: str, variant: int, request: str, params: dict, aid: str | None,
@@ -237,8 +347,11 @@ def plan_round(task_id: str, round_index: int, state: TaskState, config: CorpusC
         layout = rng.randrange(2**16)
         base = rng.choice(ALL_REQUESTS)
         difficulty = _difficulty(rng, strategy)
-        params = sample_params(task_id, rng, difficulty)
+        ranged = config.ranges == "ifeval"
+        params = (sample_range_params if ranged else sample_params)(task_id, rng, difficulty)
         aid = _pick_aid(rng, strategy, state, config)
+        if ranged and aid == "oneshot" and params.get("limit", 0) > 150:
+            aid = "repeat"  # a demonstration of hundreds of words would double the prompt
         temperature = 0.0 if rng.random() < config.greedy_fraction else config.temperature
         seed = rng.randrange(2**31)
         try:
@@ -246,12 +359,20 @@ def plan_round(task_id: str, round_index: int, state: TaskState, config: CorpusC
         except ValueError:  # no compliant demonstration for these params: restate the rule instead
             aid = "system"
             messages = prompt_messages(task_id, family.name, variant, base.text, params, aid, layout)
-        rows.append({
+        extra: dict = {}
+        if ranged:
+            crng = random.Random(f"{config.seed}:{task_id}:{round_index}:{i}:companions")
+            companions = sample_companions(task_id, params, crng)
+            messages = with_companions(messages, companions)
+            extra = {"tag": RANGE_TAG, "instructions": [{"task": task_id, "params": params}] + [
+                {k: c[k] for k in ("task", "params", "family", "variant")} for c in companions]}
+        rows.append(extra | {
             "id": f"{task_id}:r{round_index:03d}:{i:03d}", "task": task_id, "params": params,
             "difficulty": round(difficulty, 3), "family": family.name, "variant": variant, "layout": layout,
             "family_split": phrasings.family_split(task_id, family.name), "base_id": base.id,
             "base_split": splits[base.id], "messages": messages, "aid": aid, "temperature": temperature,
-            "seed": seed, "max_new_tokens": budget, "round": round_index, "strategy": strategy,
+            "seed": seed, "max_new_tokens": range_budget(task_id, params, config) if ranged else budget,
+            "round": round_index, "strategy": strategy,
         })
     return rows
 
@@ -309,9 +430,13 @@ def label_row(lm, row: dict, gen) -> dict:
     if not satisfied:
         onset = violating_token(row["task"], row["params"], token_prefixes(decode, gen.tokens),
                                 gen.finish_reason == "eos")
-    return row | {"response": response, "token_ids": gen.tokens, "n_tokens": len(gen.tokens),
-                  "prompt_tokens": gen.prompt_tokens, "finish_reason": gen.finish_reason,
-                  "satisfied": satisfied, "onset": onset}
+    out = row | {"response": response, "token_ids": gen.tokens, "n_tokens": len(gen.tokens),
+                 "prompt_tokens": gen.prompt_tokens, "finish_reason": gen.finish_reason,
+                 "satisfied": satisfied, "onset": onset}
+    if row.get("tag") == RANGE_TAG:  # every instruction's verdict; the row's label stays its own task's
+        out["labels"] = {i["task"]: bool(TASKS[i["task"]].check(response, i["params"])) for i in row["instructions"]}
+        out["censored"] = censored(row["task"], row["params"], satisfied, gen.finish_reason)
+    return out
 
 
 def select_rows(rows: list[dict], state: TaskState, config: CorpusConfig) -> tuple[list[dict], int]:
@@ -322,6 +447,8 @@ def select_rows(rows: list[dict], state: TaskState, config: CorpusConfig) -> tup
     cells = Counter(state.cells)
     kept = []
     for row in rows:
+        if row.get("censored"):  # the budget, not the model, decided it: no label to keep
+            continue
         label, cell = bool(row["satisfied"]), (bool(row["satisfied"]), str(row["aid"]))
         if counts[label] < config.cap and cells[cell] < config.cell_cap:
             counts[label] += 1
@@ -617,7 +744,8 @@ def write_manifest(out: Path, lm, config: CorpusConfig, command: str | None = No
         "row_fields": ["id", "task", "params", "difficulty", "family", "variant", "layout", "family_split",
                        "base_id", "base_split", "messages", "aid", "temperature", "seed", "max_new_tokens",
                        "round", "strategy", "response", "token_ids", "n_tokens", "prompt_tokens",
-                       "finish_reason", "satisfied", "onset"],
+                       "finish_reason", "satisfied", "onset"] + (
+                           ["tag", "instructions", "labels", "censored"] if config.ranges == "ifeval" else []),
         "tasks": summarise(out, config),
     }
     _write_json(out / "manifest.json", manifest)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from probes.dataset import TaskData, position_indices
+from probes.plan import FeatureLayout, default_token_layers
 from steerer.model import LoadedModel, chat_prompt
 from steerer.taps import decoder_layers, layout_for
 
@@ -132,10 +133,13 @@ def _run_until(base, blocks, last_layer: int, ids: torch.Tensor, mask: torch.Ten
 
 
 def featurise_rows(lm: LoadedModel, rows: list[dict], token_layers: Sequence[int], batch_tokens: int = 4096,
-                   ) -> dict[str, torch.Tensor]:
-    """The cached arrays for `rows` (in their order), batching by length so little is padding."""
-    layers = list(range(lm.num_layers))
+                   position_layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """The cached arrays for `rows` (in their order), batching by length so little is padding; positions at
+    `position_layers` (None: every layer), and only the layers stored are captured."""
+    kept = list(range(lm.num_layers)) if position_layers is None else list(position_layers)
+    layers = sorted({*kept, *token_layers})
     token_cols = [layers.index(layer) for layer in token_layers]
+    position_cols = [layers.index(layer) for layer in kept]
     seqs = [sequence_for(lm, r) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(seqs[i].ids))
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -149,7 +153,7 @@ def featurise_rows(lm: LoadedModel, rows: list[dict], token_layers: Sequence[int
             s = seqs[k]
             picks = [s.position(index) for index in position_indices(s.n_tokens, s.ended_by_eos)]
             passes = res[s.position(0): s.position(s.last_index) + 1] if s.last_index >= 0 else res[:0]
-            out[k] = (res[picks], passes[:, token_cols])
+            out[k] = (res[picks][:, position_cols], passes[:, token_cols])
         i = j
     ordered = [out[k] for k in range(len(rows))]
     lengths = [o[1].shape[0] for o in ordered]
@@ -158,18 +162,18 @@ def featurise_rows(lm: LoadedModel, rows: list[dict], token_layers: Sequence[int
             "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)}
 
 
-def default_token_layers(num_layers: int) -> tuple[int, ...]:
-    """Every third layer and the last: enough for per-token monitors, a fraction of the storage."""
-    return tuple(sorted({*range(0, num_layers, 3), num_layers - 1}))
-
-
 def featurise(lm: LoadedModel, rows_by_task: dict[str, list[dict]], out: Path,
-              token_layers: Sequence[int] | None = None, progress: bool = True) -> dict:
-    """Fill the cache under `out` for every row (chunks already computed for the same rows are kept)."""
-    token_layers = tuple(token_layers or default_token_layers(lm.num_layers))
+              token_layers: Sequence[int] | None = None, progress: bool = True,
+              layout: FeatureLayout | None = None) -> dict:
+    """Fill the cache under `out` for every row (chunks already computed for the same rows are kept).
+    `layout` (`probes.plan.feature_layout`, the one the build's plan priced) overrides `token_layers`."""
+    token_layers = tuple(layout.token_layers if layout else token_layers or default_token_layers(lm.num_layers))
+    position_layers = layout.position_layers if layout else None
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "model": lm.name, "fingerprint": lm.fingerprint, "hidden_size": lm.hidden_size,
                 "layers": list(range(lm.num_layers)), "token_layers": list(token_layers), "chunk_rows": CHUNK_ROWS}
+    if position_layers is not None:  # only then: caches written before this key existed stay valid
+        manifest["position_layers"] = list(position_layers)
     old = out / "manifest.json"
     if old.exists():
         previous = json.loads(old.read_text())
@@ -186,7 +190,7 @@ def featurise(lm: LoadedModel, rows_by_task: dict[str, list[dict]], out: Path,
                 todo.append((path, chunk_rows))
     bar = tqdm(total=sum(len(r) for _, r in todo), desc="features", unit="resp", disable=not progress)
     for path, chunk_rows in todo:
-        arrays = featurise_rows(lm, chunk_rows, token_layers)
+        arrays = featurise_rows(lm, chunk_rows, token_layers, position_layers=position_layers)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(arrays, str(path.with_suffix(".safetensors")))
         tmp = path.with_suffix(".json.tmp")
@@ -209,6 +213,7 @@ def load_features(out: Path, task: str, rows: list[dict], partial: bool = False)
     stale chunks are an error that names the command computing them (with `partial`, the rows up to the first
     missing chunk: for a look at a corpus still growing)."""
     positions, tokens, offsets = [], [], [0]
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     for c in range(0, len(rows), CHUNK_ROWS):
         path = out / task / f"{c // CHUNK_ROWS:04d}"
         ids = [r["id"] for r in rows[c: c + CHUNK_ROWS]]
@@ -222,4 +227,16 @@ def load_features(out: Path, task: str, rows: list[dict], partial: bool = False)
         positions.append(arrays["positions"])
         tokens.append(arrays["tokens"])
         offsets += (arrays["offsets"][1:] + offsets[-1]).tolist()
-    return TaskData(rows, torch.cat(positions).float(), torch.cat(tokens), torch.tensor(offsets))
+    return TaskData(rows, _every_layer(torch.cat(positions).float(), manifest), torch.cat(tokens),
+                    torch.tensor(offsets))
+
+
+def _every_layer(positions: torch.Tensor, manifest: dict) -> torch.Tensor:
+    """Positions stored at some layers only (a large model's layout) widened to [N, P, L, d] so readers index
+    by layer number; the layers not stored are zeros and are never candidates (they are not token layers)."""
+    kept = manifest.get("position_layers")
+    if kept is None:
+        return positions
+    full = positions.new_zeros((*positions.shape[:2], len(manifest["layers"]), positions.shape[-1]))
+    full[:, :, kept] = positions
+    return full

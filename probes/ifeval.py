@@ -56,13 +56,14 @@ def mapped_rows(folder: Path = IFEVAL) -> list[dict]:
     return rows
 
 
-def generate(lm, corpus: Path, batch_size: int = 32) -> Path:
-    """Answer every mapped row (greedy) and write the labelled responses (without prompts) under `corpus`."""
+def generate(lm, corpus: Path, batch_size: int = 32, tasks=None) -> Path:
+    """Answer every mapped row (greedy; of `tasks` only, when given) and write the labelled responses (without
+    prompts) under `corpus`."""
     from probes.corpus import generate_rows
     from steerer.engine.hf import HFEngine
 
     rows = [r | {"max_new_tokens": TASKS[r["task"]].token_budget, "temperature": 0.0, "seed": 0}
-            for r in mapped_rows()]
+            for r in mapped_rows() if tasks is None or r["task"] in tasks]
     labelled = generate_rows(lm, HFEngine(lm), rows, batch_size)
     path = corpus / FILE
     path.parent.mkdir(parents=True, exist_ok=True)

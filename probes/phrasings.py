@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.tasks import TASKS
+from steerer.tasks.registry import builtin_ids
 
 Params = Mapping[str, Any]
 Sentence = Callable[[Params], str]
@@ -419,6 +420,21 @@ _REGISTER = [
              "Could you write this casually, like you're chatting with a friend?"))),
 ]
 
+class _Registered(dict):
+    """The built-in tasks' table; a task registered with its own phrasings (a task file, a plugin:
+    `steerer.tasks.base.PhrasingFamily`) is looked up on its `Task`, so the corpus needs nothing else."""
+
+    def __init__(self, table: dict, derive: Callable[[Any], Any]) -> None:
+        super().__init__(table)
+        self.derive = derive
+
+    def __missing__(self, task_id: str) -> Any:
+        task = TASKS.get(task_id)
+        if task is None or not task.phrasings:
+            raise KeyError(f"{task_id}: no phrasing families (not a registered task with phrasings)")
+        return self.derive(task.phrasings)
+
+
 FAMILIES: dict[str, tuple[Family, ...]] = {
     "char_count": tuple(_length_families(
         "characters", "chars",
@@ -432,7 +448,8 @@ FAMILIES: dict[str, tuple[Family, ...]] = {
     "topic": tuple(_TOPIC),
     "register": tuple(_REGISTER),
 }
-assert set(FAMILIES) == set(TASKS), "every task needs phrasing families"
+assert set(FAMILIES) == builtin_ids(), "every built-in task needs phrasing families"
+FAMILIES = _Registered(FAMILIES, lambda fams: tuple(Family(f.name, f.placement, f.sentences) for f in fams))
 
 # Held out per task: one structural family (placement) and one wording family, chosen by hand so that
 # across tasks every structural family and most wording families are held out somewhere.
@@ -447,6 +464,7 @@ HELDOUT: dict[str, tuple[str, str]] = {
     "topic": ("list", "polite"),
     "register": ("before", "synonym"),
 }
+HELDOUT = _Registered(HELDOUT, lambda fams: tuple(f.name for f in fams if f.heldout))
 
 
 def families(task_id: str) -> tuple[Family, ...]:

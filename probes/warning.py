@@ -263,6 +263,8 @@ def warning_entry(choice: dict, bank: ProbeBank, hidden_size: int):
     task, best = choice["task"], choice["chosen"]
     record = {"position": "tokens_before_onset", "method": "logreg", "flag_threshold": best["threshold"],
               "metrics": {k: v for k, v in best.items() if k not in ("threshold", "variant_shifts")}, "reliable": True}
+    if not bank.probes[bank.index(task)].reliable:  # its failed record describes the probe's metrics, not these
+        record["reliability"] = None
     if choice["fitted"] is None:
         entry = entry_from_bank(bank, task)
         entry.record = {**entry.record, **record, "position": "eos"}

@@ -367,6 +367,7 @@ class ProbeBank:
             manifest = {"format_version": FORMAT_VERSION, "model": self.model, "fingerprint": self.fingerprint,
                         "hidden_size": self.hidden_size, "version": self.version,
                         "probes": [asdict(p) for p in self.probes], **self.extra}
+            manifest.update(_save_tasks(tmp, self.tasks))  # a file task's YAML travels with the bank
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if self.warning is not None:
                 self.warning.save(tmp / WARNING)
@@ -390,6 +391,7 @@ class ProbeBank:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BankError(f"{folder / MANIFEST}: not valid JSON ({_one_line(exc)})") from None
         probes = _parse_manifest(manifest, folder / MANIFEST)
+        _load_tasks(folder, [p.task for p in probes], manifest)
         try:
             tensors = load_file(str(folder / TENSORS))
         except Exception as exc:  # safetensors raises its own SafetensorError for truncated or corrupt files
@@ -407,6 +409,24 @@ class ProbeBank:
                        tensors.get("progress_weights"), warning)
         except BankError as exc:
             raise BankError(f"{folder}: {exc}") from None
+
+
+def _save_tasks(folder: Path, tasks: list[str]) -> dict:
+    """Write the bank's task files into ``folder/tasks/``; the manifest entry naming its non-built-in tasks'
+    sources (`steerer.tasks.registry.save_bank_tasks`)."""
+    from steerer.tasks.registry import save_bank_tasks
+
+    return save_bank_tasks(folder, tasks)
+
+
+def _load_tasks(folder: Path, tasks: list[str], manifest: dict) -> None:
+    """Register the task files a bank carries and check its plugin tasks are installed: one BankError line."""
+    from steerer.tasks.registry import SOURCES_KEY, load_bank_tasks
+
+    try:
+        load_bank_tasks(folder, tasks, manifest.get(SOURCES_KEY))
+    except ValueError as exc:
+        raise BankError(f"{folder}: {exc}") from None
 
 
 def check_probe(probe: Probe, where: str = "probe") -> None:

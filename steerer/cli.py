@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from steerer.policy import POLICY_KINDS  # light: no torch
+from steerer.policy import POLICY_CHOICES  # light: no torch
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 # Modules that add their own sub-commands: each has `add_commands(subparsers)`, and every parser it adds
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print tokens with the norms of the tapped residuals")
     gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
                      help='monitor a constraint, e.g. word_count:\'{"relation": "at most", "limit": 20}\' (repeatable)')
-    gen.add_argument("--policy", default="off", choices=POLICY_KINDS,
-                     help="steering policy for every constraint (needs --constraint)")
+    gen.add_argument("--policy", default="off", choices=POLICY_CHOICES,
+                     help="steering policy for every constraint (needs --constraint); guard[+KIND] vetoes "
+                          "tokens that would break it (docs/GUARD.md)")
     gen.add_argument("--bank", default=None, help="probe bank folder (default: the shipped bank)")
     gen.add_argument("--use-unreliable-probes", action="store_true",
                      help="also flag and steer with probes whose 95%% test-AUROC interval reaches chance")
@@ -151,10 +152,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not vllm_installed():
             raise UsageError(MISSING)
         cli_environment(quiet=True)
-        if args.steer_direction or args.layers:
-            raise UsageError("--engine vllm runs the monitored path only: no --steer-direction or --layers")
+        if args.steer_direction:
+            raise UsageError("--engine vllm runs the monitored path or taps (--layers): no --steer-direction")
         if args.device not in ("auto", "cpu"):
             raise UsageError("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
+        if args.layers:
+            if args.constraint or args.policy != "off":
+                raise UsageError("--constraint cannot be combined with --steer-direction or --layers")
+            return _generate_vllm_taps(args)
     if args.constraint or args.policy != "off" or args.engine == "vllm":
         return _generate_monitored(args)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -190,6 +195,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_vllm_taps(args: argparse.Namespace) -> int:
+    """`--engine vllm --layers`: greedy tokens and tap norms through the vLLM op, no bank (`look.Look`); the
+    transformers path's output, same JSON."""
+    from steerer.engine.vllm.look import Look
+    from steerer.model import DEFAULT_MODEL, chat_prompt
+
+    if args.temperature != 0.0:
+        raise UsageError("--engine vllm --layers decodes greedily: leave --temperature at 0")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    layers = parse_layers(args.layers)
+    with Look(args.model, layers, dtype=args.dtype, max_num_seqs=1, seed=args.seed) as look:
+        tokenizer = look.llm.get_tokenizer()
+        trace = look.run([chat_prompt(tokenizer, args.prompt)], args.max_new_tokens)[0]
+    from steerer.engine.vllm.driver import eos_ids
+
+    tokens, norms = trace.tokens, trace.norms()
+    if tokens and tokens[-1] in eos_ids(look.path, tokenizer):  # transformers' path leaves EOS out
+        tokens = tokens[:-1]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if not args.json:
+        print(text)
+        return 0
+    rows = [{"index": i, "id": t, "text": tokenizer.decode([t]), "norms": n}
+            for i, (t, n) in enumerate(zip(tokens, norms, strict=False))]
+    finish = "length" if trace.finish_reason == "length" else "eos"
+    print(json.dumps({"model": args.model or DEFAULT_MODEL, "prompt": args.prompt, "response": text,
+                      "finish_reason": finish, "layers": list(layers), "tokens": rows}, indent=1))
+    return 0
+
+
 def _generate_monitored(args: argparse.Namespace) -> int:
     """Generation through the Steerer: tokens stream to stdout, flags (predictions) and detections (certain
     violations) to stderr as they happen."""
@@ -205,7 +241,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     if args.steer_direction or args.layers:
         raise UsageError("--constraint cannot be combined with --steer-direction or --layers")
     constraints = tuple(Constraint.parse(text) for text in args.constraint)
-    policy = SteeringPolicy(args.policy, args.alpha)
+    policy = SteeringPolicy.named(args.policy, args.alpha)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     request = Request(args.prompt, constraints, policy, sampling=sampling, id="cli")
     bank = ProbeBank.load(args.bank)

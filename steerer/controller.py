@@ -191,6 +191,15 @@ class Controller:
     def request_id(self, slot: int) -> str:
         return self._rows[slot].request_id
 
+    def row_detectors(self, slot: int) -> dict[str, Detector]:
+        """The row's live detectors (tasks a prefix may still decide), for the guard (`steerer.guard`)."""
+        return self._rows[slot].detectors
+
+    def row_text(self, slot: int) -> tuple[IncrementalDetokenizer, int]:
+        """The row's detokenizer and the characters its detectors were fed, for the guard to try tokens on."""
+        row = self._rows[slot]
+        return row.detok, row.length
+
     # -- per pass --------------------------------------------------------------------------------------
     def coefficients(self, rows: torch.Tensor, positions: torch.Tensor,
                      live: torch.Tensor | None = None) -> torch.Tensor | None:

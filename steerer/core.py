@@ -65,6 +65,7 @@ class Steerer:
                                stop_steering_on_detection)
         self.driver = Driver.build(bank, lm.tokenizer, engine.eos_token_ids, self.options, device=self.device,
                                    lens=lens_for(bank, lm.model))
+        self.driver.can_guard = True  # the loop vets its draws (`RunningBatch` -> `guard`)
         self.controller: Controller = self.driver.controller
         engine.install(self.controller.tap_layers, self.controller.steering)
         self.batch = RunningBatch(engine, self, tap_eos=True)
@@ -155,6 +156,13 @@ class Steerer:
         for i, slot in enumerate(view.rows):
             if not host.closing[i]:  # EOS and length were decided on the device (`RunningBatch`)
                 pending.append(driver.token(slot, host.tokens[i], recorded=host.recorded[i], final=host.finished[i]))
+
+    def guarding(self, rows: list[int]) -> bool:
+        return self.driver.guarding(rows)
+
+    def guard(self, rows: list[int], logits: torch.Tensor, tokens: torch.Tensor, redraw) -> torch.Tensor:
+        """Veto and redraw tokens a guarded constraint forbids, before they are used (`Driver.guard`)."""
+        return self.driver.guard(rows, logits, tokens, redraw)
 
     # -- internals -----------------------------------------------------------------------------------
     def _finish(self, generation: Generation) -> Result:

@@ -14,6 +14,8 @@ What they share lives here, once; each keeps only how it learns rows, positions 
                  read(...)                      after it: observe -> one host transfer -> settle
                  observe(...) / settle(...)     the same in two halves, for an engine that folds the
                                                 readings into its own transfer (`StepView.fetch`)
+                 guard(slots, logits, tokens, redraw) -> tokens   before a token is used: veto the ones a
+                                                guarded constraint forbids and draw again (`steerer.guard`)
                  token(slot, token) -> event    a chosen token: EOS / length decided here, unless the engine
                                                 decided it on its device (`recorded=`, `final=`)
                  ending(slot)                   "eos" / "length" once a token ended the row, else None
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from steerer import guard as guards
 from steerer.bank import ProbeBank
 from steerer.controller import Controller, Observation
 from steerer.lens import LensWeights
@@ -72,6 +76,8 @@ class _Row:
     recorded: int = 0  # tokens appended to the response
     tokens: int = 0  # token events (EOS included)
     ending: str | None = None
+    guarded: tuple[str, ...] = ()  # tasks whose policy guards them (`steerer.guard`)
+    vetoes: Counter[str] = field(default_factory=Counter)  # task -> candidates vetoed for the next token
 
 
 def eos_token_ids(*sources: Any) -> tuple[int, ...]:
@@ -111,6 +117,8 @@ class Driver:
     # Requests this driver validated (by identity; the bank never changes under a driver): admitting one of
     # them again costs nothing, so a request is validated once however many layers ask.
     _valid: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+    # The engine calls `guard` on its draws (transformers loop, drop-in); others refuse guarded policies.
+    can_guard: bool = False
 
     @classmethod
     def build(cls, bank: ProbeBank, tokenizer: Any, eos: Iterable[int], options: Options = Options(), *,
@@ -148,6 +156,9 @@ class Driver:
         if self._valid.get(id(spec)) is spec:
             return
         self.controller.validate(spec)
+        if not self.can_guard and (guarded := guards.guarded_tasks(spec)):
+            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard policy runs on the "
+                             "transformers engine (docs/GUARD.md)")
         with contextlib.suppress(TypeError):  # not weak-referenceable: validated, just not remembered
             self._valid[id(spec)] = spec
 
@@ -158,7 +169,7 @@ class Driver:
         if not validated:
             self.validate(spec)
         slot = self.controller.add(spec, request_id, validated=True)
-        self._rows[slot] = _Row(stop if stop is not None else Stop(self.eos))
+        self._rows[slot] = _Row(stop if stop is not None else Stop(self.eos), guarded=guards.guarded_tasks(spec))
         return slot
 
     def join_all(self, specs: Iterable[Spec], stops: Iterable[Stop | None] | None = None) -> list[int]:
@@ -240,6 +251,84 @@ class Driver:
                                    torch.tensor(closing, dtype=torch.bool, device=device))
         self.settle(slots, positions, closing, to_host(*observation.tensors()))
 
+    def guarding(self, slots: Iterable[int]) -> bool:
+        """Some of these rows have a guarded constraint still undecided (their tokens need `guard`)."""
+        return any(self._live_guards(slot) for slot in slots)
+
+    def _live_guards(self, slot: int) -> dict[str, Any]:
+        row = self._rows.get(slot)
+        if row is None or not row.guarded:
+            return {}
+        detectors = self.controller.row_detectors(slot)
+        return {task: detectors[task] for task in row.guarded if task in detectors}
+
+    def veto(self, slot: int, token: int) -> list[str]:
+        """The guarded tasks that forbid `token` as the row's next token (none: it may be used)."""
+        live = self._live_guards(slot)
+        if not live:
+            return []
+        stop = self._rows[slot].stop
+        end = token in stop.eos and not stop.ignore_eos
+        detok, length = self.controller.row_text(slot)
+        return guards.vetoes(live, guards.peek(detok, None if end else token), length, end)
+
+    def guard(self, slots: list[int], logits: torch.Tensor, tokens: torch.Tensor,
+              redraw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The tokens [B] the sampler drew for `slots` with every vetoed one replaced (`steerer.guard`): the
+        vetoed token's logit is set to -inf and `redraw` (the engine's sampler over [B, V] logits, row by row
+        the same draw) picks again, up to `guard.MAX_VETOES` times; an at-most limit's veto, or one past the
+        bound, ends the row (EOS). The vetoes go on the row's next token event (`TokenEvent.redrawn`)."""
+        rows = [(i, slot) for i, slot in enumerate(slots) if self._live_guards(slot)]
+        if not rows:
+            return tokens
+        chosen = tokens.tolist()
+        masked: torch.Tensor | None = None
+        for attempt in range(guards.MAX_VETOES + 1):
+            again = []
+            for i, slot in rows:
+                vetoed = self.veto(slot, chosen[i])
+                if not vetoed:
+                    continue
+                row = self._rows[slot]
+                row.vetoes.update(vetoed)
+                eos = min(row.stop.eos, default=None)
+                if eos is not None and (attempt == guards.MAX_VETOES
+                                        or guards.ends_at_limit(self._live_guards(slot), vetoed)):
+                    chosen[i] = eos
+                    continue
+                if masked is None:
+                    masked = logits.clone()
+                masked[i, chosen[i]] = float("-inf")
+                again.append((i, slot))
+            if not again or masked is None:
+                break
+            drawn = redraw(masked).tolist()
+            for i, _ in again:
+                chosen[i] = drawn[i]
+            rows = again
+        return torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
+
+    def guard_scores(self, slot: int, scores: torch.Tensor) -> torch.Tensor:
+        """One row's next-token scores [V] (an engine that cannot redraw: the drop-in) with the candidates the
+        guard vetoes, in score order down to the first allowed one, set to -inf: greedy decoding then takes
+        exactly the token `guard` would. An at-most limit's veto, or one past the bound, leaves only EOS."""
+        row = self._rows[slot]
+        out = scores.clone()
+        for attempt in range(guards.MAX_VETOES + 1):
+            best = int(out.argmax())
+            vetoed = self.veto(slot, best)
+            if not vetoed:
+                break
+            row.vetoes.update(vetoed)
+            eos = sorted(row.stop.eos)
+            if eos and (attempt == guards.MAX_VETOES or guards.ends_at_limit(self._live_guards(slot), vetoed)):
+                keep = out[eos].clone()
+                out.fill_(float("-inf"))
+                out[eos] = keep
+                break
+            out[best] = float("-inf")
+        return out
+
     def token(self, slot: int, token: int, *, recorded: bool | None = None, final: bool = False) -> TokenEvent:
         """The token a row chose in the pass last read: its event. The row's stop rule decides whether it is
         EOS (not recorded) and whether it ends the row, unless the engine already decided (`recorded` given:
@@ -256,4 +345,7 @@ class Driver:
             row.ending = "length" if recorded else "eos"
         row.recorded += recorded
         row.tokens += 1
-        return self.controller.token(slot, token, recorded, final)
+        event = self.controller.token(slot, token, recorded, final)
+        if row.vetoes:
+            event.redrawn, row.vetoes = dict(row.vetoes), Counter()
+        return event

@@ -124,6 +124,7 @@ class RunningBatch:
         logits, state = self.engine.prefill(list(prompts))
         p = _stack_params(params, self.device)
         tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], torch.zeros_like(index), **_kinds(params))
+        tokens = self._guard(rows, logits, tokens, p, torch.zeros_like(index), _kinds(params))
         width = max(max(x.max_new_tokens for x in params), self._buffer.shape[1])
         self.state = state if self.state is None else self.engine.merge(self.state, state)
         self.rows += rows
@@ -150,9 +151,20 @@ class RunningBatch:
         logits = self.engine.decode(self.state, self._tokens)
         p = self._params
         tokens = select_tokens(logits, p["temperature"], p["top_p"], p["seed"], self._count, **self._kinds)
+        tokens = self._guard(self.rows, logits, tokens, p, self._count, self._kinds)
         closing = self._closing.clone()
         self._tokens = tokens
         return self._accept(self.rows, None, tokens, index, closing)
+
+    def _guard(self, rows: list[Hashable], logits: torch.Tensor, tokens: torch.Tensor, p: dict[str, torch.Tensor],
+               steps: torch.Tensor, kinds: dict[str, bool]) -> torch.Tensor:
+        """The hooks' `guard` (if any) vets the drawn tokens before they are used (`steerer.guard`), redrawing
+        with this step's sampler; only when some row is guarded (`guarding`), so others pay nothing."""
+        guard = getattr(self.hooks, "guard", None)
+        if guard is None or not self.hooks.guarding(rows):
+            return tokens
+        return guard(rows, logits, tokens, lambda masked: select_tokens(masked, p["temperature"], p["top_p"],
+                                                                        p["seed"], steps, **kinds))
 
     def _accept(self, rows: list[Hashable], at: torch.Tensor | None, tokens: torch.Tensor, index: torch.Tensor,
                 closing: torch.Tensor) -> list[Generation]:

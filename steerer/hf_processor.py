@@ -16,7 +16,10 @@ risks after pass t. Both this processor and `Steerer` drive the same `Driver` an
 policies, token events, results); only the order in which they learn a pass's token differs. A forward pre-hook on the model recognises a
 prefill (empty cache), puts the hooks in the prompt phase (so `Where.GENERATED` steering leaves the prompt
 alone) and starts fresh per-row state, so one attached processor serves several `generate()` calls. The
-scores are returned unchanged.
+scores are returned unchanged, except for rows with a guarded constraint (`steerer.guard`): the candidates the
+guard vetoes, in score order down to the first allowed one, are set to -inf (`Driver.guard_scores`), so greedy
+decoding takes exactly the token `Steerer` would; a sampled row may still draw a lower-ranked vetoed token
+(the drop-in cannot redraw), so guard sampled rows with `Steerer`.
 
 A token's id is only visible to the processor one call later (it is chosen after the call), so its
 `TokenEvent` is emitted then, and the last token's in `finish()`. A row that chose EOS while others were
@@ -91,6 +94,7 @@ class SteererLogitsProcessor(LogitsProcessor):
         # The row's stop rule is the model's EOS ids and no token budget: generate() decides the length.
         self.driver = Driver.build(bank, tokenizer, eos_token_ids(model, tokenizer), self.options,
                                    device=self.device, lens=lens_for(bank, model))
+        self.driver.can_guard = True  # greedy rows are guarded exactly (`Driver.guard_scores`; docs/GUARD.md)
         self.controller = self.driver.controller
         for spec in [rows] if isinstance(rows, RowSpec) else rows:
             self.driver.validate(spec)  # once: each generate()'s rows join without another check
@@ -176,6 +180,16 @@ class SteererLogitsProcessor(LogitsProcessor):
         gen.calls += 1
         self._steer_next(gen)
         self.hooks.set_pass(generated=True)
+        return self._guard(gen, scores)
+
+    def _guard(self, gen: _Generation, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Rows with a guarded constraint: the candidates it vetoes are masked before generate() picks."""
+        rows = [b for b, done in enumerate(gen.done) if not done and self.driver.guarding([gen.slots[b]])]
+        if not rows:
+            return scores
+        scores = scores.clone()
+        for b in rows:
+            scores[b] = self.driver.guard_scores(gen.slots[b], scores[b])
         return scores
 
     def _steer_next(self, gen: _Generation) -> None:

@@ -37,9 +37,22 @@ def token_ids(tokenizer, words: list[str], limit: int = MAX_LENS_TOKENS) -> list
     return sorted(ids)[:limit]
 
 
+# model_type -> what a family's final RMSNorm adds to its weight: Gemma scales by (1 + w), the others by w
+NORM_OFFSET = {"gemma": 1.0, "gemma2": 1.0, "gemma3": 1.0, "gemma3_text": 1.0}
+
+
+def norm_offset(config) -> float:
+    """The offset of the final norm's scale for a model config (`NORM_OFFSET`; 0 for most families)."""
+    return NORM_OFFSET.get(getattr(config, "model_type", None), 0.0)
+
+
 @dataclass
 class LensWeights:
-    """What the lens needs of a model: its final norm (RMSNorm weight and epsilon) and its unembedding."""
+    """What the lens needs of a model: its final norm (RMSNorm scale and epsilon) and its unembedding.
+
+    `norm_weight` is the effective scale, family quirks folded in (Gemma's stored w becomes 1 + w), so both
+    backends compute the same lens from the same checkpoint. Gemma 2's final logit softcap is left out: it is
+    monotone, and a lens reading is a feature, not a logit the model samples from."""
 
     norm_weight: torch.Tensor  # [d]
     eps: float
@@ -50,7 +63,9 @@ class LensWeights:
         """From a transformers causal LM (the decoder's final `norm`, the output embeddings)."""
         norm = model.get_decoder().norm
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
-        return cls(norm.weight.detach(), eps, model.get_output_embeddings().weight.detach())
+        weight = norm.weight.detach()
+        offset = norm_offset(getattr(model, "config", None))
+        return cls(weight + offset if offset else weight, eps, model.get_output_embeddings().weight.detach())
 
     def features(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, 2] max and mean lens logit per row: x [B, d] residuals, ids/mask [B, M] each row's token ids."""

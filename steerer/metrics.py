@@ -54,6 +54,8 @@ class Metrics:
         self.detected = Counter("steerer_violations_detected", "Violations a prefix of the response already "
                                 "decided (certain, from incremental checks on the text), by task", ["task"],
                                 registry=r)
+        self.guard_vetoes = Counter("steerer_guard_vetoes", "Candidate tokens a guarded constraint vetoed at "
+                                    "sampling (each redrawn; steerer.guard), by task", ["task"], registry=r)
         self.lead = Histogram("steerer_flag_lead_tokens", "For violations both flagged and detected: detection "
                               "token minus first flag token (> 0: the flag predicted it; < 0: it came late)",
                               ["task"], buckets=LEAD_BUCKETS, registry=r)
@@ -97,6 +99,7 @@ class Metrics:
             self.risk.labels(task)
             self.flags.labels(task)
             self.detected.labels(task)
+            self.guard_vetoes.labels(task)
             self.lead.labels(task)
             self.steered.labels(task)
             for predicted in ("yes", "no"):
@@ -151,6 +154,8 @@ class Metrics:
                 self.flags.labels(flag.task).inc()
         for detection in event.detections:
             self.detected.labels(detection.task).inc()
+        for task, vetoed in event.redrawn.items():
+            self.guard_vetoes.labels(task).inc(vetoed)
 
     def result(self, result) -> None:
         """A finished `Result`: its tokens, verdicts (prediction vs checker, flagged), flag lead and steered tokens."""

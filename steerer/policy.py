@@ -6,6 +6,8 @@ layer, from the bank's steering sweep) and checked by `check_strengths` in `Cont
 
 `POLICY_KINDS` (from `PolicyKind`) is the list every entry point offers (the library, the drop-in, the gRPC
 conversion, the client and both command lines); `SteeringPolicy.parse` reads the 'kind:alpha' they take.
+A policy may also *guard* its constraint (`steerer.guard`): 'guard' alone, or with steering as
+'guard+conditional:8' (`POLICY_CHOICES` lists the names a command line offers).
 This module imports torch only when a `PolicyTable` is built, so the light client can use the vocabulary.
 
 The table is EasySteer-style: policies live in [capacity, K] tensors indexed by row slot, and one pass
@@ -41,12 +43,16 @@ class PolicyKind(IntEnum):
 
 
 POLICY_KINDS: tuple[str, ...] = tuple(k.name.lower() for k in PolicyKind)  # "off", "constant", ...
+GUARD = "guard"
+# The policy names a command line offers: the steering kinds, guard alone, and guard with each steering kind.
+POLICY_CHOICES: tuple[str, ...] = (*POLICY_KINDS, GUARD, *(f"{GUARD}+{k}" for k in POLICY_KINDS if k != "off"))
 
 
 @dataclass(frozen=True)
 class SteeringPolicy:
     kind: str = "off"
     alpha: float = 0.0
+    guard: bool = False  # veto, at sampling, tokens that would make the task's detector fire (`steerer.guard`)
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:
@@ -55,6 +61,8 @@ class SteeringPolicy:
             raise ValueError(f"steering strength must be a finite number, got {self.alpha!r}")
         if abs(self.alpha) > MAX_ALPHA:
             raise ValueError(f"steering strength {self.alpha} is outside [-{MAX_ALPHA:g}, {MAX_ALPHA:g}]")
+        if not isinstance(self.guard, bool):
+            raise ValueError(f"guard must be true or false, got {self.guard!r}")
 
     @property
     def code(self) -> PolicyKind:
@@ -62,8 +70,33 @@ class SteeringPolicy:
 
     @classmethod
     def parse(cls, text: str) -> SteeringPolicy:
-        """'off', 'constant:8', 'conditional:12', 'proportional:20' (case and spaces around parts ignored)."""
-        return cls(*split_policy(text))
+        """'off', 'constant:8', 'conditional:12', 'proportional:20', 'guard', 'guard+conditional:12' (case and
+        spaces around parts ignored)."""
+        guard, rest = split_guard(text)
+        return cls(*split_policy(rest), guard=guard)
+
+    @classmethod
+    def named(cls, name: str, alpha: float = 0.0) -> SteeringPolicy:
+        """A command line's `--policy NAME --alpha A`: 'guard+conditional' with 8 is 'guard+conditional:8'."""
+        guard, rest = split_guard(name)
+        kind, _ = split_policy(rest)
+        return cls(kind, alpha if kind != "off" else 0.0, guard=guard)
+
+    def spec(self) -> str:
+        """The policy as `parse` reads it back: 'guard+conditional:8', 'constant:4', 'off'."""
+        steering = f"{self.kind}:{self.alpha:g}" if self.kind != "off" else ""
+        return "+".join(part for part in (GUARD if self.guard else "", steering) if part) or "off"
+
+
+def split_guard(text: str) -> tuple[bool, str]:
+    """'guard+conditional:8' -> (True, 'conditional:8'); 'guard' -> (True, 'off'); others -> (False, text).
+    The parts are joined by '+' in either order; guard named twice or two steering parts is an error."""
+    parts = [part.strip() for part in text.split("+")]
+    guards = [part for part in parts if part.partition(":")[0].strip().lower() == GUARD]
+    rest = [part for part in parts if part.partition(":")[0].strip().lower() != GUARD]
+    if len(guards) > 1 or len(rest) > 1 or any(g.partition(":")[2].strip() for g in guards):
+        raise ValueError(f"bad policy {text!r}; use 'guard', 'KIND:ALPHA' or 'guard+KIND:ALPHA'")
+    return bool(guards), rest[0] if rest else "off"
 
 
 def split_policy(text: str) -> tuple[str, float]:

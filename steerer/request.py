@@ -102,6 +102,9 @@ class TokenEvent:
     steering: dict[str, float]  # alpha applied per constraint in the pass that chose this token
     flags: list[FlagEvent] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)  # violations this token made certain
+    # Guarded tasks that vetoed candidates before this token was drawn (task -> candidates vetoed; `steerer.guard`):
+    # empty when the first draw passed. A vetoed token never reaches an event.
+    redrawn: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

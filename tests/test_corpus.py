@@ -333,3 +333,70 @@ def test_relabel_recomputes_labels_and_onsets_in_place(lm, tmp_path):
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in stale).encode()))
     assert corpus.relabel_onsets(tmp_path, lm.tokenizer) == {"lowercase": len(rows)}
     assert corpus.load_corpus(tmp_path) == rows
+
+
+# -- IFEval-range rows (issue 22) ----------------------------------------------------------------------------
+RANGED = corpus.CorpusConfig(tasks=corpus.RANGE_TASKS, ranges="ifeval")
+
+
+def test_ranged_rows_span_ifevals_ranges_with_one_to_three_instructions():
+    rows = [r for t in corpus.RANGE_TASKS for k in range(4)
+            for r in corpus.plan_round(t, k, corpus.TaskState(), RANGED)]
+    words = [r["params"] for r in rows if r["task"] == "word_count"]
+    assert {p["relation"] for p in words} == {"at least", "less than"}
+    assert min(p["limit"] for p in words) <= 80 and max(p["limit"] for p in words) >= 600
+    assert all(50 <= p["limit"] <= 800 for p in words)
+    lists = [len(r["params"]["terms"]) for r in rows if r["task"] != "word_count"]
+    assert max(lists) >= 4 and sum(n >= 2 for n in lists) > len(lists) / 2  # multi-word lists
+    counts = {len(r["instructions"]) for r in rows}
+    assert counts == {1, 2, 3}
+    for r in rows:
+        assert r["tag"] == corpus.RANGE_TAG and r["instructions"][0] == {"task": r["task"], "params": r["params"]}
+        user = r["messages"][-1]["content"]
+        terms = [set(i["params"].get("terms", ())) for i in r["instructions"]]
+        assert sum(len(t) for t in terms) == len(set().union(*terms))  # required and forbidden words apart
+        for extra in r["instructions"][1:]:
+            assert extra["task"] in corpus.COMPANIONS[r["task"]]
+            assert phrasings.family_split(extra["task"], extra["family"]) == "train"
+            assert phrasings.instruction(extra["task"], extra["family"], extra["variant"], extra["params"]) in user
+        budget = min(RANGED.range_budget_cap, -(-3 * r["params"]["limit"] // 2) + 16) \
+            if r["task"] == "word_count" else RANGED.max_new_tokens_other
+        assert r["max_new_tokens"] == budget
+    assert "tag" not in corpus.plan_round("word_count", 0, corpus.TaskState(), corpus.CorpusConfig())[0]
+    with pytest.raises(ValueError, match="covers word_count"):
+        corpus.CorpusConfig(ranges="ifeval")
+    with pytest.raises(ValueError, match="unknown ranges"):
+        corpus.CorpusConfig(ranges="ifevals")
+
+
+def test_a_length_verdict_the_budget_decided_is_censored_and_not_kept():
+    least, less = {"relation": "at least", "limit": 300}, {"relation": "less than", "limit": 300}
+    assert corpus.censored("word_count", least, False, "length") and corpus.censored("word_count", less, True, "length")
+    assert not corpus.censored("word_count", least, True, "length")  # passed the floor before the cut: known
+    assert not corpus.censored("word_count", less, False, "length")  # crossed the ceiling before the cut: known
+    assert not corpus.censored("word_count", least, False, "eos")  # the model stopped: its own verdict
+    assert not corpus.censored("term_exclusion", {"terms": ["a"]}, True, "length")
+    rows = [{"satisfied": True, "aid": None, "censored": True}, {"satisfied": False, "aid": None, "censored": False}]
+    kept, discarded = corpus.select_rows(rows, corpus.TaskState(), corpus.CorpusConfig(per_task=10))
+    assert kept == rows[1:] and discarded == 1
+
+
+def test_tiny_ranged_build_labels_every_instruction(lm, tmp_path):
+    # 8 tokens cannot decide a limit of >= 50 words unless the model stops: those rows are censored, not kept
+    config = dataclasses.replace(RANGED, tasks=("word_count", "term_exclusion"), per_task=3, round_size=3,
+                                 batch_size=1, max_new_tokens_other=6, range_budget_cap=8, max_rounds=1,
+                                 class_cap=1.0, aid_cap=1.0)
+    manifest = corpus.build_corpus(lm, tmp_path, config, progress=False, command="test")
+    rows = corpus.load_corpus(tmp_path)
+    rounds = {r["task"]: r for r in corpus.load_rounds(tmp_path)}
+    assert rounds["term_exclusion"]["kept"] == 3 and rounds["word_count"]["generated"] == 3
+    words = [r for r in rows if r["task"] == "word_count"]
+    assert len(words) == rounds["word_count"]["kept"] == 3 - rounds["word_count"]["discarded"]
+    assert all(r["finish_reason"] == "eos" for r in words)
+    for row in rows:
+        assert row["tag"] == corpus.RANGE_TAG and row["censored"] is False and row["n_tokens"] <= 8
+        assert list(row["labels"]) == [i["task"] for i in row["instructions"]]
+        assert row["labels"][row["task"]] == row["satisfied"]
+        for i in row["instructions"]:
+            assert row["labels"][i["task"]] == TASKS[i["task"]].check(row["response"], i["params"])
+    assert "labels" in manifest["row_fields"] and manifest["config"]["ranges"] == "ifeval"

@@ -174,6 +174,64 @@ def test_client_leaving_mid_stream_frees_its_slot(server):
                                   code="CANCELLED") == cancelled + 1, what="the request counted CANCELLED")
 
 
+def _hold_stream(host: str, port: int) -> socket.socket:
+    """A streamed chat completion (1000 tokens, EOS ignored) that keeps its batch slot: 3 events read, then the
+    socket is left open and unread."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 1000, "stream": True,
+                       "steerer": {"constraints": [{"task": "lowercase"}], "ignore_eos": True}}).encode()
+    sock = socket.create_connection((host, port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    seen = b""
+    while seen.count(b"data: ") < 3:
+        seen += sock.recv(65536)
+    assert b" 200 " in seen.split(b"\r\n", 1)[0]
+    return sock
+
+
+def _post(connection: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
+    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_queue_full_is_429_and_draining_is_503():
+    """One batch slot, no queue: while a held stream has the slot, a second request is refused (429); after
+    SIGTERM the server drains the held stream, and a request on a connection it already had open gets 503."""
+    port = free_port()
+    with ServerProcess("--http-port", str(port), "--max-batch", "1", "--max-queue", "0", "--threads", "1") as proc:
+        plain = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        assert _post(connection, "/v1/chat/completions", plain)[0] == 200  # a kept-alive connection
+        held = _hold_stream("127.0.0.1", port)
+        try:
+            wait_for(lambda: metric_value(proc, "steerer_batch_size") == 1, what="the held request in the batch")
+            status, body = _post(connection, "/v1/chat/completions", plain)
+            assert status == 429 and body["error"]["type"] == "rate_limit_error", body
+            assert body["error"]["code"] == "resource_exhausted" and "server busy" in body["error"]["message"]
+            # Counted after the answer is sent: wait for it.
+            wait_for(lambda: metric_value(proc, "steerer_requests_total", method="ChatCompletions",
+                                          code="RESOURCE_EXHAUSTED") == 1, what="the 429 counted")
+
+            proc.signal()  # SIGTERM: drain (the held stream keeps it draining for up to its grace)
+
+            def refused() -> bool:
+                connection.request("GET", "/health")
+                response = connection.getresponse()
+                body = json.loads(response.read())  # read whole: the connection is reused
+                return response.status == 503 and body == {"status": "NOT_SERVING"}
+
+            wait_for(refused, what="health NOT_SERVING")
+            status, body = _post(connection, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            assert status == 503 and body["error"]["type"] == "server_error", body
+            assert body["error"]["message"] == "the server is shutting down"
+            wait_for(lambda: metric_value(proc, "steerer_requests_total", method="Completions",
+                                          code="UNAVAILABLE") == 1, what="the 503 counted")
+        finally:
+            held.close()
+            connection.close()
+
+
 # -- request conversion and stop sequences: pure functions, no server ---------------------------------------------
 def test_parse_call_maps_openai_fields_onto_the_grpc_request():
     from steerer.service.http import parse_call

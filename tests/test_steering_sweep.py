@@ -91,9 +91,9 @@ def test_variant_directions_are_signed_and_weighted_by_groups():
         steering.steering_direction(means[:1], [True], ["g"], None)
 
 
-def cell(gain, ppl, fraction=0.1, base=0.2, alpha=10.0, layer=6):
+def cell(gain, ppl, fraction=0.1, base=0.2, alpha=10.0, layer=6, rep=0.2):
     return {"compliance": base + gain, "compliance_baseline": base, "perplexity_ratio": ppl, "fraction": fraction,
-            "alpha": alpha, "layer": layer}
+            "alpha": alpha, "layer": layer, "repetition": rep}
 
 
 def test_choice_is_the_largest_gain_within_the_perplexity_limit():
@@ -198,3 +198,62 @@ def test_repetition():
     assert steering.repetition([1, 2]) is None
     assert steering.repetition([1, 2, 3, 4]) == 0.0
     assert steering.repetition([1, 2, 1, 2, 1, 2]) == pytest.approx(0.5)  # 4 trigrams, 2 distinct
+
+
+def test_a_gain_counts_only_where_repetition_stays_near_the_unsteered_run():
+    off = cell(0, 1.0, 0, alpha=0.0, rep=0.2)
+    loop, fluent = cell(0.5, 0.95, rep=0.6), cell(0.2, 1.05, 0.2, rep=0.24)
+    assert steering.choose([off, loop, fluent]) is fluent  # the loop is cheaper by perplexity, but loops
+    assert steering.choose([off, loop, fluent], rep_margin=None) is loop  # the ratio-only rule took it
+    assert steering.choose([off, loop]) is None and steering.choose([loop, fluent]) is None  # no unsteered rep-3
+    assert steering.loop_only([off, loop]).startswith("off: every gaining cell of the sweep loops (rep-3 0.60-0.60")
+    assert steering.loop_only([off, loop, fluent]) is None and steering.loop_only([off, cell(-0.1, 1.0)]) is None
+    assert steering.choose_gate([dict(loop, gate_threshold=0.3)], base_repetition=0.2) is None
+    assert steering.choose_gate([dict(loop, gate_threshold=0.3)])["gate_threshold"] == 0.3
+
+
+def test_looping_steering_is_marked_off_and_the_bank_stays_loadable(tmp_path):
+    bank = small_bank()
+    bank = type(bank)(**{**bank.__dict__, "extra": {"steering": {"lowercase": {"layer": 2, "alpha": 5.0,
+                                                                                "fraction": 0.1}}}})
+    doc = {"tasks": {"lowercase": {"cells": [cell(0, 1.0, 0, alpha=0.0), cell(0.4, 0.9, rep=0.7)]},
+                     "word_count": {"cells": [cell(0, 1.0, 0, alpha=0.0), cell(0.3, 1.0, rep=0.21)]}}}
+    marked = steering.without_looping_steering(bank, doc)
+    loaded = ProbeBank.load(marked.save(tmp_path / "bank"))
+    entry = loaded.extra["steering"]["lowercase"]
+    assert entry["steerable"] is False and entry["alpha"] == 5.0 and "loops" in entry["steerable_reason"]
+    assert "word_count" not in loaded.extra["steering"]  # a loop-free gain: the sweep's choice stands
+
+
+def test_distinct_2():
+    assert steering.distinct([1]) is None
+    assert steering.distinct([1, 2, 3]) == 1.0
+    assert steering.distinct([1, 2, 1, 2, 1]) == pytest.approx(0.5)  # 4 bigrams, 2 distinct
+
+
+def test_the_benchmark_recounts_a_result_with_the_loop_free_rule(tmp_path):
+    """`steering_efficacy.py --recount` on a written result: no model, the loop-free bar beside the old one."""
+    import json
+    import subprocess
+    import sys
+
+    def bcell(policy, gain, ppl, rep, alpha=10.0):
+        return {"policy": policy, "alpha": alpha, "fraction": 0.1, "scale": 1.0, "gain": gain, "gain_ci": [gain - 0.1,
+                gain + 0.1], "perplexity_ratio": ppl, "perplexity_ratio_ci": [ppl, ppl], "compliance": 0.2 + gain,
+                "compliance_ci": [0.1, 0.9], "compliance_baseline": 0.2, "compliance_baseline_ci": [0.1, 0.3],
+                "repetition": rep}
+
+    tasks = {"lowercase": [bcell("off", 0, 1.0, 0.26, 0.0), bcell("constant", 0.33, 0.95, 0.66),
+                           bcell("conditional", 0.0, 0.96, 0.65)],
+             "register": [bcell("off", 0, 1.0, 0.32, 0.0), bcell("constant", 0.28, 1.0, 0.34),
+                          bcell("conditional", 0.25, 0.99, 0.35)]}
+    path = tmp_path / "steering_efficacy.json"
+    path.write_text(json.dumps({"tasks": tasks, "summary": {"verdict_calibration": {"off": {}}}, "config": {}}))
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "steering_efficacy.py"), "--recount", "--output",
+                    str(path)], check=True, capture_output=True, timeout=300)
+    summary = json.loads(path.read_text())["summary"]
+    assert summary["bar"]["steering_gain"]["tasks"] == ["register"]
+    assert summary["bar"]["ppl_only_rule_for_comparison"]["steering_gain"] == ["lowercase", "register"]
+    assert summary["conditional_matches_constant_loop_free"] == ["register"]
+    assert summary["not_steerable_without_loops"] == ["lowercase"]
+    assert summary["verdict_calibration"] == {"off": {}}

@@ -286,18 +286,21 @@ def test_cli_generate_with_engine_vllm(steerer):
 
 def test_serve_with_engine_vllm(steerer, tmp_path):
     """`steerer serve --engine vllm`: ready line on stdout, model info from the vLLM engine, a steered request's
-    tokens as this engine gives them, streamed tokens; then a bank at other layers swapped in on the same engine
-    (ReloadProbeBank) serves the next request."""
+    tokens as this engine gives them, streamed tokens, a chat completion with verdicts on `--http-port`; then a bank at
+    other layers swapped in on the same engine (ReloadProbeBank) serves the next request."""
+    import openai
+
     from steerer.service.client import SteererClient
-    from steerer.service.testing import ServerProcess, placeholder_bank
+    from steerer.service.testing import ServerProcess, free_port, placeholder_bank
 
     ref = _reference(steerer)
     other = placeholder_bank(steerer.fingerprint(), steerer.hidden_size, "vllm-swap")
     assert set(other.layers) != set(steerer.bank.layers)
     other_path = other.save(tmp_path / "swap")
+    http_port = free_port()
     with ServerProcess("--engine", "vllm", "--metrics-port", "-1", "--max-batch", "4", "--max-prompt-tokens", "512",
                        "--max-new-tokens", "64", "--threads", "1", "--admin-token", "admin-secret",
-                       "--stop-steering-on-detection", startup_s=900) as server, \
+                       "--http-port", str(http_port), "--stop-steering-on-detection", startup_s=900) as server, \
             SteererClient(server.target) as client, SteererClient(server.target, token="admin-secret") as admin:
         info = client.model_info()
         assert info.fingerprint == steerer.fingerprint() and info.num_layers == 30
@@ -310,6 +313,15 @@ def test_serve_with_engine_vllm(steerer, tmp_path):
         events = [m.WhichOneof("event") for m in streamed]
         assert events[-1] == "final" and events[:-1] and set(events[:-1]) == {"token"}
         assert list(streamed[-1].final.token_ids) == ref.tokens
+        # The HTTP front on the same engine (the openai client, no token: only admin RPCs need one here).
+        http = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="-", max_retries=0, timeout=300)
+        chat = http.chat.completions.create(
+            model=http.models.list().data[0].id, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8,
+            temperature=0, extra_body={"steerer": {"constraints": [{"task": "lowercase"}],
+                                                   "policy": {"kind": "constant", "alpha": 24}}})
+        assert chat.choices[0].message.content and 1 <= chat.usage.completion_tokens <= 8
+        assert [v["task"] for v in chat.model_extra["steerer"]["verdicts"]] == ["lowercase"]
+        assert chat.model_extra["steerer"]["usage"]["steeredTokens"]["lowercase"] >= 1
         swapped = admin.reload_bank(str(other_path), timeout=300)  # an admin RPC: the admin token
         assert swapped.bank_version == "vllm-swap" and swapped.previous_version == steerer.bank.version
         after = client.generate(PROMPTS[0], timeout=300, **kwargs)

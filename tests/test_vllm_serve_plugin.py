@@ -137,6 +137,8 @@ def test_vllm_xargs_key_scheme_and_messages():
     with pytest.raises(ValueError, match=rf"^steering strength 1000 for lowercase is above this bank's bound {bound:g}"):
         validate({"steerer_constraints": "lowercase", "steerer_policies": "lowercase=constant:1000"})
     assert validate({"steerer_constraints": "lowercase", "steerer_policy": f"constant:{bound:g}"}) is not None
+    with pytest.raises(ValueError, match=r"^this engine cannot guard \(lowercase\)"):  # refused, never ignored
+        validate({"steerer_constraints": "lowercase", "steerer_policy": "guard+constant:4"})
 
 
 def test_cache_salt_middleware_sets_the_steering_salt():

@@ -155,8 +155,8 @@ def _get(url: str) -> str:
 def test_an_architecture_the_override_does_not_implement_is_refused_by_name(tiny_qwen2, tmp_path):
     line = Serve(tiny_qwen2, tmp_path / "log").exit_line()
     assert line == (f"steerer: {ARCHITECTURE} implements LlamaForCausalLM only; this checkpoint is Qwen2ForCausalLM "
-                    "(model_type 'qwen2'), which it would run as Llama with wrong outputs: serve it without the "
-                    "steerer override")
+                    "(model_type 'qwen2'), which it would run with wrong outputs: load it as SteererQwen2ForCausalLM "
+                    "(--hf-overrides '{\"architectures\": [\"SteererQwen2ForCausalLM\"]}')")
 
 
 def test_a_bank_for_another_hidden_size_stops_the_server_at_start_with_one_line(tiny_llama, tmp_path):

@@ -137,3 +137,33 @@ def test_a_pass_samples_only_when_it_reaches_the_rows_last_known_token():
     assert info.complete(1, outputs=4)  # a decode step (or the last recompute chunk) reaches the last token
     assert not info.complete(0, outputs=4)  # a recompute chunk that stops among the generated tokens samples none
     assert not PassInfo(2, [0], [5], [10]).complete(0)  # a prefill chunk inside the prompt
+
+
+def test_v1_runner_pin_check_is_one_clear_line_where_v1_is_unavailable():
+    from steerer.engine.vllm.runner import FLAG, v1_runner_problem
+
+    flags = {FLAG, "VLLM_CPU_KVCACHE_SPACE"}
+    assert v1_runner_problem("0", flags, True) is None
+    assert v1_runner_problem(None, flags, True) is None  # the driver sets 0 before vLLM reads it
+    forced = v1_runner_problem("1", flags, True)
+    assert f"set {FLAG}=0" in forced and "\n" not in forced
+    assert "no longer has" in v1_runner_problem("0", flags, False)  # a vLLM without the V1 runner
+    assert "does not read" in v1_runner_problem("0", {"VLLM_CPU_KVCACHE_SPACE"}, True)  # the switch is gone
+
+
+def test_buffers_are_sized_once_at_install_and_filled_in_place():
+    state, steer = _state()
+    state.install(4, (1, 2), {1: steer}, max_tokens=16, max_rows=3, device="cpu")
+    b = state.buffers
+    assert b.token_slot.shape == (3, 16) and b.last.shape == (3,) and b.tables[1].shape == (5, D)
+    pointers = [b.token_slot.data_ptr(), b.last.data_ptr(), b.tables[1].data_ptr()]
+    steer.set_coeffs(torch.ones(4, 2), active=True)
+    state.update_rows(2, [], [(0, 0, 2), (1, 1, 3)], [])
+    for positions, qsl in ((torch.tensor([2, 3, 0, 0]), [0, 1, 2]), (torch.arange(9), [0, 5, 9])):
+        state.begin_pass(positions, torch.tensor(qsl), num_reqs=2)
+        state.layer(1, torch.zeros(len(positions), D), torch.zeros(len(positions), D))
+        state.layer(2, torch.zeros(len(positions), D), torch.zeros(len(positions), D))
+        assert state.buffers is b and [b.token_slot.data_ptr(), b.last.data_ptr(), b.tables[1].data_ptr()] == pointers
+        assert state.captured[2].data_ptr() == b.taps[1].data_ptr()  # views on the static tap buffer
+    state.begin_pass(torch.arange(20), torch.tensor([0, 10, 20]), num_reqs=2)  # a pass past the sizes: eager only
+    assert state.buffers is not b and state.buffers.max_tokens == 20

@@ -18,12 +18,15 @@ layer and strength are chosen by what steering does to generated text:
    unsteered. Per cell: compliance by the task's checker, and the perplexity ratio as the benchmark
    measures it (the unsteered model's mean NLL per response token of the steered response vs the unsteered
    response, geometric mean over prompts).
-3. **Choice** (`choose`): the cell with the largest compliance gain at perplexity ratio <= 1.10 (ties:
-   lower ratio); a task where no cell gains keeps its source bank's steering, and says so.
+3. **Choice** (`choose`): the cell with the largest compliance gain at perplexity ratio <= 1.10 and
+   repetition (rep-3) within 0.05 of the unsteered run (`REP_MARGIN`: loops are likely text, so the ratio
+   alone lets them through; distinct-2 is recorded beside it) (ties: lower ratio); a task where no cell
+   gains keeps its source bank's steering, and says so.
 
 4. **Gate** (`calibrate_gates`, where the runtime has `Probe.gate_threshold`): for tasks whose choice gained,
    conditional steering at the chosen alpha on the same prompts through the `Steerer` (the gate is the
-   monitor's), at a few gate thresholds; the one gaining most at perplexity ratio <= 1.10 (`choose_gate`).
+   monitor's), at a few gate thresholds; the one gaining most at perplexity ratio <= 1.10 and rep-3 within
+   0.05 of the unsteered run (`choose_gate`).
 
 The bank written is the source bank with each chosen task's steering layer and direction replaced (and its
 gate threshold), and `extra["steering"]` recording the choice per task (layer, alpha, fraction, gain,
@@ -34,18 +37,24 @@ resumable), `choice` (3, and the bank written, pure), `gate` (4), `plot` (the sw
 Intervals come from `steerer.stats`.
 """
 
-from probes.steering.arms import Arm, LastPromptAndGenerated, generate_arms, repetition, score_cells
+from probes.steering.arms import Arm, LastPromptAndGenerated, distinct, generate_arms, repetition, score_cells
 from probes.steering.choice import (
     PPL_LIMIT,
+    REP_MARGIN,
+    RULE,
     SOURCE,
     choice_record,
     choose,
     choose_gate,
     gain_of,
     gate_supported,
+    loop_free,
+    loop_only,
     steer_signs_supported,
     steered_bank,
+    unsteered_repetition,
     with_gate_thresholds,
+    without_looping_steering,
 )
 from probes.steering.directions import (
     MAX_TOKENS,
@@ -62,7 +71,8 @@ from probes.steering.gate import calibrate_gates
 from probes.steering.plot import plot, save_doc
 from probes.steering.sweep import DEFAULT_FRACTIONS, DEFAULT_LAYERS, SweepConfig, budget_for, run, sweep_task
 
-__all__ = ["DEFAULT_FRACTIONS", "DEFAULT_LAYERS", "MAX_TOKENS", "PPL_LIMIT", "SIGNS", "SOURCE", "Arm", "DirectionFit",
+__all__ = ["DEFAULT_FRACTIONS", "DEFAULT_LAYERS", "MAX_TOKENS", "PPL_LIMIT", "REP_MARGIN", "RULE", "SIGNS", "SOURCE",
+           "Arm", "DirectionFit", "distinct", "loop_free", "loop_only", "unsteered_repetition", "without_looping_steering",
            "LastPromptAndGenerated", "SweepConfig", "budget_for", "calibrate_gates", "choice_record", "choose",
            "choose_gate", "fit_directions", "gain_of", "gate_supported", "generate_arms", "group_difference",
            "mean_norm", "plot", "repetition", "row_means", "run", "save_doc", "score_cells", "steer_signs_supported",

@@ -143,6 +143,7 @@ def score_cells(lm, task: str, prompts, arms: Sequence[Arm], gens: list[list], b
             "perplexity_ratio_ci": ppl_ratio_ci(deltas), "perplexity_pairs": len(deltas),
             "mean_tokens": float(np.mean([len(g.tokens) for g in gens[k]])),
             "repetition": _mean([repetition(g.tokens) for g in gens[k]]),
+            "distinct_2": _mean([distinct(g.tokens) for g in gens[k]]),
             "satisfied": ok[k],
         })
     return cells
@@ -153,6 +154,13 @@ def repetition(tokens: Sequence[int], n: int = 3) -> float | None:
     looping text is *more* predictable to the unsteered model, so the perplexity ratio alone does not see it."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else None
+
+
+def distinct(tokens: Sequence[int], n: int = 2) -> float | None:
+    """distinct-n: distinct n-grams / n-grams of the response (1: no n-gram repeats); None if it has fewer
+    than n tokens. A second fluency measure beside perplexity, over shorter spans than rep-3."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -13,18 +13,36 @@ from steerer import conditioning
 from steerer.bank import ProbeBank
 
 PPL_LIMIT = 1.10
+REP_MARGIN = 0.05  # a steered cell counts only if its rep-3 is at most the unsteered run's + this
 SOURCE = "sweep on train split"
+RULE = (f"perplexity ratio <= {PPL_LIMIT} and repetition (rep-3) within {REP_MARGIN} of the unsteered run: "
+        "looping text is likely text, so the perplexity ratio alone lets loops through")
 
 
 def gain_of(cell: dict) -> float:
     return cell["compliance"] - cell["compliance_baseline"]
 
 
-def choose(cells: Sequence[dict], ppl_limit: float = PPL_LIMIT) -> dict | None:
-    """The steered cell with the largest compliance gain at perplexity ratio <= `ppl_limit` (ties: the lower
-    ratio, then the smaller fraction), or None when no such cell gains anything."""
+def unsteered_repetition(cells: Sequence[dict]) -> float | None:
+    """rep-3 of the unsteered cell among `cells` (alpha 0), None when absent or not measured."""
+    return next((c.get("repetition") for c in cells if not c.get("alpha")), None)
+
+
+def loop_free(cell: dict, base_repetition: float | None, rep_margin: float = REP_MARGIN) -> bool:
+    """Does steering keep the response's repetition within `rep_margin` of the unsteered run? False where
+    either was not measured (a record without repetition cannot show its gain is not a loop)."""
+    rep = cell.get("repetition")
+    return rep is not None and base_repetition is not None and rep <= base_repetition + rep_margin + 1e-9
+
+
+def choose(cells: Sequence[dict], ppl_limit: float = PPL_LIMIT, rep_margin: float | None = REP_MARGIN) -> dict | None:
+    """The steered cell with the largest compliance gain at perplexity ratio <= `ppl_limit` and (unless
+    `rep_margin` is None) rep-3 within `rep_margin` of the unsteered cell in `cells` (ties: the lower ratio,
+    then the smaller fraction), or None when no such cell gains anything."""
+    base = unsteered_repetition(cells)
     eligible = [c for c in cells if c.get("alpha") and c.get("perplexity_ratio") is not None
-                and c["perplexity_ratio"] <= ppl_limit and gain_of(c) > 0]
+                and c["perplexity_ratio"] <= ppl_limit and gain_of(c) > 0
+                and (rep_margin is None or loop_free(c, base, rep_margin))]
     if not eligible:
         return None
     return max(eligible, key=lambda c: (round(gain_of(c), 9), -c["perplexity_ratio"], -c["fraction"]))
@@ -62,12 +80,38 @@ def steered_bank(bank: ProbeBank, choices: dict[str, dict], directions: dict[str
     return replace(bank, probes=probes, directions=dirs, extra=extra)
 
 
+def loop_only(cells: Sequence[dict]) -> str | None:
+    """Why a task's steering should stay off: some cell gains at perplexity ratio <= PPL_LIMIT, but every such
+    cell loops (rep-3 above the unsteered run's + REP_MARGIN). None otherwise (or where repetition was not
+    measured)."""
+    base = unsteered_repetition(cells)
+    gaining = [c for c in cells if c.get("alpha") and c.get("perplexity_ratio") is not None
+               and c["perplexity_ratio"] <= PPL_LIMIT and gain_of(c) > 0]
+    if base is None or not gaining or choose(cells) is not None:
+        return None
+    reps = [c["repetition"] for c in gaining if c.get("repetition") is not None]
+    return (f"off: every gaining cell of the sweep loops (rep-3 {min(reps):.2f}-{max(reps):.2f} vs {base:.2f} "
+            f"unsteered; rule: {RULE})")
+
+
+def without_looping_steering(bank: ProbeBank, doc: dict) -> ProbeBank:
+    """`bank` with `extra["steering"][task]` marked `steerable: false` (and why) for every task of the sweep
+    document `doc` whose only gains are loops (`loop_only`); the manifest stays loadable."""
+    steering = dict(bank.extra.get("steering") or {})
+    for task, record in doc.get("tasks", {}).items():
+        reason = loop_only(record.get("cells", []))
+        if reason is not None:
+            steering[task] = {**(steering.get(task) or {}), "steerable": False, "steerable_reason": reason}
+    return replace(bank, extra=bank.extra | {"steering": steering})
+
+
 def brief_cell(cell: dict | None) -> dict | None:
     """A swept cell's figures without its per-prompt outcomes (the sweep record's `chosen` and best cells)."""
     if cell is None:
         return None
-    return {k: cell[k] for k in ("direction", "layer", "fraction", "alpha", "where", "n", "compliance",
-                                 "compliance_baseline", "gain", "gain_ci", "perplexity_ratio", "perplexity_ratio_ci")}
+    return {k: cell.get(k) for k in ("direction", "layer", "fraction", "alpha", "where", "n", "compliance",
+                                     "compliance_baseline", "gain", "gain_ci", "perplexity_ratio",
+                                     "perplexity_ratio_ci", "repetition", "distinct_2")}
 
 
 def choice_record(record: dict, fits: dict[int, DirectionFit] | None = None) -> dict | None:
@@ -100,11 +144,13 @@ def with_gate_thresholds(bank: ProbeBank, thresholds: dict[str, float | None]) -
     return set_on(bank)
 
 
-def choose_gate(cells: Sequence[dict], ppl_limit: float = PPL_LIMIT) -> dict | None:
-    """The gate threshold whose conditional steering gains most at perplexity ratio <= `ppl_limit` (ties: the
-    lower ratio, then the lower threshold: less steering); None when none gains."""
+def choose_gate(cells: Sequence[dict], ppl_limit: float = PPL_LIMIT, base_repetition: float | None = None,
+                rep_margin: float = REP_MARGIN) -> dict | None:
+    """The gate threshold whose conditional steering gains most at perplexity ratio <= `ppl_limit` and, where
+    `base_repetition` (the unsteered rep-3) is given, rep-3 within `rep_margin` of it (ties: the lower ratio,
+    then the lower threshold: less steering); None when none gains."""
     eligible = [c for c in cells if c.get("perplexity_ratio") is not None and c["perplexity_ratio"] <= ppl_limit
-                and gain_of(c) > 0]
+                and gain_of(c) > 0 and (base_repetition is None or loop_free(c, base_repetition, rep_margin))]
     if not eligible:
         return None
     return max(eligible, key=lambda c: (round(gain_of(c), 9), -c["perplexity_ratio"], -c["gate_threshold"]))

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from probes.heldout import held_out_prompts
+from probes.steering.arms import distinct, repetition
 from probes.steering.choice import choose_gate, with_gate_thresholds
 from probes.steering.sweep import SweepConfig, budget_for
 from steerer.bank import ProbeBank
@@ -64,8 +65,16 @@ def calibrate_gates(lm, bank: ProbeBank, doc: dict, tasks: Sequence[str], thresh
                           "gain_ci": paired_gain_ci(ok, base_ok),
                           "perplexity_ratio": round(math.exp(float(np.mean(deltas))), 4) if deltas else None,
                           "perplexity_ratio_ci": ppl_ratio_ci(deltas),
-                          "steered_token_share": round(float(np.mean(steered)), 4)})
-        chosen = choose_gate(cells)
-        out[t] = {"cells": cells, "chosen": None if chosen is None else chosen["gate_threshold"]}
+                          "steered_token_share": round(float(np.mean(steered)), 4),
+                          "repetition": _mean([repetition(runs[g][i].tokens) for i in rows]),
+                          "distinct_2": _mean([distinct(runs[g][i].tokens) for i in rows])})
+        base_rep = _mean([repetition(runs[None][i].tokens) for i in rows])
+        chosen = choose_gate(cells, base_repetition=base_rep)
+        out[t] = {"cells": cells, "repetition_unsteered": base_rep, "chosen": None if chosen is None else chosen["gate_threshold"]}
         log(f"{t}: gate threshold {out[t]['chosen']}")
     return out
+
+
+def _mean(values) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(float(np.mean(kept)), 4) if kept else None

@@ -13,7 +13,7 @@ import numpy as np
 
 from probes.heldout import held_out_prompts
 from probes.steering.arms import Arm, generate_arms, score_cells
-from probes.steering.choice import brief_cell, choose, gain_of
+from probes.steering.choice import RULE, brief_cell, choose, gain_of, unsteered_repetition
 from probes.steering.directions import (
     MAX_TOKENS,
     SIGNS,
@@ -83,8 +83,9 @@ def sweep_task(lm, bank: ProbeBank, data, token_layers: Sequence[int], task: str
                   "cosine_with_probe_direction": _cos(fit.direction, bank.directions[bank.index(task)].numpy())
                   if layer == probe.steering_layer else None} for layer, fit in fits.items()},
               "prompts": [{"id": p.id, "params": p.params, "sign": s} for p, s in zip(prompts, signs, strict=True)],
-              "cells": cells, "chosen": brief_cell(chosen), "best_paired_cell": brief_cell(choose(paired)),
-              "best_probe_cell": brief_cell(choose([c for c in cells if c["direction"] == "probe"])),
+              "cells": cells, "rule": RULE, "repetition_unsteered": unsteered_repetition(cells),
+              "chosen": brief_cell(chosen), "best_paired_cell": brief_cell(choose([cells[0], *paired])),
+              "best_probe_cell": brief_cell(choose([cells[0], *(c for c in cells if c["direction"] == "probe")])),
               "command": config.extra.get("command")}
     if task in config.where_tasks:
         # at the chosen layer, or (nothing chosen) the layer of the largest gain whatever its cost

@@ -319,11 +319,11 @@ def _policy(spec: Any, where: str) -> SteeringPolicy:
             return SteeringPolicy()
         if isinstance(spec, str):
             return SteeringPolicy.parse(spec)
-        if isinstance(spec, dict) and set(spec) <= {"kind", "alpha"}:
+        if isinstance(spec, dict) and set(spec) <= {"kind", "alpha", "guard"}:
             alpha = spec.get("alpha", 0.0)
             if isinstance(alpha, bool) or not isinstance(alpha, int | float):
                 raise ValueError(f"alpha must be a number, got {alpha!r}")
-            return SteeringPolicy(str(spec.get("kind", "off")), float(alpha))
+            return SteeringPolicy(str(spec.get("kind", "off")), float(alpha), guard=spec.get("guard", False))
     except ValueError as exc:
         raise ExperimentError(f"{where}: {exc}") from None
     raise ExperimentError(f"{where}: expected 'kind:alpha' or {{kind, alpha}}, got {spec!r}")

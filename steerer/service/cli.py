@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from steerer.policy import POLICY_KINDS  # light: no torch
+from steerer.policy import GUARD, POLICY_CHOICES  # light: no torch
 
 TOKEN_ENV = "STEERER_AUTH_TOKEN"
 ADMIN_ENV = "STEERER_ADMIN_TOKEN"
@@ -52,6 +52,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     serve.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                        help="hf: transformers (default); vllm: vLLM's CPU build, compiled (needs the vLLM venv)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="--engine vllm: tensor-parallel ranks, one worker process each (docs/VLLM.md)")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", default=None, help="PEM private key")
     serve.add_argument("--auth-token", default=None,
@@ -79,7 +81,7 @@ def add_commands(sub) -> None:
     gen.add_argument("--system", default=None)
     gen.add_argument("--constraint", action="append", default=[], metavar="TASK[:JSON]",
                      help='e.g. word_count:\'{"relation": "at most", "limit": 30}\' (repeatable)')
-    gen.add_argument("--policy", default="off", choices=POLICY_KINDS)
+    gen.add_argument("--policy", default="off", choices=POLICY_CHOICES)
     gen.add_argument("--alpha", type=float, default=0.0, help="steering strength for --policy")
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None)
@@ -142,6 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as exc:
         raise _usage(str(exc)) from None
+    try:  # first: the bank registers the task files it carries, which experiments may name
+        bank = ProbeBank.load(args.bank)
+    except BankError as exc:
+        raise _usage(f"{exc}{'' if args.bank else '; pass --bank FOLDER'}") from None
     if args.experiments:  # refuse a bad file before the model loads
         from steerer.ab.experiments import ExperimentError, load
 
@@ -151,6 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise _usage(str(exc)) from None
     if args.threads is not None and args.threads < 1:
         raise _usage("--threads must be >= 1")
+    if args.tensor_parallel_size < 1 or (args.tensor_parallel_size > 1 and args.engine != "vllm"):
+        raise _usage("--tensor-parallel-size must be >= 1, and above 1 only with --engine vllm")
     if args.engine == "vllm":
         from steerer.engine.vllm import MISSING, cli_environment, vllm_installed
 
@@ -159,10 +167,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cli_environment()
         if args.device not in ("auto", "cpu"):
             raise _usage("--engine vllm runs on vLLM's CPU build: --device must be auto or cpu")
-    try:
-        bank = ProbeBank.load(args.bank)
-    except BankError as exc:
-        raise _usage(f"{exc}{'' if args.bank else '; pass --bank FOLDER'}") from None
     factory = None
     if args.engine == "vllm":
         from steerer.engine.vllm.driver import VLLMModel, VLLMSteerer, scheduler_factory
@@ -172,7 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_model_len=config.max_prompt_tokens + config.max_new_tokens + 1, check=False,
                             check_bank=False, use_unreliable_probes=args.use_unreliable_probes,
                             stop_steering_on_detection=args.stop_steering_on_detection,
-                            threads=args.threads, layers="all")  # any bank can be swapped in
+                            threads=args.threads, layers="all",  # any bank can be swapped in
+                            tensor_parallel_size=args.tensor_parallel_size)
         lm, factory = VLLMModel(first, args.model), scheduler_factory(first)
     else:
         lm = load_model(args.model, dtype=args.dtype, threads=args.threads, device=args.device)
@@ -233,7 +238,7 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _usage(str(exc)) from None
         constraints.append((c.task, c.params))
-    policy = f"{args.policy}:{args.alpha!r}"
+    policy = f"{args.policy}:{args.alpha!r}" if args.policy != GUARD else GUARD
     forced = {}
     for text in args.force_arm:
         name, sep, arm = text.partition("=")

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from steerer.constraints import Constraint, validate_request
-from steerer.policy import SteeringPolicy, split_policy
+from steerer.policy import SteeringPolicy, split_guard, split_policy
 from steerer.service.proto import POLICY_KIND_CODES, pb2, pb2_grpc
 
 ConstraintSpec = tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], str] | str
@@ -35,10 +35,11 @@ def policy_message(policy: str | pb2.SteeringPolicy | None, check: bool = False)
         return policy
     if check:
         parsed = SteeringPolicy.parse(policy)
-        kind, alpha = parsed.kind, parsed.alpha
+        kind, alpha, guard = parsed.kind, parsed.alpha, parsed.guard
     else:
-        kind, alpha = split_policy(policy)
-    return pb2.SteeringPolicy(kind=POLICY_KIND_CODES[kind], alpha=alpha)
+        guard, rest = split_guard(policy)
+        kind, alpha = split_policy(rest)
+    return pb2.SteeringPolicy(kind=POLICY_KIND_CODES[kind], alpha=alpha, guard=guard)
 
 
 def _specs(constraints: Iterable[ConstraintSpec]) -> list[tuple[str, Mapping[str, Any], str | None]]:

@@ -86,7 +86,7 @@ def policy_from_pb(message: pb2.SteeringPolicy, where: str) -> SteeringPolicy:
     if kind is None:
         raise ValueError(f"{where}: unknown steering policy kind {message.kind}")
     try:
-        return SteeringPolicy(kind, float(message.alpha))
+        return SteeringPolicy(kind, float(message.alpha), guard=bool(message.guard))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -172,6 +172,7 @@ def token_to_pb(event: TokenEvent) -> pb2.TokenEvent:
         out.flags.add(task=flag.task, token_index=flag.token_index, risk=flag.risk, raised=flag.raised)
     for detection in event.detections:
         out.detections.add(task=detection.task, token_index=detection.token_index)
+    out.redrawn.update(event.redrawn)
     return out
 
 

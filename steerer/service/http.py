@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from steerer.policy import POLICY_KINDS
+from steerer.policy import POLICY_KINDS, SteeringPolicy
 from steerer.service.convert import struct_to_dict
 from steerer.service.proto import pb2
 from steerer.service.servicer import StatusError, SteererServicer
@@ -139,7 +139,14 @@ def _prompt(value: Any) -> str:
 
 
 def _policy(value: Any) -> Any:
-    """Accept a policy kind as OpenAI-style lower case ("conditional") as well as the proto enum name."""
+    """Accept a policy kind as OpenAI-style lower case ("conditional") as well as the proto enum name, and a
+    policy string as the CLI takes it ("guard+conditional:8", `SteeringPolicy.parse`)."""
+    if isinstance(value, str):
+        try:
+            parsed = SteeringPolicy.parse(value)
+        except ValueError as exc:
+            raise _invalid(str(exc), "policy") from None
+        return {"kind": f"POLICY_KIND_{parsed.kind.upper()}", "alpha": parsed.alpha, "guard": parsed.guard}
     if isinstance(value, dict) and isinstance(value.get("kind"), str) and value["kind"].lower() in POLICY_KINDS:
         return {**value, "kind": f"POLICY_KIND_{value['kind'].upper()}"}
     return value
@@ -397,7 +404,10 @@ class HttpFront:
         self.serving = True
         self._active = 0
         self._lock = threading.Condition()
-        self._expected = [f"Bearer {t}".encode() for t in (config.auth_token, config.admin_token) if t]
+        # As gRPC: a token only where --auth-token is set (the admin token then works too); admin alone guards
+        # admin RPCs, which HTTP has none of.
+        self._expected = [f"Bearer {t}".encode() for t in (config.auth_token, config.admin_token) if t] \
+            if config.auth_token else []
         handler = type("Handler", (_Handler,), {"front": self})
         host = config.host.strip("[]")
         server = type("Server", (_Server,), {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})

@@ -4,7 +4,8 @@ Each task module defines ``TASK`` (see `steerer.tasks.base.Task`): checker, para
 instruction text, parameter sampler, compliant demonstration, violation detector (where a prefix can decide a
 violation; the onset rule is made from it) or onset rule, and token budget.
 Adding a task is one new file here; ``TASKS`` discovers it. Modules without ``TASK`` (``base``, ``common``,
-``semantic``) are shared helpers.
+``semantic``) are shared helpers. A team's own tasks join the same ``TASKS`` through ``registry`` (YAML task
+files parsed by ``declarative``, plugins of the entry-point group ``steerer.tasks``; docs/TASKS.md).
 
 Parameters vary per prompt (the limit, the word, the polarity, the topic) so a probe has to read the
 model's state rather than the prompt; ``Task.sample_params`` spreads them from easy (a small model usually
@@ -18,7 +19,8 @@ import pkgutil
 
 from steerer.tasks.base import LONG_TOKEN_BUDGET, TOKEN_BUDGET, Kind, Params, Task
 
-__all__ = ["LONG_TOKEN_BUDGET", "TASKS", "TOKEN_BUDGET", "Kind", "Params", "Task", "UnknownTaskError", "get_task"]
+__all__ = ["LONG_TOKEN_BUDGET", "TASKS", "TOKEN_BUDGET", "Kind", "Params", "Task", "TaskFileError", "UnknownTaskError",
+           "get_task", "load_task_file", "register_definition", "register_task"]
 
 
 def _discover() -> dict[str, Task]:
@@ -57,3 +59,18 @@ def get_task(task_id: str) -> Task:
         return TASKS[task_id]
     except (KeyError, TypeError):
         raise UnknownTaskError(task_id) from None
+
+
+# Task files and plugins (`steerer.tasks.registry`): installed plugins and the files in STEERER_TASK_FILES join
+# ``TASKS`` now, other task files when a caller (the bank builder, a bank folder's ``tasks/``) loads them.
+from steerer.tasks.declarative import TaskFileError  # noqa: E402
+from steerer.tasks.registry import (  # noqa: E402
+    load_env_task_files,
+    load_plugins,
+    load_task_file,
+    register_definition,
+    register_task,
+)
+
+load_plugins()
+load_env_task_files()

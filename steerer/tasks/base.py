@@ -112,6 +112,19 @@ def at_the_end(params: Mapping[str, Any], prefixes: Sequence[str]) -> None:
 
 
 @dataclass(frozen=True)
+class PhrasingFamily:
+    """One way of stating a task's instruction for the probe corpus (`probes.phrasings`): where it sits
+    (``placement``: after | before | system | list), its wording variants (params -> sentence) and whether it
+    is held out of training. Built-in tasks keep theirs in `probes.phrasings`; task files and plugins carry
+    their own here."""
+
+    name: str
+    placement: str
+    sentences: tuple[Callable[[Mapping[str, Any]], str], ...]
+    heldout: bool = False
+
+
+@dataclass(frozen=True)
 class Task:
     """One constraint. Use the methods; the callables behind them are fields so a task stays data."""
 
@@ -129,6 +142,7 @@ class Task:
     batch_checker: BatchChecker | None = None  # several responses in one call (None: the checker, one by one)
     token_budget: int = TOKEN_BUDGET  # new tokens a response needs for its label (dataset building)
     order: int = 1000  # position in the registry (`TASKS` is sorted by it, then by id)
+    phrasings: tuple[PhrasingFamily, ...] = ()  # a task file's or plugin's own (built-ins: `probes.phrasings`)
 
     def __post_init__(self) -> None:
         # A task with a detector takes its onset rule from it (whatever was passed: `dataclasses.replace`

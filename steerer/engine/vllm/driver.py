@@ -6,6 +6,10 @@ slot's coefficients into the steering tables the custom op reads; after it, the 
 completed their pass are scored, flags settle, and each row's new token becomes a `TokenEvent`.
 Results are `steerer.controller.Result`, as from `Steerer`.
 
+Tensor parallel (`tensor_parallel_size`): the ranks are worker processes (vLLM's multiprocess executor) while the
+engine core stays here; the controller stays here too, sends each step's coefficients to every rank and reads
+rank 0's taps back through `collective_rpc` (`ranks.py`; docs/VLLM.md, "Tensor and data parallel").
+
 Threads: with the engine core and worker in this process, the model's kernels run on the thread that calls
 `step`, with that thread's torch intra-op thread count (vLLM's own binding and thread settings apply to worker
 processes it starts, not here). `threads` sets it, at start-up and again on whichever thread calls `step`
@@ -28,10 +32,11 @@ from typing import Any
 
 import torch
 
+import steerer.engine.vllm.ranks as ranks
 from steerer import backend
 from steerer.bank import ProbeBank
 from steerer.driver import Driver, Options, Stop, eos_token_ids
-from steerer.engine.vllm import ARCHITECTURE, LAYERS_KEY, VLLM_VERSION
+from steerer.engine.vllm import LAYERS_KEY, VLLM_VERSION, checkpoint_architecture
 from steerer.engine.vllm.state import STATE
 from steerer.lens import LensWeights
 from steerer.model import chat_prompt, resolve_model_path
@@ -113,6 +118,7 @@ class VLLMSteerer:
     `llm`: reuse the engine of a closed `VLLMSteerer` (a bank swap without rebuilding vLLM); engine options
     are then ignored.
     `threads`: torch intra-op threads (see the module docstring); None leaves them as they are.
+    `tensor_parallel_size` > 1: that many worker processes, reached through `collective_rpc` (module docstring).
     """
 
     def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
@@ -120,7 +126,8 @@ class VLLMSteerer:
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
                  check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
                  seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
-                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False):
+                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False,
+                 tensor_parallel_size: int = 1):
         configure_environment()
         check_version()
         from transformers import AutoTokenizer
@@ -129,7 +136,9 @@ class VLLMSteerer:
         from steerer.engine.vllm.model import op_layers
         from steerer.engine.vllm.plugin import register
         from steerer.engine.vllm.rows import SteererRows
+        from steerer.engine.vllm.runner import check_v1_runner
 
+        check_v1_runner()  # the V1 model-runner pin (runner.py): one clear line where V1 is unavailable
         if STATE.installed:
             raise RuntimeError("another VLLMSteerer holds this process's vLLM plugin state; close it first")
         register()
@@ -140,12 +149,16 @@ class VLLMSteerer:
         self.monitor_config = monitor_config or MonitorConfig()
         if llm is None:
             self.path = resolve_model_path(model)
-            overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+            overrides: dict[str, Any] = {"architectures": [checkpoint_architecture(self.path)]}  # its family's
             if layers != "all":  # without the key every decoder layer calls the op
                 overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
             kwargs = dict(model=self.path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, gpu_memory_utilization=0.3, enable_prefix_caching=True,
                           async_scheduling=False, seed=seed, hf_overrides=overrides, logits_processors=[SteererRows])
+            if tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
+                kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+                if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
+                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # one core list for several ranks fails
             kwargs.update(llm_kwargs or {})
             llm = LLM(**kwargs)
             use_threads(threads)  # in-process engine start-up leaves its own setting behind
@@ -174,9 +187,20 @@ class VLLMSteerer:
         self._live: dict[int, _Live] = {}  # slot -> request in flight
         self._by_vllm: dict[str, int] = {}
         self._ids = itertools.count()
-        self._seen_pass = STATE.passes
         self.stats = {"passes": 0, "chunk_rows": 0, "mixed_passes": 0}  # chunked prefill seen (tests)
-        STATE.install(capacity, self.controller.tap_layers, self.controller.steering)
+        scheduler = self.engine.vllm_config.scheduler_config  # the op's static buffers' sizes (state.Buffers)
+        self.remote = remote_workers(self.engine)  # tensor parallel: the workers are other processes
+        if self.remote:  # every rank gets the directions; coefficients follow each step (`step`)
+            steering = {layer: (steer.directions, steer.where.value)
+                        for layer, steer in self.controller.steering.items()}
+            self._seen_pass = self.llm.collective_rpc(ranks.install, args=(
+                capacity, sorted(self.controller.tap_layers), steering, scheduler.max_num_batched_tokens,
+                scheduler.max_num_seqs, self.engine.model_config.dtype))[0]
+        else:
+            self._seen_pass = STATE.passes
+            STATE.install(capacity, self.controller.tap_layers, self.controller.steering,
+                          max_tokens=scheduler.max_num_batched_tokens, max_rows=scheduler.max_num_seqs,
+                          dtype=self.engine.model_config.dtype)
 
     # -- the model -------------------------------------------------------------------------------------------
     @property
@@ -188,6 +212,9 @@ class VLLMSteerer:
         logit lens of the request's words (`steerer.lens`); else None."""
         from steerer.engine.vllm.weights import lens_weights
 
+        if any(bank.lens_params) and self.engine.vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise ValueError("a bank whose probes read the logit lens needs tensor parallel size 1 (each rank "
+                             "holds a slice of the unembedding)")
         return self.llm.apply_model(lens_weights)[0] if any(bank.lens_params) else None
 
     def fingerprint(self) -> str:
@@ -204,7 +231,10 @@ class VLLMSteerer:
         self._by_vllm.clear()
         if ids:
             self.engine.abort_request(ids)
-        STATE.uninstall()
+        if self.remote:
+            self.llm.collective_rpc(ranks.uninstall)
+        else:
+            STATE.uninstall()
 
     def __enter__(self) -> VLLMSteerer:
         return self
@@ -277,6 +307,9 @@ class VLLMSteerer:
         """One vLLM step (one forward pass over what its scheduler picked): token events and finished results."""
         use_threads(self.threads)  # per OS thread: the server steps from its scheduler thread
         self.driver.before_slots()  # every in-flight slot's alphas; the op gathers rows by slot
+        if self.remote and self._live:  # the same alphas on every rank
+            self.llm.collective_rpc(ranks.set_coefficients, args=(
+                {layer: (steer.coeffs, steer.active) for layer, steer in self.controller.steering.items()},))
         outputs = self.engine.step()
         return self._read(outputs)
 
@@ -294,7 +327,7 @@ class VLLMSteerer:
             slot = self._by_vllm.get(output.request_id)
             if slot is not None and output.outputs and output.outputs[0].token_ids:
                 new_tokens[slot] = list(output.outputs[0].token_ids)
-        info = STATE.last_pass()
+        info, captured = self._last_pass()
         if info is None or info.number == self._seen_pass:
             if new_tokens:
                 raise RuntimeError("steerer: vLLM produced tokens without a pass the plugin saw")
@@ -325,7 +358,7 @@ class VLLMSteerer:
         if not picked:
             return [], []
         rows = torch.tensor(picked)
-        residuals = {layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers}
+        residuals = {layer: captured[layer][rows] for layer in self.controller.tap_layers}
         self.driver.read(slots, index, residuals, closing)
         events, results = [], []
         for slot, is_closing in zip(slots, closing, strict=True):
@@ -344,6 +377,13 @@ class VLLMSteerer:
                 results.append(self._finish(slot))
         return events, results
 
+    def _last_pass(self) -> tuple[Any, dict[int, torch.Tensor]]:
+        """The latest pass and its taps: this process's `STATE`, or rank 0's (one `collective_rpc`)."""
+        if not self.remote:
+            return STATE.last_pass(), STATE.captured
+        reply = self.llm.collective_rpc(ranks.last_pass)[0]
+        return (None, {}) if reply is None else reply
+
     def _finish(self, slot: int) -> Result:
         live = self._live[slot]
         self._drop(slot)
@@ -353,6 +393,19 @@ class VLLMSteerer:
         live = self._live.pop(slot)
         self._by_vllm.pop(live.vllm_id, None)
         self.engine.abort_request([live.vllm_id])
+
+
+def remote_workers(engine) -> bool:
+    """Whether the workers run in other processes (tensor parallel through vLLM's multiprocess executor), so the
+    driver reaches their `STATE` through `collective_rpc` (`ranks.py`). The engine core must be in this process:
+    vLLM's multiprocess engine core steps on its own, so coefficients sent per step could not precede their pass."""
+    parallel = engine.vllm_config.parallel_config
+    if parallel.pipeline_parallel_size != 1:
+        raise RuntimeError("steerer's vLLM driver runs at pipeline parallel size 1 (tensor parallel is supported)")
+    if type(engine.engine_core).__name__ != "InprocClient":
+        raise RuntimeError("steerer's vLLM driver needs vLLM's engine core in its process: set "
+                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 (for `vllm serve`, use the serve plugin)")
+    return parallel.tensor_parallel_size > 1
 
 
 def eos_ids(path: str, tokenizer) -> tuple[int, ...]:

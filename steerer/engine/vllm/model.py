@@ -1,32 +1,38 @@
-"""`SteererLlamaForCausalLM`: vLLM's Llama with one custom-op call after each decoder layer steerer uses.
+"""`Steerer<Arch>`: vLLM's own model class of a family, with one custom-op call after each decoder layer steerer uses.
 
-Registered under its own architecture name (`steerer.engine.vllm.ARCHITECTURE`), so an engine opts in with
-`hf_overrides={"architectures": ["SteererLlamaForCausalLM"]}` and every other engine in the process stays
-plain vLLM. The weights, the compiled backbone (`LlamaModel` under `support_torch_compile`) and the
-attention are vLLM's; the subclass only passes `layer_type` and adds the call.
+One class per supported family (`steerer.engine.vllm.FAMILIES`: Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3,
+Phi-3), made from data by `steerer_class`, never a re-implementation: it subclasses vLLM's class (weights, the
+compiled backbone under `support_torch_compile`, attention, biases, norms, softcapping, tied embeddings all
+stay vLLM's) and, after vLLM builds it, swaps the class of each chosen decoder layer for a generated subclass
+whose `forward` calls vLLM's and then the op. Only `__class__` changes, so parameter names and weight loading
+are untouched, and Dynamo traces the subclass's `forward` as it would vLLM's.
+
+Each is registered under its own name (`plugin.py`), so an engine opts in with
+`hf_overrides={"architectures": ["Steerer<Arch>"]}` (the driver picks it from the checkpoint's `architectures`)
+and every other engine in the process stays plain vLLM. A checkpoint of another family is refused by name, at
+start-up (`startup.py`) and here, rather than run with some of its weights silently dropped.
 
 Which layers call the op: `hf_config.steerer_layers` (`LAYERS_KEY`, set by the driver through `hf_overrides`
 to the bank's probe layers, where it taps and steers); every layer when absent. Each call is an opaque
 boundary in the compiled graph (Inductor cannot fuse the residual add across it and the Python body runs),
-so layers the bank does not use get none.
-
-It implements Llama checkpoints only (`startup.SUPPORTED`): any other architecture is refused by name, at start-up
-and here, rather than run as Llama with its other weights (e.g. Qwen2's q/k/v biases) silently dropped. The list is part of the HF config, which vLLM hashes into its
+so layers the bank does not use get none. The list is part of the HF config, which vLLM hashes into its
 compile-cache key, so a cached graph built for other layers is never reused.
 
-A vLLM decoder layer returns `(hidden, residual)` with the MLP output not yet added: the residual stream
-after layer L is their sum (transformers' `hidden_states[L + 1]`). Steering adds to `residual`; the next
-layer's fused add + norm (or the final norm) sums them.
+A vLLM decoder layer of these families returns `(hidden, residual)` with the last sublayer's output not yet
+added: the residual stream after layer L is their sum (transformers' `hidden_states[L + 1]`). Steering adds
+to `residual`; the next layer's fused add + norm (or the final norm) sums them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.models.utils import PPMissingLayer
 
-from steerer.engine.vllm import LAYERS_KEY
+from steerer.engine.vllm import LAYERS_KEY, STEERER_ARCHITECTURES, family_of
 from steerer.engine.vllm.ops import register_ops
 from steerer.engine.vllm.startup import architecture_problem
 from steerer.engine.vllm.state import STATE
@@ -34,33 +40,70 @@ from steerer.engine.vllm.state import STATE
 register_ops()
 
 
-class SteererLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, vllm_config, prefix: str = "", config=None, **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config, **kwargs)
-        self.steerer_layer = extract_layer_index(prefix)
-        layers = op_layers(config or vllm_config.model_config.hf_config)
-        self.steerer_op = layers is None or self.steerer_layer in layers
+def _import(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states, residual = super().forward(positions, hidden_states, residual)
+
+@functools.cache
+def steered_layer_class(base: type) -> type:
+    """`base` (a vLLM decoder layer class) whose forward calls the op on its `(hidden, residual)` output."""
+
+    def forward(self, *args, **kwargs):
+        out = base.forward(self, *args, **kwargs)
         if self.steerer_op:  # fixed per layer at construction: no branch in the traced graph
-            torch.ops.steerer.layer(hidden_states, residual, self.steerer_layer)
-        return hidden_states, residual
+            torch.ops.steerer.layer(out[0], out[1], self.steerer_layer)
+        return out
+
+    return type(f"Steerer{base.__name__}", (base,), {"forward": forward, "__module__": base.__module__})
 
 
-class SteererLlamaForCausalLM(LlamaForCausalLM):
+def insert_ops(model: torch.nn.Module, layers_path: str, config) -> None:
+    """Swap each decoder layer under `layers_path` for its steered class, marking which ones call the op."""
+    layers: object = model
+    for part in layers_path.split("."):
+        layers = getattr(layers, part)
+    chosen = op_layers(config)
+    for index, layer in enumerate(layers):  # the list spans every layer (other pipeline ranks: placeholders)
+        if isinstance(layer, PPMissingLayer):
+            continue
+        layer.__class__ = steered_layer_class(type(layer))
+        layer.steerer_layer = index
+        layer.steerer_op = chosen is None or index in chosen
+
+
+@functools.cache
+def steerer_class(name: str) -> type:
+    """The `Steerer<Arch>` class `name` (a key of `STEERER_ARCHITECTURES`), made from vLLM's class of its family."""
+    family = family_of(name)
+    base = _import(family.vllm_class)
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        problem = architecture_problem(vllm_config.model_config.hf_config)  # also refused at start-up (startup.py)
+        config = vllm_config.model_config.hf_config
+        problem = architecture_problem(config, name)  # also refused at start-up (startup.py)
         if problem is not None:
             raise ValueError(problem)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SteererLlamaDecoderLayer)
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        insert_ops(self, family.layers, config)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        # Runs as Python at every step: only `self.model` (LlamaModel) is compiled.
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        # Runs as Python at every step: only the backbone (`self.model`) is compiled.
         qsl, num_reqs = pass_layout()
         STATE.begin_pass(positions, qsl, num_reqs)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        return base.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    return type(name, (base,), {"__init__": __init__, "forward": forward, "__module__": __name__,
+                                "__qualname__": name, "steerer_family": family})
+
+
+def __getattr__(name: str) -> type:
+    """`Steerer<Arch>` classes are made on first use (vLLM's registry imports them lazily by name)."""
+    if name in STEERER_ARCHITECTURES:
+        return steerer_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+SteererLlamaForCausalLM = steerer_class("SteererLlamaForCausalLM")
 
 
 def op_layers(config) -> frozenset[int] | None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from steerer.engine.vllm import ARCHITECTURE, MODEL_CLASS
+from steerer.engine.vllm import STEERER_ARCHITECTURES
 
 
 def register() -> None:
-    """Make `SteererLlamaForCausalLM` known to vLLM's model registry (lazily: imported when a model loads), install
-    its start-up checks (`startup.py`), and have a vLLM child process (engine core, worker) die with its parent.
-    Idempotent: vLLM may load plugins several times per process."""
+    """Make every `Steerer<Arch>` (`FAMILIES`) known to vLLM's model registry (lazily: imported when a model loads),
+    install their start-up checks (`startup.py`), and have a vLLM child process (engine core, worker) die with its
+    parent. Idempotent: vLLM may load plugins several times per process."""
     from vllm import ModelRegistry
 
     from steerer.engine.vllm.startup import die_with_parent, in_child_process, register_checks
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    known = set(ModelRegistry.get_supported_archs())
+    for architecture in STEERER_ARCHITECTURES:
+        if architecture not in known:
+            ModelRegistry.register_model(architecture, f"steerer.engine.vllm.model:{architecture}")
     register_checks()
+    from steerer.engine.vllm.results_route import share_store
+
+    share_store()  # the API server names the results folder its engine's worker writes (results_route.py)
     if in_child_process():
         die_with_parent()

@@ -43,7 +43,8 @@ process on `STEERER_METRICS_PORT` (+ the data-parallel rank; unset: not served) 
 (default 127.0.0.1); `steerer_requests{method="vllm"}` counts finished (OK) and cancelled requests.
 Environment: `STEERER_BANK` (default: the packaged bank), `STEERER_USE_UNRELIABLE_PROBES=1`,
 `STEERER_STOP_STEERING_ON_DETECTION=1` (as the library's option), `STEERER_RESULTS_LOG` (append each `Result` as a
-JSON line). One worker only (tensor/pipeline parallel size 1).
+JSON line). Tensor parallel: every rank runs a controller on rank 0's taps (`ranks.py`), so all add the same
+steering; only rank 0 publishes (metrics, results log, results store). Pipeline parallel size 1.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -66,8 +67,11 @@ from steerer.bank import BankError, ProbeBank
 from steerer.constraints import Constraint, validate_request
 from steerer.controller import Controller, Result, RowSpec, check_verdicts
 from steerer.driver import Driver, Stop
+from steerer.engine.vllm.ranks import agree, publishes, tp_rank, tp_size
+from steerer.engine.vllm.results_route import ResultsStore, Trail, is_route, serve_results
 from steerer.engine.vllm.startup import bank_problem, load_bank, off_reason
 from steerer.engine.vllm.state import STATE, UNMANAGED
+from steerer.guard import guarded_tasks
 from steerer.policy import SteeringPolicy, check_strengths
 
 CONSTRAINTS_KEY, POLICY_KEY, POLICIES_KEY = "steerer_constraints", "steerer_policy", "steerer_policies"
@@ -133,6 +137,9 @@ def validate(extra_args: dict | None) -> RowSpec | None:
         bank = load_bank()
         validate_request(spec, bank.tasks)
         check_strengths(spec, bank)
+        if guarded := guarded_tasks(spec):  # the worker's driver cannot veto tokens: refuse, never ignore
+            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard policy runs on the "
+                             "transformers engine (docs/GUARD.md)")
     return spec
 
 
@@ -157,7 +164,8 @@ def steering_salt(extra_args: dict | None, client_salt: Any = None) -> str | Non
 class CacheSalt:
     """ASGI middleware (`vllm serve --middleware steerer.engine.vllm.serve_plugin.CacheSalt`): sets the
     `cache_salt` of completion, chat, responses and messages requests whose `vllm_xargs` steer, so their steered
-    KV blocks are never served to requests with another steering configuration (or none). Others pass untouched."""
+    KV blocks are never served to requests with another steering configuration (or none). Others pass untouched.
+    It also answers `GET /steerer/v1/results/{response_id}` (`results_route.py`): a request's verdicts and flags."""
 
     PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"})
 
@@ -165,6 +173,9 @@ class CacheSalt:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
+        if is_route(scope):  # GET /steerer/v1/results/{response_id}: results_route.py
+            await serve_results(scope, send)
+            return
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
             await self.app(scope, receive, send)
             return
@@ -248,6 +259,7 @@ class _Row:
     output: list[int]  # vLLM's live list of the request's generated tokens
     seen: int = 0  # of `output`, the tokens given to the controller
     finish: str | None = None  # "eos" / "length": its last token ended it (vLLM's own stop rule)
+    trail: Trail = field(default_factory=Trail)  # its flag changes, detections and steering, for the results store
 
 
 def _building_runner():
@@ -273,25 +285,27 @@ class SteererServe(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         from transformers import AutoTokenizer
 
-        from steerer.engine.vllm import ARCHITECTURE
+        from steerer.engine.vllm import ARCHITECTURE, STEERER_ARCHITECTURES
         from steerer.engine.vllm.driver import check_version
 
         check_version()
         self.runner = _building_runner()
         parallel, model_config = vllm_config.parallel_config, vllm_config.model_config
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-            raise RuntimeError("steerer's vllm serve plugin needs one worker per engine (tensor and pipeline "
-                               "parallel size 1)")
-        if ARCHITECTURE not in (model_config.architectures or []):
+        if parallel.pipeline_parallel_size != 1:  # tensor parallel: every rank holds the full residual (ranks.py)
+            raise RuntimeError("steerer's vllm serve plugin runs at pipeline parallel size 1 (tensor parallel is "
+                               "supported)")
+        self.publisher = publishes()  # rank 0 of tensor parallel: metrics, results log, results store
+        if not set(STEERER_ARCHITECTURES) & set(model_config.architectures or []):  # the family's Steerer<Arch>
             raise RuntimeError(f"steerer's logits processor needs its model class: --hf-overrides "
-                               f"'{{\"architectures\": [\"{ARCHITECTURE}\"]}}'")
+                               f"'{{\"architectures\": [\"{ARCHITECTURE}\"]}}' (or the Steerer<Arch> of "
+                               f"the checkpoint's family: {', '.join(STEERER_ARCHITECTURES)})")
         if vllm_config.scheduler_config.async_scheduling:
             raise RuntimeError("steerer's vllm serve plugin reads each pass's tokens before the next one: run vLLM "
                                "with --no-async-scheduling")
         if STATE.installed:
             raise RuntimeError("another steerer engine holds this process's vLLM plugin state")
         if off_reason() is not None:  # the start-up check refused the bank (STEERER_ON_BANK_MISMATCH=off)
-            self.metrics = process_metrics(None, parallel.data_parallel_rank)
+            self.metrics = process_metrics(None, parallel.data_parallel_rank) if self.publisher else None
             self._failed = True  # `update_state` does nothing: plain vLLM
             log.warning("steerer: off in this worker (%s); serving plain traffic", off_reason())
             return
@@ -304,8 +318,10 @@ class SteererServe(LogitsProcessor):
                                                        revision=model_config.tokenizer_revision)
         self.capacity = 2 * vllm_config.scheduler_config.max_num_seqs  # room for preempted requests' slots
         self.max_model_len = model_config.max_model_len
-        self.metrics = process_metrics(self.bank, parallel.data_parallel_rank)
-        self.results_log = os.environ.get("STEERER_RESULTS_LOG")
+        self.metrics = process_metrics(self.bank, parallel.data_parallel_rank) if self.publisher else None
+        self.results_log = os.environ.get("STEERER_RESULTS_LOG") if self.publisher else None
+        # read by GET /steerer/v1/results/{id} in the API server
+        self.store = ResultsStore.from_env() if self.publisher else None
         self.controller: Controller | None = None  # built at the first batch update (the model is loaded then)
         self.rows: dict[int, _Row] = {}  # slot -> managed request
         self._by_params: dict[int, int] = {}  # id(SamplingParams) -> slot (the object is held in `rows`)
@@ -337,7 +353,10 @@ class SteererServe(LogitsProcessor):
         from steerer.engine.vllm.weights import fingerprint, lens_weights
 
         model = self.runner.get_model()
-        self.bank.check_model(fingerprint(model), int(model.config.hidden_size))
+        if tp_rank() == 0:  # another rank's embedding is another slice of the vocabulary (rank 0's failure ends all)
+            self.bank.check_model(fingerprint(model), int(model.config.hidden_size))
+        if any(self.bank.lens_params) and tp_size() > 1:  # each rank holds a slice of the unembedding
+            raise BankError("a bank whose probes read the logit lens needs tensor parallel size 1")
         lens = lens_weights(model) if any(self.bank.lens_params) else None
         self.controller = Controller(self.bank, self.tokenizer, capacity=self.capacity, device=self.device,
                                      check=False, use_unreliable_probes=use_unreliable_probes(), lens=lens,
@@ -379,15 +398,18 @@ class SteererServe(LogitsProcessor):
         if not picked:
             return
         rows = torch.tensor(picked, device=self.device)
-        residuals = {layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers}
+        # rank 0's taps on every tensor-parallel rank (ranks.py): the controllers score the same numbers
+        residuals = agree({layer: STATE.captured[layer][rows] for layer in self.controller.tap_layers})
         self.driver.read(slots, index, residuals)  # no closing pass: vLLM stops a row at its EOS itself
         for slot in slots:
             live = self.rows[slot]
             token = live.output[live.seen]
             live.seen += 1
             event = self.driver.token(slot, token)  # the row's stop rule (vLLM's, `_stop`) decides its end
+            live.trail.add(event)
             live.finish = self.driver.ending(slot)
-            self.metrics.token_event(event)
+            if self.publisher:
+                self.metrics.token_event(event)
 
     def _stop(self, params, prompt_tokens: int) -> Stop:
         """vLLM's own stop rule for a request, as the driver applies it: its EOS and stop token ids, and its
@@ -416,6 +438,8 @@ class SteererServe(LogitsProcessor):
         slot = self.driver.join(spec, request_id, self._stop(params, len(prompt or ())), validated=True)
         self.rows[slot] = _Row(request_id, params, len(prompt or ()), output, seen=len(output))
         self._by_params[id(params)] = slot
+        if self.store is not None:
+            self._post.submit(self.store.running, request_id)
         return slot
 
     def _left(self, slot: int) -> None:
@@ -426,15 +450,21 @@ class SteererServe(LogitsProcessor):
         del self.rows[slot]
         del self._by_params[id(live.params)]
         result = self.driver.finish(slot, live.finish or "stop", live.prompt_tokens)
+        if not self.publisher:  # rank 0 of tensor parallel publishes (the same result) for every rank
+            return
         if live.finish is None and not any(s in result.text for s in (live.params.stop or ())):
             self.metrics.requests.labels(METHOD, "CANCELLED").inc()  # aborted (e.g. the client went away)
+            if self.store is not None:
+                self._post.submit(self.store.cancelled, live.request_id)
             return
-        self._post.submit(self._publish, result)
+        self._post.submit(self._publish, result, live.trail)
 
-    def _publish(self, result: Result) -> None:
+    def _publish(self, result: Result, trail: Trail) -> None:
         try:
             check_verdicts(result)
             self.metrics.result(result)
+            if self.store is not None:
+                self.store.finished(result, trail)
             if self.results_log:
                 with open(self.results_log, "a", encoding="utf-8") as out:
                     out.write(json.dumps(asdict(result)) + "\n")

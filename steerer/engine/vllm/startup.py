@@ -2,9 +2,10 @@
 
 Checks. vLLM calls a per-architecture hook (`MODELS_CONFIG_MAP[arch].verify_and_update_config`) while it builds
 its config, in the API server, before any engine process starts or `/health` answers. `register_checks`
-(from the plugin's `register()`) installs `StartupCheck` there for `SteererLlamaForCausalLM`, which
-  - refuses, always, a checkpoint whose architecture the override does not implement (a Qwen2 checkpoint
-    would otherwise run as Llama, its biases dropped, silently): `SUPPORTED` lists what it implements;
+(from the plugin's `register()`) installs `StartupCheck` there for every `Steerer<Arch>`, which
+  - refuses, always, a checkpoint whose family the override does not implement (a Qwen2 checkpoint under
+    `SteererLlamaForCausalLM` would otherwise run as Llama, its biases dropped, silently); the line names the
+    right override, or lists the supported architectures (`SUPPORTED`) where none fits;
   - under the serve plugin (`SteererServe` among the logits processors), checks the bank (`STEERER_BANK`)
     against the checkpoint: loadable, hidden size, the layers it uses, and the weights' fingerprint (read
     from the checkpoint's safetensors, so before anything loads). On a mismatch the server either exits with
@@ -33,10 +34,18 @@ import sys
 import time
 
 from steerer.bank import BankError, ProbeBank
-from steerer.engine.vllm import ARCHITECTURE, LAYERS_KEY
+from steerer.engine.vllm import (
+    ARCHITECTURE,
+    FAMILIES,
+    LAYERS_KEY,
+    STEERER_ARCHITECTURES,
+    family_of,
+    steerer_architecture,
+    unsupported,
+)
 
-# model_type of a checkpoint -> the architecture `SteererLlamaForCausalLM` implements for it
-SUPPORTED = {"llama": "LlamaForCausalLM"}
+# model_type of a checkpoint -> the architecture steerer wraps on vLLM for it (`FAMILIES`)
+SUPPORTED = {model_type: arch for arch, family in FAMILIES.items() for model_type in family.model_types}
 SERVE_PROCESSOR = "steerer.engine.vllm.serve_plugin:SteererServe"
 BANK_ENV = "STEERER_BANK"
 ON_MISMATCH_ENV = "STEERER_ON_BANK_MISMATCH"  # "exit" (default) | "off"
@@ -66,14 +75,26 @@ def on_mismatch() -> str:
 
 
 # -- checks (pure: a config in, a message or None out) ---------------------------------------------------------------
-def architecture_problem(hf_config) -> str | None:
-    """Why `SteererLlamaForCausalLM` must not load this checkpoint (another architecture), or None."""
+def architecture_problem(hf_config, architecture: str = ARCHITECTURE) -> str | None:
+    """Why `architecture` (a `Steerer<Arch>`) must not load this checkpoint (another family), or None."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in SUPPORTED:
+    if model_type in family_of(architecture).model_types:
         return None
-    return (f"{ARCHITECTURE} implements {', '.join(SUPPORTED.values())} only; this checkpoint is "
-            f"{_architecture_name(model_type)} (model_type {model_type!r}), which it would run as Llama with "
-            f"wrong outputs: serve it without the steerer override")
+    name = _architecture_name(model_type)
+    where = f"{architecture} implements {STEERER_ARCHITECTURES[architecture]} only; this checkpoint is {name} " \
+            f"(model_type {model_type!r})"
+    try:
+        right = steerer_architecture([name], model_type)
+    except ValueError:
+        return f"{where}: {unsupported(name)}"
+    return (f"{where}, which it would run with wrong outputs: load it as {right} "
+            f"(--hf-overrides '{{\"architectures\": [\"{right}\"]}}')")
+
+
+def engine_architecture(model_config) -> str:
+    """The `Steerer<Arch>` an engine loads (from its overridden `architectures`)."""
+    return next((a for a in getattr(model_config, "architectures", None) or () if a in STEERER_ARCHITECTURES),
+                ARCHITECTURE)
 
 
 def _architecture_name(model_type: str | None) -> str:
@@ -127,10 +148,11 @@ def startup_problem(model_config) -> str | None:
 
 # -- the hook vLLM calls --------------------------------------------------------------------------------------------
 def register_checks() -> None:
-    """Install `StartupCheck` as vLLM's config hook of `SteererLlamaForCausalLM` (idempotent)."""
+    """Install `StartupCheck` as vLLM's config hook of every `Steerer<Arch>` (idempotent)."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _startup_check_class())
+    for architecture in STEERER_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(architecture, _startup_check_class())
 
 
 @functools.cache
@@ -150,7 +172,7 @@ def _startup_check_class() -> type:
 def check_engine(model_config) -> None:
     """Refuse an unsupported architecture; under the serve plugin, check the bank (exit, or steerer off)."""
     served = serving(model_config)
-    problem = architecture_problem(model_config.hf_config)
+    problem = architecture_problem(model_config.hf_config, engine_architecture(model_config))
     if problem is not None:
         if served:
             raise SystemExit(f"steerer: {problem}")

@@ -1,7 +1,7 @@
 """What steerer reads of the weights vLLM loaded: the fingerprint a bank is checked against, and the lens weights.
 
-Both take vLLM's model object (`SteererLlamaForCausalLM`, or any vLLM Llama: `.config`, `.model.embed_tokens`,
-`.model.norm`, `.lm_head`), so the offline driver (through `LLM.apply_model`) and the `vllm serve` plugin (in
+Both take vLLM's model object (a `Steerer<Arch>`: `.config`, `.model.embed_tokens`, and the final norm and
+unembedding where its family keeps them), so the offline driver (through `LLM.apply_model`) and the `vllm serve` plugin (in
 the worker, from the model runner) read them the same way. Pure torch: no vLLM import.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from steerer.lens import LensWeights
+from steerer.engine.vllm import FAMILIES
+from steerer.lens import LensWeights, norm_offset
 from steerer.model import model_fingerprint
 
 
@@ -28,11 +29,22 @@ def fingerprint(model) -> str:
     return model_fingerprint(_Embeddings(model.config, model.model.embed_tokens.weight[:64].detach().clone()))
 
 
+def _find(model, path: str):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
 def lens_weights(model) -> LensWeights:
-    """The final norm and the unembedding, copied in fp32 (what a probe reading the logit lens needs)."""
-    norm = model.model.norm
-    return LensWeights(norm.weight.detach().float().clone(), float(norm.variance_epsilon),
-                       model.lm_head.weight.detach().float().clone())
+    """The final norm and the unembedding, copied in fp32 (what a probe reading the logit lens needs), where
+    the model's family keeps them (`Family.norm`, `.unembedding`: Gemma 2 has no `lm_head`, it reads its tied
+    embedding); the norm's family offset folded in as `LensWeights.of` does on transformers."""
+    family = getattr(model, "steerer_family", None) or FAMILIES["LlamaForCausalLM"]
+    norm = _find(model, family.norm)
+    vocab = int(model.config.vocab_size)  # vLLM pads the vocabulary of its embeddings
+    weight = norm.weight.detach().float().clone() + norm_offset(model.config)
+    return LensWeights(weight, float(norm.variance_epsilon),
+                       _find(model, family.unembedding).weight[:vocab].detach().float().clone())
 
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")

@@ -1,0 +1,166 @@
+"""Guard benchmark: compliance, fluency, latency and vetoes of the `guard` policy (docs/GUARD.md).
+
+Per detectable task (a prefix decides its violation: term_exclusion, lowercase, word_count and char_count with
+an at-most / less-than limit, json_format), on held-out prompts (`probes.heldout`: the test split's base
+requests and phrasing families; for the count tasks only prompts whose params a prefix can decide), greedy:
+
+  compliance        the checker on the final text, off vs guard, Wilson 95% intervals (`steerer.stats.wilson`)
+  perplexity ratio  exp(mean NLL of guard's response - off's) under the unsteered model, paired per prompt,
+                    bootstrap interval (`steerer.stats.ratio_of_means_ci`; the steering benchmark's measure)
+  repetition        mean rep-3 of the responses (`probes.steering.repetition`)
+  latency           seconds per generated token, off and guard chunks interleaved (same prompts, same
+                    batch size, alternating order), ratio of the summed times per token
+  vetoes            candidates vetoed per response under guard and under guard+conditional at the bank's
+                    swept strength (where the bank has one): how many vetoes steering saves
+
+    .venv/bin/python -m benchmarks.guard --n 60            # -> benchmarks/results/guard.json
+
+Results are written after every task, so a cut-short run leaves the finished tasks (and `n` says how many
+prompts each had).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from probes.heldout import held_out_prompts
+from probes.steering import repetition
+from steerer.ab.fluency import response_nll, scored_tokens
+from steerer.bank import DEFAULT_BANK, ProbeBank
+from steerer.constraints import Constraint
+from steerer.core import Steerer
+from steerer.model import chat_prompt, load_model
+from steerer.policy import SteeringPolicy, strength_bounds
+from steerer.request import Request, Result, SamplingParams, TokenEvent
+from steerer.stats import ratio_of_means_ci, wilson
+from steerer.tasks import get_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("term_exclusion", "lowercase", "word_count", "char_count", "json_format")
+GOAL_TASKS = ("term_exclusion", "lowercase", "word_count", "char_count")  # the issue's compliance goal
+COMPLIANCE_GOAL = 0.99
+LATENCY_GOAL = 1.05
+
+
+def detectable_prompts(task: str, n: int, seed: int = 0) -> list:
+    """`n` held-out prompts whose params a prefix can decide (the count tasks' at-most limits)."""
+    out, want = [], n
+    while len(out) < n:
+        want *= 2
+        out = [p for p in held_out_prompts(task, want, seed) if get_task(task).detect(p.params) is not None]
+    return out[:n]
+
+
+def run_arm(steerer: Steerer, prompts: Sequence, policy: SteeringPolicy, tokens: int, batch: int,
+            tag: str) -> tuple[list[Result], list[int], float, int]:
+    """Results in prompt order, vetoes per response, seconds and tokens generated."""
+    requests = [Request(p.messages, (Constraint(p.task, p.params),), policy,
+                        sampling=SamplingParams(max_new_tokens=tokens), id=f"{tag}|{i}") for i, p in enumerate(prompts)]
+    results: dict[str, Result] = {}
+    vetoes = dict.fromkeys((r.id for r in requests), 0)
+    start = time.perf_counter()
+    for item in steerer.generate(requests, batch):
+        if isinstance(item, TokenEvent):
+            vetoes[item.request_id] += sum(item.redrawn.values())
+        else:
+            results[item.request_id] = item
+    seconds = time.perf_counter() - start
+    ordered = [results[r.id] for r in requests]
+    return ordered, [vetoes[r.id] for r in requests], seconds, sum(len(r.tokens) for r in ordered)
+
+
+def compliance(task: str, prompts: Sequence, results: Sequence[Result]) -> dict:
+    """The checker's verdict on the final text, and the share no prefix broke (what the guard enforces: the
+    detector never fired; lowercase's checker also wants English words, an end-only part)."""
+    ok = sum(get_task(task).check(r.text, p.params) for p, r in zip(prompts, results, strict=True))
+    clean = sum(all(v.detected_at is None for v in r.verdicts) for r in results)
+    ci, clean_ci = wilson(ok, len(results)), wilson(clean, len(results))
+    return {"rate": round(ok / len(results), 4), "ci": [round(x, 4) for x in ci] if ci else None,
+            "satisfied": ok, "n": len(results), "no_prefix_violation": round(clean / len(results), 4),
+            "no_prefix_violation_ci": [round(x, 4) for x in clean_ci] if clean_ci else None}
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(statistics.fmean(kept), 4) if kept else None
+
+
+def bench_task(steerer: Steerer, bank: ProbeBank, task: str, n: int, tokens: int, batch: int) -> dict:
+    lm = steerer.lm
+    prompts = detectable_prompts(task, n)
+    guard = SteeringPolicy.parse("guard")
+    arms: dict[str, list] = {"off": [], "guard": []}
+    timing = {"off": [0.0, 0], "guard": [0.0, 0]}
+    for c, start in enumerate(range(0, len(prompts), batch)):  # interleaved, alternating which goes first
+        chunk = prompts[start:start + batch]
+        order = ("off", "guard") if c % 2 == 0 else ("guard", "off")
+        for arm in order:
+            policy = guard if arm == "guard" else SteeringPolicy()
+            results, vetoes, seconds, generated = run_arm(steerer, chunk, policy, tokens, batch, f"{arm}{c}")
+            arms[arm] += list(zip(results, vetoes, strict=True))
+            timing[arm][0] += seconds
+            timing[arm][1] += generated
+    entry: dict = {"n": len(prompts), "max_new_tokens": tokens}
+    prompt_ids = [chat_prompt(lm.tokenizer, p.messages) for p in prompts]
+    nll = {}
+    for arm, pairs in arms.items():
+        results = [r for r, _ in pairs]
+        nll[arm] = response_nll(lm, prompt_ids, [scored_tokens(lm, r.tokens) for r in results])
+        per_token = timing[arm][0] / max(timing[arm][1], 1)
+        entry[arm] = {"compliance": compliance(task, prompts, results),
+                      "rep3": mean([repetition(r.tokens) for r in results]),
+                      "vetoes_per_response": mean([v for _, v in pairs]),
+                      "seconds_per_token": round(per_token, 5),
+                      "mean_tokens": mean([len(r.tokens) for r in results])}
+    deltas = [g - o for g, o in zip(nll["guard"], nll["off"], strict=True) if g is not None and o is not None]
+    ci = ratio_of_means_ci(deltas)
+    entry["perplexity_ratio"] = round(math.exp(statistics.fmean(deltas)), 4) if deltas else None
+    entry["perplexity_ratio_ci"] = [round(x, 4) for x in ci] if ci else None
+    entry["latency_ratio"] = round(entry["guard"]["seconds_per_token"] / entry["off"]["seconds_per_token"], 4)
+    record = (bank.extra.get("steering") or {}).get(task)
+    if isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
+        alpha = min(float(record["alpha"]), strength_bounds(bank).get(task, float(record["alpha"])))
+        policy = SteeringPolicy("conditional", round(alpha, 1), guard=True)
+        results, vetoes, _, _ = run_arm(steerer, prompts, policy, tokens, batch, "steer")
+        entry["guard_steering"] = {"policy": policy.spec(), "compliance": compliance(task, prompts, results),
+                                   "rep3": mean([repetition(r.tokens) for r in results]),
+                                   "vetoes_per_response": mean(vetoes)}
+        entry["vetoes_saved_per_response"] = round(entry["guard"]["vetoes_per_response"] - mean(vetoes), 4)
+    return entry
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=60, help="held-out prompts per task")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
+    args = parser.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"not a detectable task: {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    bank = ProbeBank.load(DEFAULT_BANK)
+    out: dict = {"benchmark": "guard", "decoding": "greedy", "split": "held-out test prompts (probes.heldout)",
+                 "goal": {"compliance": COMPLIANCE_GOAL, "tasks": list(GOAL_TASKS), "latency_ratio": LATENCY_GOAL},
+                 "n_requested": args.n, "tasks": {}}
+    with Steerer(load_model(), bank) as steerer:
+        for task in tasks:
+            out["tasks"][task] = entry = bench_task(steerer, bank, task, args.n, args.max_new_tokens, args.batch)
+            goal = [out["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in out["tasks"]]
+            out["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+            print(task, json.dumps({k: entry[k] for k in ("n", "perplexity_ratio", "latency_ratio")}),
+                  "off", entry["off"]["compliance"]["rate"], "guard", entry["guard"]["compliance"]["rate"], flush=True)
+
+
+if __name__ == "__main__":
+    main()

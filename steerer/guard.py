@@ -1,0 +1,76 @@
+"""Guard: keep out of the output what a prefix already decides.
+
+For a constraint whose policy guards it (`SteeringPolicy.guard`: 'guard', 'guard+conditional:8'), a token
+is checked after the sampler draws it and before anyone sees it: a COPY of the row's live detector (the
+task's `Detector`, `steerer.tasks.base`) is fed the token's text delta (decoded on a copy of the row's
+incremental detokenizer, exactly as the row would decode it). If the detector would fire, the token is
+vetoed: it is excluded (its logit set to -inf) and the row draws again from the rest with the same sampler
+(greedy: the next best; sampled: the same Gumbel noise, so a draw from the renormalised rest). Several
+guarded constraints combine: a candidate must pass every one.
+
+Rules, all here as small pure functions:
+
+- Words are judged as if the candidate ended one: the delta is fed with a space after it and vetoed when the
+  deciding character lies within the text so far plus the candidate. So "the" is vetoed at once (a detector
+  only decides a word once the next character arrives), at the cost of split spellings ("the" + "ory").
+- An EOS candidate is fed the held-back text with `final=True` and vetoed if anything fires (a forbidden
+  word the text ends on). What only the end decides (JSON left unfinished, an at-least limit) is not guarded.
+- At an at-most limit (a detector that counts up to a bound: word_count / char_count "at most" and "less
+  than") a veto ends the response: the row takes EOS instead of drawing again, so a word-count limit ends at
+  a word boundary (EOS when the next token would start a word past the limit).
+- At most `MAX_VETOES` vetoes per token; past that the response ends (EOS): a row that cannot continue
+  within its constraints stops rather than break them.
+
+A task whose violation the text already decided (the detector fired before the guard could act, e.g. a
+prompt-forced first token) has no live detector and is no longer guarded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from steerer.detokenize import IncrementalDetokenizer
+from steerer.tasks.base import Detector
+from steerer.tasks.common import UpperBoundDetector
+
+__all__ = ["MAX_VETOES", "ends_at_limit", "guarded_tasks", "peek", "vetoes"]
+
+MAX_VETOES = 64  # candidates vetoed for one token before the response ends instead
+WORD_END = " "  # fed after a candidate's delta: judge a word the candidate may have completed
+
+
+def guarded_tasks(spec: Any) -> tuple[str, ...]:
+    """The tasks of a `Request` / `RowSpec` whose policy guards them."""
+    return tuple(c.task for c in spec.constraints if spec.policy_for(c.task).guard)
+
+
+def peek(detok: IncrementalDetokenizer, token: int | None) -> str:
+    """The text `token` would add to the row (None: the row ends, the text held back is flushed), without
+    touching the row's detokenizer."""
+    trial = copy.copy(detok)
+    trial.tokens = list(detok.tokens)
+    return trial.flush() if token is None else trial.add(token)
+
+
+def vetoes(detectors: Mapping[str, Detector], delta: str, length: int, end: bool) -> list[str]:
+    """The guarded tasks whose detector would fire on a candidate: `delta` its text, `length` the characters
+    the detectors have been fed so far, `end` the candidate is EOS. The live detectors are not touched."""
+    out = []
+    for task, detector in detectors.items():
+        trial = copy.deepcopy(detector)
+        if end:
+            fired = trial.feed(delta, True) is not None
+        else:
+            position = trial.feed(delta + WORD_END, False)
+            fired = position is not None and position <= length + len(delta)
+        if fired:
+            out.append(task)
+    return out
+
+
+def ends_at_limit(detectors: Mapping[str, Detector], tasks: Iterable[str]) -> bool:
+    """A veto by one of these tasks ends the response: its detector counts towards an upper bound, which every
+    continuation would pass too (it only grows)."""
+    return any(isinstance(detectors.get(task), UpperBoundDetector) for task in tasks)

@@ -1,0 +1,102 @@
+"""`steerer bank build`: the plan (from config.json alone, priced on the layout the feature writer uses),
+resumable stages, and a bounded corpus for a model that never produces one class (a tiny random Llama)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from probes import bank_build, plan
+from probes.features import featurise, load_features
+
+GiB = 1024**3
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_hidden_layers": 32, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from steerer.model import load_model
+    from steerer.testing.tiny import build_tiny
+
+    folder = build_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+    return folder, load_model(str(folder))
+
+
+def test_default_model_keeps_the_shipped_layout():
+    """The 135M model's cache fits the budget as it is: every layer at the positions, every third at tokens."""
+    layout = plan.feature_layout(30, 576, rows=5760, passes=124)
+    assert layout.position_layers is None and layout.token_layers == plan.default_token_layers(30)
+
+
+def test_8b_plan_fits_20_gib_disk_and_16_gib_ram_from_config_only(tmp_path):
+    """The Bar: a folder holding only a Llama-3.1-8B-shape config.json, planned through the CLI; nothing is
+    written to --out and no weights or tokenizer are read."""
+    model = tmp_path / "llama-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    out = tmp_path / "bank"
+    proc = subprocess.run([sys.executable, "-m", "steerer.cli", "bank", "build", "--model", str(model), "--out",
+                           str(out), "--dry-run", "--json", "--device", "cuda"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["rows"] == 9 * 640 and doc["generated_tokens"] > 0
+    assert doc["disk_bytes"] <= 20 * GiB and doc["peak_ram_bytes"] <= 16 * GiB
+    assert len(doc["layout"]["token_layers"]) >= 2 and doc["layout"]["position_layers"] is not None
+    assert not out.exists()
+
+
+def test_bad_config_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="lacks 'num_attention_heads'"):
+        plan.shape_from_config(tmp_path)
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Say something {i}."}],
+             "token_ids": list(range(100, 100 + 3 + i)), "finish_reason": "eos" if i % 2 else "length"}
+            for i in range(n)]
+
+
+def test_writer_stores_exactly_the_planned_bytes(tiny, tmp_path):
+    """The plan's per-row bytes are the writer's: a reduced layout (one position layer, one token layer) on a
+    tiny model stores row_bytes(passes) per row, and readers still index positions by layer number."""
+    _, lm = tiny
+    layout = plan.FeatureLayout(lm.num_layers, lm.hidden_size, (1,), (1,))
+    rows = _rows(3)
+    featurise(lm, {"demo": rows}, tmp_path, layout=layout, progress=False)
+    arrays = load_file(str(tmp_path / "demo" / "0000.safetensors"))
+    passes = (arrays["offsets"][1:] - arrays["offsets"][:-1]).tolist()
+    stored = arrays["positions"].nbytes + arrays["tokens"].nbytes + arrays["offsets"][1:].nbytes
+    assert stored == sum(layout.row_bytes(p) for p in passes)
+    data = load_features(tmp_path, "demo", rows)
+    assert tuple(data.positions.shape) == (3, plan.N_POSITIONS, lm.num_layers, lm.hidden_size)
+    assert data.positions[:, :, 0].abs().sum() == 0 and data.positions[:, :, 1].abs().sum() > 0
+
+
+def test_random_model_ends_bounded_untrainable_and_resumes(tiny, tmp_path):
+    """A random model never writes JSON: the corpus gives up after per_task x factor responses, the task is
+    reported untrainable in the card, and a rerun skips the finished corpus stage."""
+    folder, _ = tiny
+    config = bank_build.BuildConfig(str(folder), tmp_path / "bank", ("json_format",), per_task=4, device="cpu",
+                                    batch_size=2, max_generated_factor=1.0, max_new_tokens=8)
+    doc = bank_build.plan_for(config, flops=1e9).to_json()
+    first: list[str] = []
+    state = bank_build.run_build(config, doc, log=first.append, stop_after="corpus")
+    assert state["stages"]["corpus"]["done"] and "features" not in state["stages"]
+    assert state["trainable"] == [] and "json_format" in state["untrainable"]
+    assert state["stages"]["corpus"]["generated"] <= 6  # one round: no endless loop
+    again: list[str] = []
+    state = bank_build.run_build(config, doc, log=again.append)
+    assert any("corpus: done earlier, skipped" in line for line in again)
+    assert all(state["stages"][s]["done"] for s in bank_build.STAGES)
+    card = (config.out / "README.md").read_text()
+    assert "## Untrainable tasks" in card and "| json_format |" in card
+    with pytest.raises(ValueError, match="another --out"):
+        bank_build.run_build(bank_build.BuildConfig(str(folder), config.out, ("lowercase",), per_task=4), doc)
