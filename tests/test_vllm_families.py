@@ -33,8 +33,7 @@ except ImportError:
     pytest.skip("vLLM is not installed here (scripts/setup-vllm)", allow_module_level=True)
 
 from steerer.engine.vllm import STEERER_ARCHITECTURES, checkpoint_architecture  # noqa: E402
-from steerer.testing.tiny import FAMILIES as TINY  # noqa: E402
-from steerer.testing.tiny import build_tiny  # noqa: E402
+from steerer.testing.tiny import FAMILIES, build_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_PYTHON = Path(os.environ.get("STEERER_HF_PYTHON", ROOT / ".venv" / "bin" / "python"))  # the reference's venv
@@ -43,6 +42,9 @@ NEW_TOKENS = 8
 NORM_TOLERANCE = 1e-3  # relative, |vLLM - transformers| / transformers per tap norm, fp32 (measured below 1e-4)
 ALPHA = 8.0  # steering strength of the steered row (tap norms here are about 10-40)
 TIMES: dict[str, dict[str, float]] = {}  # family -> seconds per stage (printed with -s: the CI cost)
+# Llama's steerer class comes from the same factory and is held to stock vLLM by tests/test_vllm_backend.py on the
+# real default model; the matrix leaves it out to keep CI's vLLM part short.
+TINY = tuple(name for name in FAMILIES if name != "llama")
 PROMPTS = ("Name three colors.", "What is the capital of France?")
 
 
