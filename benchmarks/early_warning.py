@@ -14,8 +14,9 @@ the checker's final verdict:
 * for a compliant response, any flag at all is a false flag.
 
 Flags come from the bank's token-level warning predictors where it has them (`ProbeBank.warning`, see
-`probes.warning`), else from its probes; a task that detection settled raises no flag after it, so a lead is
-always a forecast.
+`probes.warning`; term_exclusion's is a forecast from the forbidden words' logit lens that may flag from the
+prompt's last token, index -1, see `probes.forecast`), else from its probes; a task that detection settled
+raises no flag after it, so a lead is always a forecast.
 
 Writes benchmarks/results/early_warning.json and early_warning.png:
     {"tasks": {TASK: {"violations", "flagged_at_least_3_early", "flagged_at_least_3_early_ci", "lead_tokens",
@@ -25,14 +26,16 @@ where flagged_at_least_3_early is the share of *all* violations flagged >= 3 tok
 token (never-flagged violations count as not early), lead_tokens lists the leads of flagged ones, detected
 counts the violations a prefix decided, and every share carries a 95% Wilson interval.
 
-    .venv/bin/python benchmarks/early_warning.py [--n-per-task 64] [--max-new-tokens 120]
+    .venv/bin/python benchmarks/early_warning.py [--n-per-task 64] [--max-new-tokens 120] [--tasks a,b --merge]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the --tasks entries (summary and responses) of an existing --output; the "
+                             "other tasks keep their run (each task's bank version and command are kept in `runs`)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = [record(results[r.id], decode) for r in requests]
     summary = {t: task_summary([r for r in records if r["task"] == t]) for t in tasks}
     sources = (bank.extra.get("warning") or {}).get("chosen", {})
+    names = {"warning": "warning predictor", "forecast": "forecast (running mean of the words' lens, no warm-up)"}
     for task in tasks:
-        summary[task]["flag_source"] = "warning predictor" if sources.get(task) == "warning" else "end probe"
+        summary[task]["flag_source"] = names.get(sources.get(task), "end probe")
     out = {"model": lm.name, "bank_version": bank.version, "n_per_task": args.n_per_task, "tasks": summary,
            "config": {"max_new_tokens": args.max_new_tokens, "decoding": "greedy", "policy": "off",
                       "early_means_lead_at_least": EARLY, "seed": args.seed,
@@ -156,10 +163,33 @@ def main(argv: Sequence[str] | None = None) -> None:
            "responses": records}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/early_warning.py", *(sys.argv[1:] if argv is None else argv)])
+    runs = {task: {"bank_version": bank.version, "command": command} for task in tasks}
+    if args.merge and output.is_file():
+        out = merged(json.loads(output.read_text()), out, tasks)
+        runs = out["runs"] | runs
+    out["runs"] = runs
     output.write_text(json.dumps(out, indent=1))
-    plot(summary, output.with_suffix(".png"), f"{lm.name}, bank {bank.version}, n={args.n_per_task} per task")
+    versions = sorted({r["bank_version"] for r in runs.values()})
+    plot(out["tasks"], output.with_suffix(".png"),
+         f"{lm.name}, bank {', '.join(versions)}, n={args.n_per_task} per task")
     print_table(summary)
     print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+def merged(old: dict, new: dict, tasks: list[str]) -> dict:
+    """`old` with `tasks`' summaries, responses and thresholds from `new` (same settings required); tasks of
+    `old` not rerun keep their figures, their bank version recorded in `runs` (the file's own, if none)."""
+    if old.get("n_per_task") != new["n_per_task"] or old.get("model") != new["model"]:
+        raise SystemExit("--merge: the existing output was made with another model or --n-per-task")
+    runs = old.get("runs") or {t: {"bank_version": old.get("bank_version"), "command": None} for t in old["tasks"]}
+    summaries = old["tasks"] | {t: new["tasks"][t] for t in tasks}
+    responses = [r for r in old["responses"] if r["task"] not in tasks] + new["responses"]
+    config = old["config"]
+    for key in ("thresholds", "flag_thresholds"):
+        config[key] = config.get(key, {}) | {t: new["config"][key][t] for t in tasks}
+    return old | {"bank_version": new["bank_version"], "tasks": summaries, "responses": responses,
+                  "config": config, "runs": runs}
 
 
 def plot(summary: dict[str, dict], path: Path, subtitle: str) -> None:

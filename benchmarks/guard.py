@@ -13,6 +13,12 @@ requests and phrasing families; for the count tasks only prompts whose params a 
   vetoes            candidates vetoed per response under guard and under guard+conditional at the bank's
                     swept strength (where the bank has one): how many vetoes steering saves
 
+term_exclusion runs twice: with the prompt's own terms (`term_exclusion`; a small model rarely writes them, so
+the guard has little to do) and `term_exclusion:written`, whose terms are the 3 most frequent content words
+the unguarded (off) response to the same base request actually wrote (`written_terms`), so the guard has
+something to veto. Each variant's off and guard arms answer the same prompt (the written terms are in its
+instruction).
+
     .venv/bin/python -m benchmarks.guard --n 60            # -> benchmarks/results/guard.json
 
 Results are written after every task, so a cut-short run leaves the finished tasks (and `n` says how many
@@ -25,12 +31,16 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from probes.heldout import held_out_prompts
+from probes.heldout import HeldOutPrompt, held_out_prompts
 from probes.steering import repetition
+from probes.templates import get_base_request, prompt_messages
 from steerer.ab.fluency import response_nll, scored_tokens
 from steerer.bank import DEFAULT_BANK, ProbeBank
 from steerer.constraints import Constraint
@@ -40,10 +50,14 @@ from steerer.policy import SteeringPolicy, strength_bounds
 from steerer.request import Request, Result, SamplingParams, TokenEvent
 from steerer.stats import ratio_of_means_ci, wilson
 from steerer.tasks import get_task
+from steerer.tasks.common import WORD_RE
+from steerer.tasks.lowercase import ENGLISH_FUNCTION_WORDS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("term_exclusion", "lowercase", "word_count", "char_count", "json_format")
-GOAL_TASKS = ("term_exclusion", "lowercase", "word_count", "char_count")  # the issue's compliance goal
+WRITTEN = "term_exclusion:written"  # term_exclusion with terms the off response wrote
+GOAL_TASKS = ("term_exclusion", WRITTEN, "lowercase", "word_count", "char_count")  # the issue's goal
+WRITTEN_TERMS = 3
 COMPLIANCE_GOAL = 0.99
 LATENCY_GOAL = 1.05
 
@@ -55,6 +69,24 @@ def detectable_prompts(task: str, n: int, seed: int = 0) -> list:
         want *= 2
         out = [p for p in held_out_prompts(task, want, seed) if get_task(task).detect(p.params) is not None]
     return out[:n]
+
+
+def written_terms(text: str, k: int = WRITTEN_TERMS) -> list[str]:
+    """The `k` most frequent content words of `text` (not an English function word, 3+ letters; ties: first
+    written first); function words only when the text has no content word."""
+    words = [w for w in WORD_RE.findall(text.lower()) if w.isalpha()]
+    content = [w for w in words if len(w) >= 3 and w not in ENGLISH_FUNCTION_WORDS] or words
+    return [w for w, _ in Counter(content).most_common(k)]
+
+
+def written_prompts(prompts: Sequence[HeldOutPrompt], off: Sequence[Result]) -> list[HeldOutPrompt]:
+    """Each prompt again, forbidding the words its unguarded response wrote (its own terms if it wrote none)."""
+    out = []
+    for p, r in zip(prompts, off, strict=True):
+        params = {"terms": written_terms(r.text) or list(p.params["terms"])}
+        messages = prompt_messages(p.task, get_base_request(p.base_id), params, aid=None)
+        out.append(replace(p, id=f"{p.id}:written", params=params, messages=messages))
+    return out
 
 
 def run_arm(steerer: Steerer, prompts: Sequence, policy: SteeringPolicy, tokens: int, batch: int,
@@ -91,9 +123,10 @@ def mean(values: Sequence[float | None]) -> float | None:
     return round(statistics.fmean(kept), 4) if kept else None
 
 
-def bench_task(steerer: Steerer, bank: ProbeBank, task: str, n: int, tokens: int, batch: int) -> dict:
+def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[HeldOutPrompt], tokens: int,
+               batch: int) -> tuple[dict, list[Result]]:
+    """The task's figures on `prompts`, and the off arm's results (in prompt order)."""
     lm = steerer.lm
-    prompts = detectable_prompts(task, n)
     guard = SteeringPolicy.parse("guard")
     arms: dict[str, list] = {"off": [], "guard": []}
     timing = {"off": [0.0, 0], "guard": [0.0, 0]}
@@ -132,7 +165,7 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, n: int, tokens: int
                                    "rep3": mean([repetition(r.tokens) for r in results]),
                                    "vetoes_per_response": mean(vetoes)}
         entry["vetoes_saved_per_response"] = round(entry["guard"]["vetoes_per_response"] - mean(vetoes), 4)
-    return entry
+    return entry, [r for r, _ in arms["off"]]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,15 +184,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     out: dict = {"benchmark": "guard", "decoding": "greedy", "split": "held-out test prompts (probes.heldout)",
                  "goal": {"compliance": COMPLIANCE_GOAL, "tasks": list(GOAL_TASKS), "latency_ratio": LATENCY_GOAL},
                  "n_requested": args.n, "tasks": {}}
+    out["command"] = "python -m benchmarks.guard " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def record(name: str, entry: dict) -> None:
+        out["tasks"][name] = entry
+        goal = [out["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in out["tasks"]]
+        out["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(name, json.dumps({k: entry[k] for k in ("n", "perplexity_ratio", "latency_ratio")}),
+              "off", entry["off"]["compliance"]["rate"], "guard", entry["guard"]["compliance"]["rate"], flush=True)
+
     with Steerer(load_model(), bank) as steerer:
         for task in tasks:
-            out["tasks"][task] = entry = bench_task(steerer, bank, task, args.n, args.max_new_tokens, args.batch)
-            goal = [out["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in out["tasks"]]
-            out["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=1) + "\n")
-            print(task, json.dumps({k: entry[k] for k in ("n", "perplexity_ratio", "latency_ratio")}),
-                  "off", entry["off"]["compliance"]["rate"], "guard", entry["guard"]["compliance"]["rate"], flush=True)
+            prompts = detectable_prompts(task, args.n)
+            entry, off = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch)
+            record(task, {"terms": "the prompt's own", **entry} if task == "term_exclusion" else entry)
+            if task == "term_exclusion":
+                written = written_prompts(prompts, off)
+                entry, _ = bench_task(steerer, bank, task, written, args.max_new_tokens, args.batch)
+                record(WRITTEN, {"terms": f"the {WRITTEN_TERMS} most frequent content words of the off response "
+                                          "to the prompt's own terms", **entry})
 
 
 if __name__ == "__main__":

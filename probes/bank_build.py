@@ -52,11 +52,12 @@ def add_commands(sub) -> None:
                                           "steering sweep -> reliability; resumable (rerun to continue)")
     build.add_argument("--model", default=None, help="model name or folder (default: the default model)")
     build.add_argument("--out", required=True, help="bank folder (also holds the build's state)")
-    build.add_argument("--tasks", default=None, help="comma-separated task ids (default: the nine built-in)")
+    build.add_argument("--tasks", default=None, help="comma-separated task ids (default: the nine built-in and "
+                       "those of --task-file; a plugin's task when named)")
     build.add_argument("--task-file", action="append", default=[], help="YAML task file to register (repeatable)")
     build.add_argument("--per-task", type=int, default=640, help="kept corpus responses per task")
     build.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
-                       help="corpus generator (vllm: not wired yet; auto uses hf)")
+                       help="corpus generator: transformers loop (hf) or vLLM; auto = vllm where it imports, else hf")
     build.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     build.add_argument("--max-generated-factor", type=float, default=5.0,
@@ -87,13 +88,14 @@ def plan_for(config: BuildConfig, flops: float | None = None):
     from probes.plan import make_plan, resolve_plan_device, shape_from_config
 
     shape = shape_from_config(model_folder(config.model))
-    return make_plan(config.model or "default", shape, list(config.tasks), config.per_task,
-                     resolve_plan_device(config.device), config.batch_size, flops,
-                     steer_prompts=config.steer_prompts)
+    device, why = resolve_plan_device(config.device, shape)
+    return make_plan(config.model or "default", shape, list(config.tasks), config.per_task, device,
+                     config.batch_size, flops, steer_prompts=config.steer_prompts, device_note=why)
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:
     from probes.tasks import TASKS, get_task
+    from steerer.tasks.registry import builtin_ids
 
     if args.per_task < 1:
         raise ValueError("--per-task must be >= 1")
@@ -102,13 +104,15 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     if args.max_generated_factor < 1:
         raise ValueError("--max-generated-factor must be >= 1")
     file_tasks = register_task_files(args.task_file)
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or list(dict.fromkeys([*TASKS, *file_tasks]))
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or list(dict.fromkeys(
+        [*(t for t in TASKS if t in builtin_ids()), *file_tasks]))  # plugins only when named
     for task in tasks:
         get_task(task)  # an unknown id is one line naming it
-    if args.engine == "vllm":
-        raise ValueError("--engine vllm: the corpus generator runs on the transformers engine only for now; "
-                         "use --engine hf (or auto)")
-    config = BuildConfig(args.model, Path(args.out), tuple(tasks), args.per_task, args.device, args.engine,
+    from probes.corpus_vllm import resolve_engine
+
+    # a plan may be for another machine: a dry run does not require vLLM here
+    engine = "vllm" if args.dry_run and args.engine == "vllm" else resolve_engine(args.engine)
+    config = BuildConfig(args.model, Path(args.out), tuple(tasks), args.per_task, args.device, engine,
                          max_generated_factor=args.max_generated_factor, steer_prompts=args.steer_prompts,
                          threads=args.threads)
     plan = plan_for(config)
@@ -116,8 +120,13 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_json()))
     else:
         print("\n".join(plan.lines()))
+    print(f"corpus engine: {engine}" + (" (auto)" if args.engine == "auto" else ""),
+          file=sys.stderr if args.json else sys.stdout)
     if args.dry_run:
         return 0
+    from probes.plan import check_runnable
+
+    check_runnable(plan)
     state = run_build(config, plan.to_json(), log=lambda m: print(m, file=sys.stderr if args.json else sys.stdout))
     out = {"out": str(config.out), "stages": {k: v.get("seconds") for k, v in state["stages"].items()},
            "untrainable": state.get("untrainable", {})}
@@ -181,6 +190,7 @@ def run_build(config: BuildConfig, plan: dict, log=print, stop_after: str | None
     save_state(out, state)
     lm = None
     start_all = time.perf_counter()
+    pace = Pace()
     for i, stage in enumerate(STAGES):
         if state["stages"].get(stage, {}).get("done"):
             log(f"[{i + 1}/{len(STAGES)}] {stage}: done earlier, skipped")
@@ -196,11 +206,13 @@ def run_build(config: BuildConfig, plan: dict, log=print, stop_after: str | None
             from steerer.model import load_model
 
             lm = load_model(config.model, threads=config.threads, device=config.device)
-        left = sum(plan["stages"].get(s, {}).get("seconds", 0) for s in STAGES[i:])
-        log(f"[{i + 1}/{len(STAGES)}] {stage}: planned ~{plan['stages'].get(stage, {}).get('seconds', 0) / 60:.1f} "
-            f"min; build ETA ~{left / 60:.1f} min (elapsed {(time.perf_counter() - start_all) / 60:.1f} min)")
+        planned = plan["stages"].get(stage, {}).get("seconds", 0)
+        left = sum(plan["stages"].get(s, {}).get("seconds", 0) for s in STAGES[i:]) * pace.factor
+        log(f"[{i + 1}/{len(STAGES)}] {stage}: planned ~{planned * pace.factor / 60:.1f} min; build ETA "
+            f"~{left / 60:.1f} min{pace.note()} (elapsed {(time.perf_counter() - start_all) / 60:.1f} min)")
         start = time.perf_counter()
         info = STAGE_FUNCTIONS[stage](lm, config, state) or {}
+        pace.add(planned, time.perf_counter() - start)
         state["stages"][stage] = {"done": True, "seconds": round(time.perf_counter() - start, 1), **info}
         save_state(out, state)
         if stage == stop_after:
@@ -208,6 +220,29 @@ def run_build(config: BuildConfig, plan: dict, log=print, stop_after: str | None
     if all(state["stages"].get(s, {}).get("done") for s in STAGES):
         write_card(config, state)
     return state
+
+
+@dataclass
+class Pace:
+    """Actual over planned time of the model-bound stages this run finished: the plan's time comes from a
+    fraction of a second of matmul measured at start, which a busy (or idle) moment skews; the ETA follows
+    what the stages really took once one has."""
+    planned: float = 0.0
+    actual: float = 0.0
+
+    MIN_PLANNED = 5.0  # seconds: stages planned shorter than this are overhead-bound and say nothing
+
+    def add(self, planned: float, actual: float) -> None:
+        if planned >= self.MIN_PLANNED:
+            self.planned += planned
+            self.actual += actual
+
+    @property
+    def factor(self) -> float:
+        return self.actual / self.planned if self.planned else 1.0
+
+    def note(self) -> str:
+        return f" (plan x{self.factor:.2g}, as measured so far)" if self.planned else ""
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -229,11 +264,25 @@ def stage_corpus(lm, config: BuildConfig, state: dict) -> dict:
     corpus_config = CorpusConfig(tasks=config.tasks, per_task=config.per_task, batch_size=config.batch_size,
                                  round_size=min(48, config.per_task), max_generated_factor=config.max_generated_factor,
                                  **budgets)
-    manifest = build_corpus(lm, _paths(config.out)["corpus"], corpus_config, command=_command())
+    from probes.corpus_vllm import VLLMCorpusGenerator, resolve_engine
+
+    generator, engine = None, resolve_engine(config.engine)
+    if engine == "vllm":
+
+        generator = VLLMCorpusGenerator(config.model, batch_size=config.batch_size, threads=config.threads)
+        if generator.model.fingerprint != lm.fingerprint:
+            raise ValueError(f"vLLM loaded other weights (fingerprint {generator.model.fingerprint}) than "
+                             f"transformers ({lm.fingerprint}) for {config.model or 'the default model'}")
+    try:
+        manifest = build_corpus(lm, _paths(config.out)["corpus"], corpus_config, command=_command(),
+                                generator=generator)
+    finally:
+        if generator is not None:
+            generator.close()
     ok, bad = trainable(manifest["tasks"])
     state["trainable"], state["untrainable"] = ok, bad
     return {"rows": sum(t["n"] for t in manifest["tasks"].values()),
-            "generated": sum(t["generated"] for t in manifest["tasks"].values())}
+            "generated": sum(t["generated"] for t in manifest["tasks"].values()), "engine": engine}
 
 
 def stage_features(lm, config: BuildConfig, state: dict) -> dict:

@@ -53,6 +53,21 @@ def add_commands(sub) -> None:
     warn.add_argument("--report", default="reports/warning", help="folder for warning.json (measured per split)")
     warn.set_defaults(handler=cmd_warn)
 
+    forecast = psub.add_parser("forecast", help="term_exclusion's warning: a forecast from the running mean of the "
+                                                "forbidden words' logit lens (no warm-up), chosen on the training "
+                                                "split; replaces its predictor in the bank's warning/")
+    forecast.add_argument("--corpus", default=None, help="corpus folder (default: the default model's)")
+    forecast.add_argument("--bank", default=None, help="bank to add it to (default: the shipped default bank)")
+    forecast.add_argument("--out", default=None, help="bank folder to write (default: --bank)")
+    forecast.add_argument("--layers", default="9,12,15", help="candidate layers")
+    forecast.add_argument("--splits", default="test,heldout_phrasing,ifeval",
+                          help="held-out splits to measure (teacher forced; empty: none)")
+    forecast.add_argument("--cache", default=None, help="an .npz keeping the lens readings (reruns skip the rows "
+                                                        "it holds)")
+    forecast.add_argument("--report", default="reports/warning", help="folder for forecast.json")
+    forecast.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    forecast.set_defaults(handler=cmd_forecast)
+
     steer = psub.add_parser("steer", help="steering directions (compliant minus violating, same request), layers and "
                                           "strengths chosen by an efficacy sweep on training-split prompts; "
                                           "writes a bank and the sweep's report")
@@ -121,6 +136,8 @@ def add_commands(sub) -> None:
                              "word_count, term_exclusion, keyword_inclusion, in probes/corpora/{model}-ifeval")
     corpus.add_argument("--relabel", action="store_true",
                         help="generate nothing: recompute every row's label and violation onset with today's rules")
+    corpus.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
+                        help="generator: transformers loop (hf) or vLLM; auto = vllm where it imports, else hf")
     corpus.set_defaults(handler=cmd_corpus)
 
     ifeval = psub.add_parser("ifeval", help="answer IFEval's prompts that map onto the tasks (evaluation only) and "
@@ -365,6 +382,47 @@ def cmd_warn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from probes.corpus import CORPORA
+    from probes.forecast import train_forecast
+    from steerer.bank import DEFAULT_BANK, ProbeBank, content_version
+    from steerer.model import load_model
+
+    splits = tuple(s for s in args.splits.split(",") if s)
+    if bad := [s for s in splits if s not in ("test", "heldout_phrasing", "ifeval")]:
+        raise ValueError(f"--splits {bad}: the held-out splits are test, heldout_phrasing and ifeval")
+    corpus = Path(args.corpus) if args.corpus else CORPORA / "smollm2-135m-instruct"
+    if not (corpus / "manifest.json").exists():
+        raise FileNotFoundError(f"no corpus at {corpus}: generate it with `steerer probes corpus`")
+    bank = ProbeBank.load(args.bank)
+    lm = load_model(json.loads((corpus / "manifest.json").read_text())["model"], threads=args.threads)
+    if lm.fingerprint != bank.fingerprint:
+        raise ValueError("the bank and the corpus must be of one model")
+    layers = list(_ints(args.layers, "--layers"))
+    if bad := [layer for layer in layers if not 0 <= layer < lm.num_layers]:
+        raise ValueError(f"--layers {bad} outside the model's {lm.num_layers} layers")
+    command = shlex.join(["steerer", *sys.argv[1:]])
+    warned, report = train_forecast(lm, corpus, bank, layers, cache=Path(args.cache) if args.cache else None,
+                                    splits=splits)
+    warned.extra["warning"]["forecast_command"] = command
+    warned.version = content_version(warned)
+    out = warned.save(args.out or args.bank or DEFAULT_BANK)
+    folder = Path(args.report)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "forecast.json").write_text(json.dumps({"bank_version": warned.version, "command": command,
+                                                      **report}, indent=1))
+    chosen = report["chosen"]
+    print(f"term_exclusion forecast: layer {chosen['layer']} threshold {chosen['threshold']} train early "
+          f"{chosen['flagged_at_least_3_early']} false {chosen['false_flag_rate']}  "
+          + "  ".join(f"{split}: early {m['flagged_at_least_3_early']} false {m['false_flag_rate']}"
+                      for split, m in report["measured"].items()))
+    print(f"wrote {out} and {folder / 'forecast.json'}")
+    return 0
+
+
 def cmd_reliability(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -437,8 +495,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     import sys
 
     from probes.corpus import CorpusConfig, build_corpus, default_out
+    from probes.corpus_vllm import open_engine, resolve_engine
     from probes.tasks import TASKS
-    from steerer.model import load_model
 
     for flag in ("per_task", "batch_size", "round_size", "max_new_tokens", "max_new_tokens_other"):
         if getattr(args, flag) < 1:
@@ -447,7 +505,10 @@ def cmd_corpus(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, round_size=args.round_size, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, max_new_tokens_other=args.max_new_tokens_other,
                           max_rounds=args.max_rounds, ranges=args.ranges)
-    lm = load_model(args.model, threads=args.threads, device=args.device)
+    engine = "hf" if args.relabel else resolve_engine(args.engine)  # relabelling needs the tokenizer only
+    print(f"corpus engine: {engine}" + (" (auto)" if args.engine == "auto" else ""), file=sys.stderr)
+    lm, generator = open_engine(engine, args.model, batch_size=args.batch_size, threads=args.threads,
+                                device=args.device)
     out = Path(args.out) if args.out else default_out(lm.name, args.ranges)
     if args.relabel:
         from probes.corpus import relabel_onsets
@@ -456,7 +517,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
             print(f"{task:18s} {n} rows relabelled")
         return 0
     command = shlex.join(["steerer", *sys.argv[1:]])
-    manifest = build_corpus(lm, out, config, command=command)
+    manifest = build_corpus(lm, out, config, command=command, generator=generator)
     for task, info in manifest["tasks"].items():
         print(f"{task:18s} n={info['n']:4d} satisfied={info['satisfied']:4d} violated={info['violated']:4d} "
               f"generated={info['generated']:5d} discarded={info['discarded']:4d} "

@@ -19,8 +19,10 @@ limits 50-800 with the budget to reach them, 1-3 instructions per prompt, word l
 
 Layout of the output folder (resumable: a rerun continues after the last finished round):
     {task}.jsonl.gz   one gzip member per round (kept rows only); rewritten atomically per round
-    rounds.jsonl      one line per task and round: strategy, generated, kept, discarded, by-aid counts
-    manifest.json     model, fingerprint, families and held-out families, counts, config, command
+    rounds.jsonl      one line per task and round: strategy, generated, kept, discarded, by-aid counts, engine
+    manifest.json     model, fingerprint, families and held-out families, counts, config, command, engines
+
+Generation runs on the transformers loop (``HFGenerator``) or on vLLM (``probes.corpus_vllm``, ``--engine``).
 """
 
 from __future__ import annotations
@@ -595,22 +597,39 @@ def task_done(state: TaskState, config: CorpusConfig) -> bool:
     return state.kept >= config.per_task or state.generated >= config.per_task * config.max_generated_factor
 
 
-def build_corpus(lm, out: Path, config: CorpusConfig, progress: bool = True, command: str | None = None) -> dict:
+class HFGenerator:
+    """The transformers loop (``generate_rows`` on ``steerer.engine.hf``): the default corpus generator.
+
+    A generator has a ``name`` (logged per round) and ``generate(lm, rows, capacity, on_row)`` -> the rows
+    labelled by ``label_row``, in row order; ``probes.corpus_vllm.VLLMCorpusGenerator`` is the other one."""
+
+    name = "hf"
+
+    def __init__(self, lm):
+        from steerer.engine.hf import HFEngine
+
+        self.engine = HFEngine(lm)
+
+    def generate(self, lm, rows: list[dict], capacity: int, on_row=None) -> list[dict]:
+        return generate_rows(lm, self.engine, rows, capacity, on_row)
+
+
+def build_corpus(lm, out: Path, config: CorpusConfig, progress: bool = True, command: str | None = None,
+                 generator=None) -> dict:
     """Run rounds until every task holds ``per_task`` rows (or gives up, or ``max_rounds`` is reached).
 
     A round plans ``round_size`` rows (more when few tasks are left) for every unfinished task and
     generates them all in one continuous batch; each task's kept rows are then appended as one gzip member, so an interrupt loses at most the
-    round in progress."""
+    round in progress. ``generator``: what samples and labels the rows (default ``HFGenerator(lm)``); ``lm``
+    needs only ``name``, ``fingerprint`` and ``tokenizer`` when one is given."""
     from tqdm import tqdm
-
-    from steerer.engine.hf import HFEngine
 
     out.mkdir(parents=True, exist_ok=True)
     _check_model(out, lm)
     for stale in out.glob("*.tmp"):  # left by an interrupted atomic write; the real file is intact
         stale.unlink()
     states = task_states(out, config.tasks)
-    engine = HFEngine(lm)
+    generator = generator or HFGenerator(lm)
     total = config.per_task * len(config.tasks)
     bar = tqdm(total=total, initial=sum(min(s.kept, config.per_task) for s in states.values()),
                desc="probe corpus", unit="resp", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -631,14 +650,15 @@ def build_corpus(lm, out: Path, config: CorpusConfig, progress: bool = True, com
                 bar.set_postfix_str(f"{counts()} (round: {done}/{n} generated)", refresh=done % 8 == 0)
 
             start = time.perf_counter()
-            labelled = generate_rows(lm, engine, rows, config.batch_size, tick if progress else None)
+            labelled = generator.generate(lm, rows, config.batch_size, tick if progress else None)
             seconds = time.perf_counter() - start
             by_id = {r["id"]: r for r in labelled}
             for task_id, plan in plans.items():
                 state = states[task_id]
                 before = min(state.kept, config.per_task)
                 task_rows = [by_id[r["id"]] for r in plan]
-                _record_round(out, task_id, task_rows, state, config, seconds * len(plan) / len(rows))
+                _record_round(out, task_id, task_rows, state, config, seconds * len(plan) / len(rows),
+                              generator.name)
                 bar.update(min(state.kept, config.per_task) - before)
             bar.set_postfix_str(counts())
             rounds_run += 1
@@ -649,7 +669,7 @@ def build_corpus(lm, out: Path, config: CorpusConfig, progress: bool = True, com
 
 
 def _record_round(out: Path, task_id: str, rows: list[dict], state: TaskState, config: CorpusConfig,
-                  seconds: float) -> None:
+                  seconds: float, engine: str = "hf") -> None:
     """Keep what the class caps allow, append it, log the round, and update the task's state."""
     kept, discarded = select_rows(rows, state, config)
     by_aid: dict[str, list[int]] = {}
@@ -661,7 +681,8 @@ def _record_round(out: Path, task_id: str, rows: list[dict], state: TaskState, c
     round_index = rows[0]["round"]
     record = {"task": task_id, "round": round_index, "strategy": rows[0]["strategy"], "generated": len(rows),
               "kept": len(kept), "discarded": discarded, "satisfied": sum(r["satisfied"] for r in rows),
-              "by_aid": by_aid, "seconds": round(seconds, 2), "new_tokens": sum(r["n_tokens"] for r in rows)}
+              "by_aid": by_aid, "seconds": round(seconds, 2), "new_tokens": sum(r["n_tokens"] for r in rows),
+              "engine": engine}
     _append_line(out / "rounds.jsonl", json.dumps(record))
     for row in kept:
         state.keep(row)
@@ -733,6 +754,7 @@ def write_manifest(out: Path, lm, config: CorpusConfig, command: str | None = No
     manifest = {
         "model": lm.name, "fingerprint": lm.fingerprint,
         "command": command, "commands": commands,
+        "engines": sorted({r.get("engine", "hf") for r in load_rounds(out)}),  # what generated the rows
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "class_cap": config.cap, "aid_cell_cap": config.cell_cap,
         "base_requests": {"n": len(ALL_REQUESTS), "split_seed": 13,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ CORPUS_ROW_BYTES = 3_000  # gzip'd text row (messages, response, token ids) in t
 YIELD = 1.25  # generated responses per kept one (class caps discard some; the default model's corpus: ~1.0)
 DISK_BUDGET = 19 * GiB  # features; the corpus, bank and reports take the rest of 20 GiB
 LONG_TASK_BUDGET, OTHER_BUDGET = 160, 112  # probes.corpus.CorpusConfig token budgets
-IFEVAL_ROWS = 300  # upper bound on IFEval prompts mapped onto the tasks (reliability stage)
+IFEVAL_ROWS = 300  # upper bound on IFEval prompts mapped onto the tasks (reliability stage) without IFEval's data
 STEER_CELLS = 17  # 4 layers x 3 strengths + baseline + probe comparison (probes.steering defaults)
 STEER_PROMPTS = 20
 
@@ -158,12 +159,46 @@ NOMINAL_GPU_FLOPS = 2e14  # assumed for a CUDA plan made where no GPU is present
 EFFICIENCY = 0.5  # share of matmul throughput a build sustains (the default model's corpus: ~0.5 on this CPU)
 
 
-def resolve_plan_device(device: str) -> str:
+def machine_ram_bytes() -> int:
+    """Physical memory of this machine (what a CPU build can hold)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_fits(shape: ModelShape, ram_bytes: int, share: float = 0.8) -> bool:
+    """A CPU build holds the fp32 weights in RAM beside everything else: the model fits when its weights take at
+    most `share` of this machine's memory (an 8B model's 32 GB never fit a 24 GiB machine)."""
+    return shape.n_params * 4 <= share * ram_bytes
+
+
+def resolve_plan_device(device: str, shape: ModelShape | None = None, ram_bytes: int | None = None) -> tuple[str, str]:
+    """The device the build plans for and why. `auto`: CUDA when this machine has it; else the CPU when the model
+    fits this machine's RAM; else CUDA (the plan is then for the GPU machine the build needs, and a run here is
+    refused, `check_runnable`)."""
     if device != "auto":
-        return device
+        return device, "asked"
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda", "auto: CUDA is available"
+    ram = ram_bytes if ram_bytes is not None else machine_ram_bytes()
+    if shape is None or cpu_fits(shape, ram):
+        return "cpu", "auto: no CUDA here"
+    return "cuda", (f"auto: no CUDA here, and the fp32 weights ({shape.n_params * 4 / GiB:.1f} GiB) do not fit this "
+                    f"machine's {ram / GiB:.0f} GiB of RAM: planned for a CUDA device")
+
+
+def check_runnable(plan: Plan, ram_bytes: int | None = None) -> None:
+    """Refuse (one line) a build this machine cannot run: a CUDA plan without CUDA, or a CPU plan whose peak RAM
+    exceeds this machine's memory. Before anything is written."""
+    import torch
+
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"this build needs a CUDA device ({plan.device_note}); none is available here: run it on a "
+                         "GPU machine, or pass --device cpu on one with enough RAM")
+    ram = ram_bytes if ram_bytes is not None else machine_ram_bytes()
+    if plan.device.startswith("cpu") and plan.peak_ram_bytes > ram:
+        raise ValueError(f"this build needs ~{plan.peak_ram_bytes / GiB:.1f} GiB of RAM on the CPU and this machine "
+                         f"has {ram / GiB:.1f} GiB: run it on a CUDA device (--device cuda)")
 
 
 @dataclass(frozen=True)
@@ -188,6 +223,7 @@ class Plan:
     seconds: float
     layout: dict
     stages: dict
+    device_note: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -195,21 +231,35 @@ class Plan:
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         return [
-            f"plan: {self.model} on {self.device}, {len(self.tasks)} tasks x {self.per_task} = {self.rows} rows "
+            f"plan: {self.model} on {self.device}{f' ({self.device_note})' if self.device_note else ''}, "
+            f"{len(self.tasks)} tasks x {self.per_task} = {self.rows} rows "
             f"(~{self.generated_rows} generated)",
             f"  generated tokens <= {self.generated_tokens:,}; forward tokens {self.forward_tokens:,} in "
             f"~{self.forward_passes:,} batched passes; {self.flops:.3g} FLOP",
             f"  disk {g(self.disk_bytes)} (features {g(self.feature_bytes)}: token layers "
             f"{self.layout['token_layers']}, position layers {self.layout['position_layers'] or 'all'})",
             f"  peak RAM {g(self.peak_ram_bytes)}; device memory {g(self.device_memory_bytes)}; "
-            f"time ~{self.seconds / 3600:.1f} h at {self.device_flops / 1e9:.0f} GFLOP/s measured",
+            f"time ~{self.seconds / 3600:.1f} h at {self.device_flops / 1e9:.0f} GFLOP/s "
+            f"{'assumed (no GPU here)' if self.device_flops == NOMINAL_GPU_FLOPS else 'measured'}",
             "  stages: " + ", ".join(f"{k} ~{v['seconds'] / 60:.0f} min" for k, v in self.stages.items()),
         ]
 
 
+def ifeval_rows(tasks: list[str]) -> int:
+    """IFEval prompts the reliability stage generates for these tasks: the mapped rows when IFEval's data is
+    beside the checkout, else `IFEVAL_ROWS` if IFEval covers any of them; none for tasks it never asks (a
+    team's own rules, char_count)."""
+    from probes import ifeval
+
+    try:
+        return sum(1 for row in ifeval.mapped_rows() if row["task"] in tasks)
+    except FileNotFoundError:
+        return IFEVAL_ROWS if set(tasks) & set(ifeval.MAPPED.values()) else 0
+
+
 def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, device: str = "cpu",
               batch_size: int = 48, flops: float | None = None, weight_bytes_per_param: int | None = None,
-              steer_prompts: int = STEER_PROMPTS) -> Plan:
+              steer_prompts: int = STEER_PROMPTS, device_note: str = "") -> Plan:
     """The build's figures. Upper bounds where the model decides (every response at its token budget);
     compute time from matmul throughput measured now (a busy machine measures slow) at `EFFICIENCY`."""
     rows = per_task * len(tasks)
@@ -220,13 +270,14 @@ def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, de
     generated_tokens = generated_rows * (passes - 1)
     seq = PROMPT_TOKENS + passes
     steer_tokens = len(tasks) * STEER_CELLS * steer_prompts * seq
-    ifeval_tokens = IFEVAL_ROWS * seq * 2  # generated, then teacher-forced
+    n_ifeval = ifeval_rows(tasks)
+    ifeval_tokens = n_ifeval * seq * 2  # generated, then teacher-forced
     stage_tokens = {"corpus": generated_rows * seq, "features": rows * seq, "probes": 0, "warnings": 0,
                     "steering": steer_tokens, "reliability": ifeval_tokens}
     forward_tokens = sum(stage_tokens.values())
     forward_passes = (math.ceil(generated_rows / batch_size) * passes + rows
                       + math.ceil(len(tasks) * STEER_CELLS * steer_prompts / batch_size) * passes
-                      + math.ceil(IFEVAL_ROWS / batch_size) * passes + IFEVAL_ROWS)
+                      + math.ceil(n_ifeval / batch_size) * passes + n_ifeval)
     on_cpu = device.startswith("cpu")
     per_param = weight_bytes_per_param or (4 if on_cpu else 2)  # load_model: fp32 on CPU; bf16/fp16 on a GPU
     weights = shape.n_params * per_param
@@ -243,10 +294,10 @@ def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, de
     stages = {k: {"forward_tokens": v, "seconds": round(2.0 * shape.n_params * v / (EFFICIENCY * speed)
                                                         + (train_seconds if k in ("probes", "warnings") else 0), 1)}
               for k, v in stage_tokens.items()}
-    disk = feature_bytes + generated_rows * CORPUS_ROW_BYTES + IFEVAL_ROWS * CORPUS_ROW_BYTES + 64 * 1024**2
+    disk = feature_bytes + generated_rows * CORPUS_ROW_BYTES + n_ifeval * CORPUS_ROW_BYTES + 64 * 1024**2
     return Plan(model, device, list(tasks), per_task, rows, generated_rows, generated_tokens, forward_tokens,
                 forward_passes, shape.n_params, weights, feature_bytes, disk, peak_ram, device_memory, total_flops,
                 speed, round(seconds + 2 * train_seconds, 1),
                 {"token_layers": list(layout.token_layers),
                  "position_layers": None if layout.position_layers is None else list(layout.position_layers),
-                 "row_bytes": layout.row_bytes(passes), "passes_per_row": passes}, stages)
+                 "row_bytes": layout.row_bytes(passes), "passes_per_row": passes}, stages, device_note)

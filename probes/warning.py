@@ -212,8 +212,13 @@ def bank_traces(bank: ProbeBank, task: str, data: TaskData, rows: np.ndarray, to
             fractions = progress_fractions(task, row["params"], ids, tokenizer)
             progress[:, k] = torch.from_numpy(fractions[np.minimum(np.arange(stop), len(fractions) - 1)])
         residuals = {p.layer: x for p in bank.probes}  # only column k is read
-        p = scorer.score(torch.zeros(stop, dtype=torch.long), residuals, None, progress, index)[:, k] \
-            if stop else torch.zeros(0)
+        if conditioning.forecasts(probe.conditioning):  # a running mean per row: one reading per pass, in order
+            p = torch.cat([scorer.score(torch.zeros(1, dtype=torch.long), {layer: x[t:t + 1] for layer in residuals},
+                                        None, progress[t:t + 1], index[t:t + 1])[:, k] for t in range(stop)]) \
+                if stop else torch.zeros(0)
+        else:
+            p = scorer.score(torch.zeros(stop, dtype=torch.long), residuals, None, progress, index)[:, k] \
+                if stop else torch.zeros(0)
         out.append(Trace(p.tolist(), list(range(stop)), bool(row["satisfied"]), reference(row)))
     return out
 
@@ -262,9 +267,8 @@ def warning_entry(choice: dict, bank: ProbeBank, hidden_size: int):
     """The warning sub-bank's entry for one task: the fitted predictor, or the bank's own probe again."""
     task, best = choice["task"], choice["chosen"]
     record = {"position": "tokens_before_onset", "method": "logreg", "flag_threshold": best["threshold"],
-              "metrics": {k: v for k, v in best.items() if k not in ("threshold", "variant_shifts")}, "reliable": True}
-    if not bank.probes[bank.index(task)].reliable:  # its failed record describes the probe's metrics, not these
-        record["reliability"] = None
+              "metrics": {k: v for k, v in best.items() if k not in ("threshold", "variant_shifts")}, "reliable": True,
+              "reliability": None}  # the probe's record describes the probe's metrics, not these
     if choice["fitted"] is None:
         entry = entry_from_bank(bank, task)
         entry.record = {**entry.record, **record, "position": "eos"}

@@ -287,6 +287,15 @@ class ProbeBank:
         return torch.tensor([not (use_unreliable or bool(p.reliable) or p.reliable_range is not None)
                              for p in self.probes], dtype=torch.bool)
 
+    def unsteerable(self, task: str) -> str | None:
+        """Why the bank's steering sweep advises against steering `task` (`extra["steering"][task]`:
+        `steerable: false`, e.g. every gaining strength looped), or None. Advice: a request that asks still
+        steers (callers warn)."""
+        record = (self.extra.get("steering") or {}).get(task)
+        if isinstance(record, dict) and record.get("steerable") is False:
+            return str(record.get("steerable_reason") or "marked not steerable by its sweep")
+        return None
+
     def reliable_for(self, task: str, params: dict | None = None) -> tuple[bool, str]:
         """(may `task`'s probe flag and steer for a request with `params`, why not). The per-request hook of
         scoped reliability; a task not in the bank is a KeyError."""

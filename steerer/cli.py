@@ -233,7 +233,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     from steerer.bank import ProbeBank
     from steerer.constraints import Constraint, validate_request
     from steerer.model import load_model
-    from steerer.policy import SteeringPolicy
+    from steerer.policy import PolicyKind, SteeringPolicy
     from steerer.request import Request, SamplingParams, TokenEvent
 
     if not args.constraint and args.policy != "off":
@@ -254,6 +254,10 @@ def _generate_monitored(args: argparse.Namespace) -> int:
             if not trusted:
                 print(f"steerer: warning: the {constraint.task} probe is muted, no flags or steering "
                       f"({why}); --use-unreliable-probes to use it", file=sys.stderr)
+    for constraint in constraints:
+        steering = request.policy_for(constraint.task)
+        if steering.code != PolicyKind.OFF and steering.alpha and (why := bank.unsteerable(constraint.task)):
+            print(f"steerer: warning: this bank advises against steering {constraint.task} ({why})", file=sys.stderr)
     engine: Backend
     if args.engine == "vllm":
         from steerer.engine.vllm.driver import VLLMSteerer

@@ -37,7 +37,7 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
 }
 MAX_INPUTS = 4
 PROGRESS_FEATURES = ("fraction", "fraction_squared", "log_tokens")  # per token: f, f^2, log(2 + token index)
-KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs"}
+KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs", "forecast"}
 
 
 class ConditioningError(ValueError):
@@ -51,6 +51,10 @@ def check(conditioning: dict | None, n_variant_rows: int) -> None:
     if not isinstance(conditioning, dict) or set(conditioning) - KEYS:
         raise ConditioningError(f"conditioning must be an object with {'/'.join(sorted(KEYS))}, "
                                 f"got {conditioning!r:.80}")
+    if not isinstance(conditioning.get("forecast", False), bool):
+        raise ConditioningError(f"conditioning forecast must be true or false, got {conditioning['forecast']!r:.40}")
+    if conditioning.get("forecast") and "lens" not in conditioning:
+        raise ConditioningError("conditioning forecast averages the lens inputs: it needs lens")
     if not isinstance(conditioning.get("progress", False), bool):
         raise ConditioningError(f"conditioning progress must be true or false, got {conditioning['progress']!r:.40}")
     signs = conditioning.get("steer_signs", {})
@@ -95,6 +99,13 @@ def steer_sign(conditioning: dict | None, params: dict) -> float:
 
 def reads_progress(conditioning: dict | None) -> bool:
     return bool((conditioning or {}).get("progress", False))
+
+
+def forecasts(conditioning: dict | None) -> bool:
+    """A forecast (term_exclusion's warning): its lens inputs are each row's running mean over its readings so
+    far, from the prompt's last token on (how readily the model reaches for the word), and it may flag from that
+    first reading (no warm-up)."""
+    return bool((conditioning or {}).get("forecast", False))
 
 
 def progress_features(fraction, index):

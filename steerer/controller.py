@@ -40,7 +40,7 @@ from steerer.bank import ProbeBank
 from steerer.constraints import Constraint, check_constraint, validate_request
 from steerer.detokenize import IncrementalDetokenizer
 from steerer.lens import LensWeights, token_ids, words_of
-from steerer.monitor import FlagEvent, Monitor, MonitorConfig
+from steerer.monitor import NO_FLAG, FlagEvent, Monitor, MonitorConfig
 from steerer.policy import OFF, PolicyKind, PolicyTable, SteeringPolicy, check_strengths
 from steerer.request import Detection, Result, RowSpec, Spec, TokenEvent, Verdict  # noqa: F401 (re-exported)
 from steerer.taps import LayerSteering, Where
@@ -104,7 +104,8 @@ class Controller:
         self.use_unreliable_probes = use_unreliable_probes  # else scoped probes are muted per request (`add`)
         self.monitor = Monitor(on_device, monitor_config or MonitorConfig(), capacity, record=record, muted=self.muted,
                                lens=lens)
-        self._lens_params = {p.task: param for p, param in zip(bank.probes, bank.lens_params, strict=True) if param}
+        self._lens_params = {p.task: param for b in (bank, bank.alerting)  # the warning predictors' lens too
+                             for p, param in zip(b.probes, b.lens_params, strict=True) if param}
         self.policies = PolicyTable(on_device, capacity, self.where, muted=self.muted)
         self.steering: dict[int, LayerSteering] = self.policies.steering  # what the engine's taps add
         self.tap_layers: tuple[int, ...] = bank.layers
@@ -397,7 +398,7 @@ def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ..
         finite = math.isfinite(p_end)
         verdicts.append(Verdict(constraint.task, dict(constraint.params),
                                 not muted and finite and p_end < probe.threshold, p_end if finite else None,
-                                bool(end[3, k]), first if first >= 0 else None,
+                                bool(end[3, k]), first if first != NO_FLAG else None,
                                 check_constraint(constraint, text) if check else None, bool(probe.reliable), muted,
                                 probe_note=probe.unreliable_reason() or ""))
     return verdicts

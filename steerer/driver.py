@@ -157,8 +157,8 @@ class Driver:
             return
         self.controller.validate(spec)
         if not self.can_guard and (guarded := guards.guarded_tasks(spec)):
-            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard policy runs on the "
-                             "transformers engine (docs/GUARD.md)")
+            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard vets tokens in the "
+                             "process that samples them (not vLLM's tensor-parallel workers; docs/GUARD.md)")
         with contextlib.suppress(TypeError):  # not weak-referenceable: validated, just not remembered
             self._valid[id(spec)] = spec
 
@@ -272,12 +272,25 @@ class Driver:
         detok, length = self.controller.row_text(slot)
         return guards.vetoes(live, guards.peek(detok, None if end else token), length, end)
 
+    def repair(self, slot: int, token: int, vetoed: list[str]) -> int | None:
+        """The token a vetoing detector proposes instead of `token` (`guard.repair_tokens`: " The" -> " the"
+        under lowercase) if it passes every guarded detector, else None (draw again)."""
+        live = self._live_guards(slot)
+        if token in self._rows[slot].stop.eos or not live:
+            return None
+        detok, _ = self.controller.row_text(slot)
+        for fixed in guards.repair_tokens(live, vetoed, guards.peek(detok, token), detok.tokenizer):
+            if fixed != token and not self.veto(slot, fixed):
+                return fixed
+        return None
+
     def guard(self, slots: list[int], logits: torch.Tensor, tokens: torch.Tensor,
               redraw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The tokens [B] the sampler drew for `slots` with every vetoed one replaced (`steerer.guard`): the
-        vetoed token's logit is set to -inf and `redraw` (the engine's sampler over [B, V] logits, row by row
-        the same draw) picks again, up to `guard.MAX_VETOES` times; an at-most limit's veto, or one past the
-        bound, ends the row (EOS). The vetoes go on the row's next token event (`TokenEvent.redrawn`)."""
+        """The tokens [B] the sampler drew for `slots` with every vetoed one replaced (`steerer.guard`): an
+        at-most limit's veto ends the row (EOS); else a vetoing detector's repair that passes every guarded
+        detector is taken (`repair`); else the vetoed token's logit is set to -inf and `redraw` (the engine's
+        sampler over [B, V] logits, row by row the same draw) picks again, up to `guard.MAX_VETOES` times,
+        past which the row ends (EOS). The vetoes go on the row's next token event (`TokenEvent.redrawn`)."""
         rows = [(i, slot) for i, slot in enumerate(slots) if self._live_guards(slot)]
         if not rows:
             return tokens
@@ -295,6 +308,9 @@ class Driver:
                 if eos is not None and (attempt == guards.MAX_VETOES
                                         or guards.ends_at_limit(self._live_guards(slot), vetoed)):
                     chosen[i] = eos
+                    continue
+                if (fixed := self.repair(slot, chosen[i], vetoed)) is not None:
+                    chosen[i] = fixed
                     continue
                 if masked is None:
                     masked = logits.clone()
@@ -326,8 +342,46 @@ class Driver:
                 out.fill_(float("-inf"))
                 out[eos] = keep
                 break
+            if (fixed := self.repair(slot, best, vetoed)) is not None:  # as `guard`: the repair, not the next best
+                keep = out[fixed].clone()
+                out.fill_(float("-inf"))
+                out[fixed] = keep
+                break
             out[best] = float("-inf")
         return out
+
+    def allowed(self, slot: int, candidates: list[int], probs: list[float] | None = None,
+                mass: float = 1.0) -> list[int]:
+        """The tokens a row may draw next, for an engine that masks before its sampler draws (vLLM:
+        `steerer.engine.vllm.guard`). `candidates` best first are checked until the passing ones hold `mass` of
+        what the vetoes leave of `probs` (None: greedy, the first passing one), or past `guard.MAX_VETOES`
+        vetoes. As `guard`: vetoes ranked above the first passing candidate go on the next token event
+        (`TokenEvent.redrawn`); such a veto's passing repair is the one token allowed; an at-most limit's veto
+        there, or vetoes past the bound with none passing, leave only EOS."""
+        row = self._rows[slot]
+        eos = sorted(row.stop.eos)
+        keep: list[int] = []
+        vetoes, passed, gone = 0, 0.0, 0.0
+        for rank, token in enumerate(candidates):
+            tasks = self.veto(slot, token)
+            p = probs[rank] if probs is not None else 0.0
+            if not tasks:
+                keep.append(token)
+                passed += p
+                if probs is None or passed >= mass * (1.0 - gone):
+                    break
+                continue
+            vetoes += 1
+            gone += p
+            if not keep:
+                row.vetoes.update(tasks)
+                if eos and (vetoes > guards.MAX_VETOES or guards.ends_at_limit(self._live_guards(slot), tasks)):
+                    return eos
+                if (fixed := self.repair(slot, token, tasks)) is not None:
+                    return [fixed]
+            elif vetoes > guards.MAX_VETOES:
+                break
+        return keep or eos
 
     def token(self, slot: int, token: int, *, recorded: bool | None = None, final: bool = False) -> TokenEvent:
         """The token a row chose in the pass last read: its event. The row's stop rule decides whether it is

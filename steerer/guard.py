@@ -20,6 +20,13 @@ Rules, all here as small pure functions:
   a word boundary (EOS when the next token would start a word past the limit).
 - At most `MAX_VETOES` vetoes per token; past that the response ends (EOS): a row that cannot continue
   within its constraints stops rather than break them.
+- Repair before redraw: a vetoing detector may propose the text to write instead (an optional
+  `repair(delta) -> str | None`, `steerer.tasks.base.RepairingDetector`; lowercase: the delta lower-cased,
+  " The" -> " the"). When that text is one token of the vocabulary (`repair_tokens`, looked up once per
+  tokenizer) and that token passes every guarded detector, the row takes it instead of drawing again: the
+  next-best token after a vetoed " The" is rarely fluent (the text tends to loop), its lower-cased self is.
+  An at-most limit's veto still ends the response first; a sampled row takes the repair too (a
+  substitution, not a draw). Otherwise the row draws again as above.
 
 A task whose violation the text already decided (the detector fired before the guard could act, e.g. a
 prompt-forced first token) has no live detector and is no longer guarded.
@@ -28,6 +35,7 @@ prompt-forced first token) has no live detector and is no longer guarded.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,7 +43,8 @@ from steerer.detokenize import IncrementalDetokenizer
 from steerer.tasks.base import Detector
 from steerer.tasks.common import UpperBoundDetector
 
-__all__ = ["MAX_VETOES", "ends_at_limit", "guarded_tasks", "peek", "vetoes"]
+__all__ = ["MAX_VETOES", "ends_at_limit", "guarded_tasks", "peek", "repair_tokens", "repairs", "single_token",
+           "vetoes"]
 
 MAX_VETOES = 64  # candidates vetoed for one token before the response ends instead
 WORD_END = " "  # fed after a candidate's delta: judge a word the candidate may have completed
@@ -74,3 +83,38 @@ def ends_at_limit(detectors: Mapping[str, Detector], tasks: Iterable[str]) -> bo
     """A veto by one of these tasks ends the response: its detector counts towards an upper bound, which every
     continuation would pass too (it only grows)."""
     return any(isinstance(detectors.get(task), UpperBoundDetector) for task in tasks)
+
+
+def repairs(detectors: Mapping[str, Detector], vetoed: Iterable[str], delta: str) -> list[str]:
+    """The texts the vetoing tasks' detectors propose instead of `delta` (their optional `repair`), in veto
+    order, distinct, none equal to `delta`."""
+    out: list[str] = []
+    for task in vetoed:
+        repair = getattr(detectors.get(task), "repair", None)
+        fixed = repair(delta) if callable(repair) and delta else None
+        if fixed and fixed != delta and fixed not in out:
+            out.append(fixed)
+    return out
+
+
+_SINGLE: weakref.WeakKeyDictionary[Any, dict[str, int | None]] = weakref.WeakKeyDictionary()
+
+
+def single_token(tokenizer: Any, text: str) -> int | None:
+    """The one vocabulary token that encodes `text` and decodes back to it, or None (cached per tokenizer)."""
+    try:
+        cache = _SINGLE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    if text not in cache:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        cache[text] = int(ids[0]) if len(ids) == 1 and tokenizer.decode(ids) == text else None
+    return cache[text]
+
+
+def repair_tokens(detectors: Mapping[str, Detector], vetoed: Iterable[str], delta: str,
+                  tokenizer: Any) -> list[int]:
+    """The tokens to try, in order, before drawing again for a candidate `delta` vetoed by `vetoed`: each
+    repair text that is one token. The caller still checks each against every guarded detector (`vetoes`)."""
+    tokens = (single_token(tokenizer, text) for text in repairs(detectors, vetoed, delta))
+    return list(dict.fromkeys(t for t in tokens if t is not None))

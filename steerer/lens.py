@@ -91,5 +91,5 @@ def id_table(ids: list[int], width: int = MAX_LENS_TOKENS) -> tuple[torch.Tensor
 
 
 def lens_for(bank, model: torch.nn.Module) -> LensWeights | None:
-    """The model's lens weights when some probe of `bank` reads a lens, else None (nothing to hold)."""
-    return LensWeights.of(model) if any(bank.lens_params) else None
+    """The model's lens weights when some probe of `bank` (or warning predictor) reads a lens, else None."""
+    return LensWeights.of(model) if any(bank.lens_params) or any(bank.alerting.lens_params) else None

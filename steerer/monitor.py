@@ -24,6 +24,8 @@ from steerer import conditioning
 from steerer.bank import ProbeBank
 from steerer.lens import MAX_LENS_TOKENS, LensWeights, id_table
 
+NO_FLAG = -2  # `Monitor.first_flag` of a row never flagged (-1 is a reading: the prompt's last token)
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -71,6 +73,11 @@ class Scorer:
             self.row_lens = bank.lens_weights.to(device)  # [K + V, 2]
             self.lens_ids = torch.zeros(capacity, k, MAX_LENS_TOKENS, dtype=torch.long, device=device)
             self.lens_mask = torch.zeros(capacity, k, MAX_LENS_TOKENS, dtype=torch.bool, device=device)
+        # forecasts read each row's running mean of its lens inputs (`conditioning.forecasts`): sums and counts
+        self.mean_probes = {k for k in self.lens_probes if conditioning.forecasts(bank.probes[k].conditioning)}
+        if self.mean_probes:
+            self.lens_sum = torch.zeros(capacity, k, 2, device=device)
+            self.lens_count = torch.zeros(capacity, k, 1, device=device)
         self.progress_probes = [k for k, reads in enumerate(bank.progress_params) if reads]
         if self.progress_probes:
             self.row_progress = bank.progress_weights.to(device)  # [K + V, 3]
@@ -84,6 +91,8 @@ class Scorer:
         for k in self.lens_probes:
             ids, mask = id_table((lens_ids or {}).get(self.bank.tasks[k], []))
             self.lens_ids[row, k], self.lens_mask[row, k] = ids, mask
+        if self.mean_probes:
+            self.lens_sum[row], self.lens_count[row] = 0.0, 0.0
 
     def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor], applied: torch.Tensor | None = None,
               progress: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,6 +108,10 @@ class Scorer:
         logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index_rows]) + self.row_offset[rows]
         for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
             features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
+            if k in self.mean_probes:  # rows are distinct within a pass: one read and one write each
+                total, count = self.lens_sum[rows, k] + features, self.lens_count[rows, k] + 1.0
+                self.lens_sum[rows, k], self.lens_count[rows, k] = total, count
+                features = total / count
             logits[:, k] = logits[:, k] + (self.row_lens[index_rows[:, k]] * features).sum(-1)
         if progress is not None:
             for k in self.progress_probes:
@@ -132,6 +145,9 @@ class Monitor:
         self.muted = torch.zeros(k, dtype=torch.bool) if self.muted is None else self.muted.bool().cpu()
         self._muted = self.muted.tolist()
         self.risk_threshold = (1.0 - self.bank.alerting.flag_thresholds).to(device)  # [K]
+        # flags start after the warm-up, except a forecast's, which may flag from the prompt's last token (-1)
+        self.warmup = torch.tensor([-1 if conditioning.forecasts(p.conditioning) else self.config.warmup_tokens
+                                    for p in self.bank.alerting.probes], device=device)  # [K]
         self.gate_threshold = (1.0 - self.bank.gate_thresholds).to(device)  # [K], on the end probes' risk
         h = self.config.hysteresis
         self._flag_bounds = (self.risk_threshold + h, self.risk_threshold - h)  # raise above, clear below
@@ -147,7 +163,7 @@ class Monitor:
         self.settled = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
         self.progress = torch.zeros(self.capacity, k, device=device)  # per task: fraction of its limit so far
         self.ever_flagged = torch.zeros(self.capacity, k, dtype=torch.bool, device=device)
-        self.first_flag = torch.full((self.capacity, k), -1, dtype=torch.long, device=device)
+        self.first_flag = torch.full((self.capacity, k), NO_FLAG, dtype=torch.long, device=device)
         self.last_p = torch.zeros(self.capacity, k, device=device)
         self.eos_p = torch.full((self.capacity, k), float("nan"), device=device)
         # The end probes (verdicts) and, where the bank has them, the warning predictors (risk, flags, gate).
@@ -182,7 +198,7 @@ class Monitor:
         self.gate[row] = False
         self.settled[row] = False
         self.ever_flagged[row] = False
-        self.first_flag[row] = -1
+        self.first_flag[row] = NO_FLAG
         self.eos_p[row] = float("nan")
         if self.record:
             self.traces[row] = []
@@ -220,13 +236,15 @@ class Monitor:
                 self.traces[row].append((position, p[i].cpu()))
         at = index[:, None]  # [B, 1], broadcast against [B, K]
         settled = self.settled[rows]
-        eligible = self.active[rows] & (at >= self.config.warmup_tokens) & ~settled
-        raised, cleared = self._hysteresis(rows, at, smoothed, eligible, self._flag_bounds, self.flags, self.raised_at)
+        live = self.active[rows] & ~settled
+        raised, cleared = self._hysteresis(rows, at, smoothed, live & (at >= self.warmup), self._flag_bounds,
+                                           self.flags, self.raised_at)
         # A settled task's gate stays up (`settle`): folded into the gate's own update, one write per pass.
-        self._hysteresis(rows, at, steer_risk, eligible, self._gate_bounds, self.gate, self.gate_at, settled)
+        self._hysteresis(rows, at, steer_risk, live & (at >= self.config.warmup_tokens), self._gate_bounds, self.gate,
+                         self.gate_at, settled)
         self.ever_flagged[rows] = self.ever_flagged[rows] | raised
         first = self.first_flag[rows]
-        self.first_flag[rows] = torch.where(raised & (first < 0), at, first)
+        self.first_flag[rows] = torch.where(raised & (first == NO_FLAG), at, first)
         return smoothed, raised, cleared
 
     def _hysteresis(self, rows, at, risk, eligible, bounds, state, since, force=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -404,3 +404,11 @@ def test_bad_warning_and_steering_fields_are_refused(fields, message):
 def test_progress_coefficients_need_a_probe_that_reads_progress():
     with pytest.raises(BankError, match=r"progress_weights has shape \(2, 3\), expected \(2, 0\)"):
         replace(small_bank(), progress_weights=torch.zeros(2, 3))
+
+
+def test_the_shipped_bank_advises_against_steering_only_its_looping_tasks():
+    """`unsteerable` reads the sweep's verdict in the manifest: lowercase and topic gain only by looping."""
+    bank = ProbeBank.load(DEFAULT_BANK)
+    advised = {t: bank.unsteerable(t) for t in bank.tasks}
+    assert {t for t, why in advised.items() if why} == {"lowercase", "topic"}
+    assert "loop" in advised["lowercase"]

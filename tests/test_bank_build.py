@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from probes import bank_build, plan
@@ -42,14 +43,39 @@ def test_8b_plan_fits_20_gib_disk_and_16_gib_ram_from_config_only(tmp_path):
     (model / "config.json").write_text(json.dumps(LLAMA_8B))
     out = tmp_path / "bank"
     proc = subprocess.run([sys.executable, "-m", "steerer.cli", "bank", "build", "--model", str(model), "--out",
-                           str(out), "--dry-run", "--json", "--device", "cuda"], capture_output=True, text=True,
-                          timeout=300)
+                           str(out), "--dry-run", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["rows"] == 9 * 640 and doc["generated_tokens"] > 0
     assert doc["disk_bytes"] <= 20 * GiB and doc["peak_ram_bytes"] <= 16 * GiB
     assert len(doc["layout"]["token_layers"]) >= 2 and doc["layout"]["position_layers"] is not None
     assert not out.exists()
+
+
+def _shape(folder, config: dict):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return plan.shape_from_config(folder)
+
+
+def test_auto_plans_cpu_when_the_model_fits_and_cuda_when_it_cannot(tmp_path):
+    """`--device auto` without CUDA: the CPU for a model whose fp32 weights fit this machine's RAM, CUDA (with the
+    reason) for one that cannot, and a real run of that CUDA plan is refused here in one line."""
+    small = _shape(tmp_path / "small", LLAMA_8B | {"num_hidden_layers": 1, "hidden_size": 256,
+                                                   "intermediate_size": 512, "vocab_size": 1000})
+    big = _shape(tmp_path / "big", LLAMA_8B)
+    ram = 24 * GiB
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to CUDA on a CUDA machine")
+    assert plan.resolve_plan_device("auto", small, ram)[0] == "cpu"
+    device, why = plan.resolve_plan_device("auto", big, ram)
+    assert device == "cuda" and "do not fit" in why
+    planned = plan.make_plan("llama-8b", big, ["char_count"], 640, device, flops=1e12, device_note=why)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        plan.check_runnable(planned, ram)
+    on_cpu = plan.make_plan("llama-8b", big, ["char_count"], 640, "cpu", flops=1e12)
+    with pytest.raises(ValueError, match="GiB of RAM on the CPU"):
+        plan.check_runnable(on_cpu, ram)
 
 
 def test_bad_config_is_one_line(tmp_path):
@@ -100,3 +126,21 @@ def test_random_model_ends_bounded_untrainable_and_resumes(tiny, tmp_path):
     assert "## Untrainable tasks" in card and "| json_format |" in card
     with pytest.raises(ValueError, match="another --out"):
         bank_build.run_build(bank_build.BuildConfig(str(folder), config.out, ("lowercase",), per_task=4), doc)
+
+
+def test_plan_prices_ifeval_only_for_tasks_it_asks():
+    """The reliability stage generates IFEval's prompts only for tasks IFEval covers: none for char_count (or a
+    team's own rule), so its plan has no reliability time."""
+    assert plan.ifeval_rows(["char_count"]) == 0
+    assert plan.ifeval_rows(["word_count"]) > 0
+    shape = plan.ModelShape("llama", num_layers=30, hidden_size=576, intermediate_size=1536, vocab_size=49152,
+                            num_heads=9, num_kv_heads=3, tied=True)
+    assert plan.make_plan("m", shape, ["char_count"], 48, "cpu", flops=1e12).stages["reliability"]["forward_tokens"] == 0
+
+
+def test_pace_follows_the_stages_actually_run():
+    pace = bank_build.Pace()
+    assert pace.factor == 1.0 and pace.note() == ""
+    pace.add(1.0, 50.0)  # overhead-bound stage: ignored
+    pace.add(100.0, 25.0)
+    assert pace.factor == 0.25 and "x0.25" in pace.note()

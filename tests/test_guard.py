@@ -60,6 +60,41 @@ def test_vetoes_judge_a_word_as_written_and_leave_the_live_detector_alone():
     assert guard.vetoes(json_live, "1}", 6, False) == []
 
 
+def test_lowercase_repairs_a_vetoed_capital_and_the_repair_must_pass_every_guard(lm):
+    lower = _detectors(LOWER, "a calm")
+    assert guard.repairs(lower, ["lowercase"], " The") == [" the"]
+    (the,) = guard.repair_tokens(lower, ["lowercase"], " The", lm.tokenizer)
+    assert lm.tokenizer.decode([the]) == " the" and guard.vetoes(lower, " the", 6, False) == []
+    assert guard.single_token(lm.tokenizer, " the") == the  # cached per tokenizer, same answer
+    assert guard.repair_tokens(lower, ["lowercase"], " the", lm.tokenizer) == []  # nothing to repair
+    assert guard.single_token(lm.tokenizer, " hello world") is None  # two tokens: no repair, draw again
+    terms = _detectors(EXCLUDE, "A calm")
+    assert guard.repairs(terms, ["term_exclusion"], " The") == []  # term_exclusion proposes none
+    both = {**lower, **terms}
+    assert guard.repair_tokens(both, ["lowercase", "term_exclusion"], " The", lm.tokenizer) == [the]
+    assert guard.vetoes(both, " the", 6, False) == ["term_exclusion"]  # so the driver draws again instead
+
+
+def _repairs_taken(lm, prompt: str, tokens: list[int], events: list[TokenEvent]) -> int:
+    """At each token the guard changed under lowercase: where the unguarded model's first choice has a one-token
+    lower-cased form, that form was taken (repair before redraw); returns how many such repairs were seen."""
+    from steerer.model import chat_prompt
+
+    ids = chat_prompt(lm.tokenizer, prompt)
+    taken = 0
+    for event in events:
+        if not event.redrawn.get("lowercase") or event.index >= len(tokens):
+            continue
+        with torch.no_grad():
+            best = int(lm.model(torch.tensor([ids + tokens[:event.index]])).logits[0, -1].argmax())
+        text = lm.tokenizer.decode([best])
+        fixed = guard.single_token(lm.tokenizer, text.lower())
+        if fixed is not None and text.lower() != text:
+            assert event.token_id == fixed, (text, lm.tokenizer.decode([event.token_id]))
+            taken += 1
+    return taken
+
+
 @pytest.fixture(scope="module")
 def steerer(lm):
     from steerer.bank import DEFAULT_BANK, ProbeBank
@@ -91,7 +126,7 @@ def guarded_runs(steerer):
     the guard had work to do: unguarded, the model would have written the vetoed token)."""
     cases = {
         "terms": ("Write two sentences about the ocean and its water.", (EXCLUDE,)),
-        "lower": ("Describe Paris in two sentences.", (LOWER,)),
+        "lower": ("Describe the ocean in two sentences.", (LOWER,)),
         "words": ("Explain in detail how rain forms.", (AT_MOST_12,)),
         "both": ("Write a sentence about the ocean.", (EXCLUDE, LOWER)),
     }
@@ -156,6 +191,11 @@ def test_a_greedy_row_takes_the_next_best_token(steerer, lm, guarded_runs):
     assert checked
 
 
+def test_a_vetoed_capital_is_repaired_before_the_next_best(lm, guarded_runs):
+    events, results = guarded_runs
+    assert _repairs_taken(lm, "Describe the ocean in two sentences.", results["lower"].tokens, events["lower"]) >= 1
+
+
 def test_guard_with_steering_runs_and_the_metric_counts_vetoes(steerer, guarded_runs):
     from steerer.metrics import Metrics
 
@@ -211,10 +251,11 @@ def test_the_drop_in_guards_greedy_generate(lm, steerer):
     from steerer.hf_processor import attach_steerer
     from steerer.model import chat_prompt
 
-    ids = torch.tensor([chat_prompt(lm.tokenizer, "Describe Paris in two sentences.")])
+    ids = torch.tensor([chat_prompt(lm.tokenizer, "Describe the ocean in two sentences.")])
     with attach_steerer(lm.model, lm.tokenizer, steerer.bank, constraints=(LOWER,), policy=GUARD) as proc:
         out = lm.model.generate(ids, max_new_tokens=16, do_sample=False, logits_processor=LogitsProcessorList([proc]))
         (result,) = proc.finish(out)
         events = proc.events()
     assert result.text.strip() and not any(c.isupper() for c in result.text), result.text
     assert any(e.redrawn.get("lowercase") for e in events)
+    assert _repairs_taken(lm, "Describe the ocean in two sentences.", result.tokens, events) >= 1  # as the loop

@@ -9,7 +9,7 @@ import torch
 
 from steerer.bank import Probe, ProbeBank
 from steerer.generation import StepView
-from steerer.monitor import FlagEvent, Monitor, MonitorConfig, first_flag
+from steerer.monitor import NO_FLAG, FlagEvent, Monitor, MonitorConfig, first_flag
 from steerer.policy import PolicyTable, SteeringPolicy
 
 D = 8
@@ -51,7 +51,7 @@ def test_flags_rise_and_clear_with_hysteresis_and_only_for_registered_tasks():
         (0, 3, "word_count", False), (1, 3, "word_count", False), (1, 3, "lowercase", False),
         (0, 4, "word_count", True), (1, 4, "word_count", True), (1, 4, "lowercase", True)]
     assert all(isinstance(e, FlagEvent) and 0 <= e.risk <= 1 for e in events)
-    assert monitor.first_flag[0, 0] == 1 and monitor.first_flag[0, 1] == -1
+    assert monitor.first_flag[0, 0] == 1 and monitor.first_flag[0, 1] == NO_FLAG
 
 
 def test_first_flag_replay_matches_the_monitor():

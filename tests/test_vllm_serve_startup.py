@@ -13,10 +13,7 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +28,8 @@ except ImportError:
     pytest.skip("vLLM is not installed here (scripts/setup-vllm)", allow_module_level=True)
 
 import psutil  # noqa: E402 (a vLLM dependency)
+from vllm_serve import VLLMServe  # noqa: E402
+from vllm_serve import get as _get  # noqa: E402
 
 from steerer import ProbeBank  # noqa: E402
 from steerer.engine.vllm import ARCHITECTURE  # noqa: E402
@@ -41,12 +40,6 @@ from steerer.model import resolve_model_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 START_S = 600
 EXIT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_checkpoint(folder: Path, kind: str) -> Path:
@@ -76,31 +69,15 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return _tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
-class Serve:
+class Serve(VLLMServe):
     """`python -m vllm.entrypoints.openai.api_server` (= `vllm serve`) with the plugin, eager, in a subprocess."""
+
+    startup_s = START_S
 
     def __init__(self, model: Path, log: Path, port: int | None = None, metrics_port: int | None = None,
                  **env: str):
-        self.port, self.metrics_port = port or _free_port(), metrics_port or _free_port()
-        self.model, self.log = str(model), log
-        environ = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                   "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-                   "STEERER_METRICS_PORT": str(self.metrics_port), **env}
-        environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
-                   "--max-model-len", "256", "--max-num-seqs", "2", "--gpu-memory-utilization", "0.3",
-                   "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
-                   "--logits-processors", "steerer.engine.vllm.serve_plugin:SteererServe",
-                   "--middleware", "steerer.engine.vllm.serve_plugin.CacheSalt"]
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def output(self) -> str:
-        return self.log.read_text()
+        super().__init__(model, log, ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "2",
+                                      "--gpu-memory-utilization", "0.3"], env, port, metrics_port)
 
     def exit_line(self) -> str:
         """The last line of a server that exited at start (it must exit, non-zero)."""
@@ -111,19 +88,6 @@ class Serve:
             pytest.fail(f"the server did not exit at start:\n{self.output()[-3000:]}")
         assert code != 0
         return self.output().strip().splitlines()[-1]
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vllm serve exited ({self.proc.returncode}):\n{self.output()[-4000:]}")
-            try:
-                if _get(self.url + "/health") == "" and _get(self.metrics_url):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)  # polling interval, not synchronisation
-        pytest.fail(f"vllm serve not ready after {START_S} s:\n{self.output()[-4000:]}")
 
     def complete(self, xargs: dict | None = None) -> tuple[int, dict]:
         body = {"model": self.model, "prompt": "The ocean is", "max_tokens": 4, "temperature": 0}
@@ -136,20 +100,6 @@ class Serve:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
 
 
 def test_an_architecture_the_override_does_not_implement_is_refused_by_name(tiny_qwen2, tmp_path):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,9 +28,10 @@ except ImportError:
     pytest.skip("vLLM is not installed here (scripts/setup-vllm)", allow_module_level=True)
 
 import torch  # noqa: E402
+from vllm_serve import VLLMServe  # noqa: E402
+from vllm_serve import get as _get  # noqa: E402
 
 from steerer.bank import Probe, ProbeBank  # noqa: E402
-from steerer.engine.vllm import ARCHITECTURE  # noqa: E402
 from steerer.taps import unit_directions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +43,6 @@ MONITOR = {"steerer_constraints": CONSTRAINTS}
 STEER = {"steerer_constraints": CONSTRAINTS, "steerer_policy": "conditional:6"}
 MAX_TOKENS = 12
 FLOAT_TOL = 1e-3  # ranks' all-reduce sums differ in the last bits; rank 0's readings vs tensor parallel 1's
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read().decode()
 
 
 def _post(url: str, body: dict) -> dict:
@@ -89,56 +77,19 @@ def stand_in_bank(folder: Path, checkpoint: Path) -> Path:
     return folder
 
 
-class Server:
+class Server(VLLMServe):
     """`vllm serve` (as `python -m vllm.entrypoints.openai.api_server`) with the plugin at one TP size."""
 
+    startup_s = STARTUP_S
+
     def __init__(self, tmp: Path, model: Path, bank: Path, tp: int):
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.model, self.tp = str(model), tp
+        self.tp, self.name = tp, f"vllm serve (TP {tp})"
         self.results = tmp / "results.jsonl"
-        self.log = tmp / "server.log"
-        env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "STEERER_BANK": str(bank),
-               "STEERER_METRICS_PORT": str(self.metrics_port), "STEERER_RESULTS_LOG": str(self.results)}
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--seed", "0",
-                   "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
-                   "--gpu-memory-utilization", "0.3", "--tensor-parallel-size", str(tp),
-                   *(["--distributed-executor-backend", "mp"] if tp > 1 else []),
-                   "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
-                   "--logits-processors", "steerer.engine.vllm.serve_plugin:SteererServe",
-                   "--middleware", "steerer.engine.vllm.serve_plugin.CacheSalt"]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # its own group: engine core and workers
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vllm serve (TP {self.tp}) exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if _get(self.url + "/health") == "" and _get(self.metrics_url):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)  # polling interval, not synchronisation
-        pytest.fail(f"vllm serve (TP {self.tp}) not ready after {STARTUP_S} s:\n{self.tail()}")
-
-    def tail(self, n: int = 6000) -> str:
-        return self.log.read_text()[-n:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        super().__init__(model, tmp / "server.log", [
+            "--seed", "0", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
+            "--gpu-memory-utilization", "0.3", "--tensor-parallel-size", str(tp),
+            *(["--distributed-executor-backend", "mp"] if tp > 1 else [])],
+            {"STEERER_BANK": str(bank), "STEERER_RESULTS_LOG": str(self.results)})
 
     def complete(self, prompt: str, xargs: dict | None) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,

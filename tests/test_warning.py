@@ -121,3 +121,81 @@ def test_what_is_fitted_is_what_the_runtime_reads(lm):
     for a, b in zip(offline, runtime, strict=True):
         assert isinstance(a, Trace) and a.index == b.index
         assert a.p == pytest.approx(b.p, abs=1e-5)
+
+
+# -- the forecast warning (term_exclusion, #22 item 4) ------------------------------------------------------------
+TERMS = {"terms": ["the", "river"]}
+FORECAST_LAYER = 21
+
+
+def forecast_bank(lm, weight: tuple[float, float], bias: float, threshold: float = 0.5) -> ProbeBank:
+    from probes.forecast import with_forecast
+
+    base = placeholder_bank(lm.fingerprint, lm.hidden_size, "forecast")
+    choice = {"chosen": {"kind": "forecast", "layer": FORECAST_LAYER, "threshold": threshold},
+              "weight": np.array(weight), "bias": bias}
+    return with_forecast(base, choice)
+
+
+def test_the_forecast_the_runtime_reads_is_the_one_fitted_offline(lm):
+    """Live risks (smoothing off) equal the offline forecast replayed on the same tokens by teacher forcing:
+    the running mean of the lens inputs, read from the prompt's last token (index -1) on."""
+    from probes.forecast import lens_readings, trace
+
+    weight, bias = (-0.4, -0.2), 6.0
+    bank = forecast_bank(lm, weight, bias)
+    assert bank.alerting.probes[bank.index("term_exclusion")].conditioning["forecast"] is True
+    request = Request(PROMPT, (Constraint("term_exclusion", TERMS),), sampling=SamplingParams(max_new_tokens=16),
+                      id="f")
+    with Steerer(lm, bank, monitor_config=CONFIG) as steerer:
+        events = [e for e in steerer.generate([request]) if not hasattr(e, "verdicts")]
+    tokens = [e.token_id for e in events]
+    row = {"params": TERMS, "messages": [{"role": "user", "content": PROMPT}], "token_ids": tokens,
+           "finish_reason": "length", "satisfied": True, "onset": None, "n_tokens": len(tokens)}
+    reading = lens_readings(lm, [row], [FORECAST_LAYER], progress=False)[0]
+    offline = trace(row, reading, 0, np.array(weight), bias)
+    assert offline.index[0] == -1
+    risks = [e.risks["term_exclusion"] for e in events]
+    assert risks == pytest.approx([1 - p for p in offline.p[: len(risks)]], abs=1e-4)
+    assert max(risks) - min(risks) > 0.01  # the readings moved
+
+
+def test_a_forecast_flags_from_the_prompt_while_others_wait_for_the_warm_up(lm):
+    """Under the default monitor (warm-up 2) a forecast sure of a violation flags at the prompt's reading."""
+    bank = forecast_bank(lm, (0.0, 0.0), -4.0)  # P(satisfied) = 0.02 from the first reading
+    request = Request(PROMPT, (Constraint("term_exclusion", TERMS),), sampling=SamplingParams(max_new_tokens=4),
+                      id="w")
+    with Steerer(lm, bank) as steerer:
+        result = next(e for e in steerer.generate([request]) if hasattr(e, "verdicts"))
+    assert result.verdicts[0].first_flag_token == -1
+
+
+@pytest.mark.parametrize("declared, message", [({"forecast": True}, "needs lens"),
+                                               ({"lens": "terms", "forecast": 1}, "true or false")])
+def test_a_malformed_forecast_declaration_is_refused(declared, message):
+    from steerer.conditioning import ConditioningError, check
+
+    with pytest.raises(ConditioningError, match=message):
+        check(declared, 0)
+
+
+def test_the_forecast_picks_the_layer_whose_lens_tells_the_outcome_within_the_budget():
+    """Synthetic readings: at the second layer violations read high from the prompt on, at the first nothing
+    differs. The chosen layer is the informative one, flags most violations early, spends <= the budget."""
+    from probes.forecast import choose
+    from probes.warning import BUDGET
+
+    rng = np.random.default_rng(0)
+    rows, readings = [], []
+    for i in range(80):
+        satisfied = i % 2 == 0
+        n = 20
+        x = rng.normal(size=(n + 1, 2, 2))
+        x[:, 1] += 0.0 if satisfied else 3.0
+        rows.append({"id": f"r{i}", "base_id": f"b{i % 10}", "satisfied": satisfied, "onset": None if satisfied else 12,
+                     "n_tokens": n, "finish_reason": "eos"})
+        readings.append(x)
+    choice = choose(rows, readings, [4, 8])
+    assert choice["chosen"]["layer"] == 8
+    assert choice["chosen"]["flagged_at_least_3_early"] > 0.8 and choice["chosen"]["false_flag_rate"] <= BUDGET
+    assert choice["weight"].shape == (2,) and (choice["weight"] < 0).all()  # high lens: lower P(satisfied)

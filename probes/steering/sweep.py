@@ -66,10 +66,13 @@ def sweep_task(lm, bank: ProbeBank, data, token_layers: Sequence[int], task: str
     probe_norm = None
     if config.compare_probe:
         layer = probe.steering_layer
-        vectors[("probe", layer)] = bank.directions[bank.index(task)].numpy()
         probe_norm = generated_layer_norm(data, token_layers, layer, config.max_tokens)
-        # the probe's direction has no per-variant sign: `generate_arms` applies it as the bank does (+1)
-        arms += [Arm(layer, f, f * probe_norm, "probe") for f in config.fractions]
+        if probe_norm is None:  # its strength scale is read at the token layers only
+            log(f"{task}: the bank's steering layer {layer} is not a stored token layer; its direction is not swept")
+        else:
+            vectors[("probe", layer)] = bank.directions[bank.index(task)].numpy()
+            # the probe's direction has no per-variant sign: `generate_arms` applies it as the bank does (+1)
+            arms += [Arm(layer, f, f * probe_norm, "probe") for f in config.fractions]
     budget = budget_for(task, config)
     t0 = time.time()
     gens = generate_arms(lm, prompts, arms, vectors, signs, budget, config.max_batch)

@@ -51,6 +51,15 @@ class Detector(Protocol):
     def feed(self, delta: str, final: bool = False) -> int | None: ...
 
 
+class RepairingDetector(Detector, Protocol):
+    """A detector that also knows the fix for a token the guard vetoes (`steerer.guard`): `repair(delta)`
+    returns the text to write instead of `delta` (lowercase: `delta.lower()`), or None. Optional: the guard
+    tries the repair (when it is one token that passes every guarded detector) before the next-best token,
+    which after a vetoed " The" is rarely fluent."""
+
+    def repair(self, delta: str) -> str | None: ...
+
+
 DetectorFactory = Callable[[Mapping[str, Any]], "Detector | None"]
 
 

@@ -59,6 +59,11 @@ class CapitalDetector:
         self.length += len(delta)
         return None
 
+    def repair(self, delta: str) -> str | None:
+        """The guard's fix for a vetoed token: the same text lower-cased (" The" -> " the")."""
+        fixed = delta.lower()
+        return fixed if fixed != delta else None
+
 
 def detector(params: Mapping[str, Any]) -> CapitalDetector:
     return CapitalDetector()

@@ -133,6 +133,8 @@ class VLLMSteerer:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        from steerer.engine.vllm import guard
+        from steerer.engine.vllm.guard import SteererGuard
         from steerer.engine.vllm.model import op_layers
         from steerer.engine.vllm.plugin import register
         from steerer.engine.vllm.rows import SteererRows
@@ -154,7 +156,8 @@ class VLLMSteerer:
                 overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
             kwargs = dict(model=self.path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, gpu_memory_utilization=0.3, enable_prefix_caching=True,
-                          async_scheduling=False, seed=seed, hf_overrides=overrides, logits_processors=[SteererRows])
+                          async_scheduling=False, seed=seed, hf_overrides=overrides,
+                          logits_processors=[SteererRows, SteererGuard])
             if tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
                 kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
                 if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
@@ -190,6 +193,9 @@ class VLLMSteerer:
         self.stats = {"passes": 0, "chunk_rows": 0, "mixed_passes": 0}  # chunked prefill seen (tests)
         scheduler = self.engine.vllm_config.scheduler_config  # the op's static buffers' sizes (state.Buffers)
         self.remote = remote_workers(self.engine)  # tensor parallel: the workers are other processes
+        self.driver.can_guard = not self.remote  # the guard's logits processor reads this process's driver
+        if not self.remote:
+            guard.attach(guard.Hook(self.driver, self._outputs, self._temperature))
         if self.remote:  # every rank gets the directions; coefficients follow each step (`step`)
             steering = {layer: (steer.directions, steer.where.value)
                         for layer, steer in self.controller.steering.items()}
@@ -234,6 +240,9 @@ class VLLMSteerer:
         if self.remote:
             self.llm.collective_rpc(ranks.uninstall)
         else:
+            from steerer.engine.vllm import guard
+
+            guard.detach(self.driver)
             STATE.uninstall()
 
     def __enter__(self) -> VLLMSteerer:
@@ -376,6 +385,17 @@ class VLLMSteerer:
             elif ending == "length":
                 results.append(self._finish(slot))
         return events, results
+
+    def _outputs(self, slot: int) -> int | None:
+        """For the guard: the tokens vLLM has generated for the slot's request (None: not in flight, or
+        closing: it chose EOS and its last pass only reads that residual)."""
+        live = self._live.get(slot)
+        return None if live is None or live.closing else live.outputs
+
+    def _temperature(self, slot: int) -> float:
+        """For the guard: the slot's temperature as vLLM samples it (0: greedy, as `admit` sends it)."""
+        temperature = self._live[slot].request.sampling.temperature
+        return 0.0 if temperature < MIN_TEMPERATURE else temperature
 
     def _last_pass(self) -> tuple[Any, dict[int, torch.Tensor]]:
         """The latest pass and its taps: this process's `STATE`, or rank 0's (one `collective_rpc`)."""

@@ -23,7 +23,8 @@ their removal). There it
     that vLLM's model runner still holds (preempted, or not scheduled this step) keeps its slot and comes back
     with the same `SamplingParams` object; any other is finished: its `Result` and verdicts are built;
   - writes every row's coefficients into the steering tables the op reads in the next pass.
-It changes no logits (`apply` returns them as they are, and `is_argmax_invariant` lets greedy batches skip it).
+Its `apply` changes logits only for rows with a guarded constraint (`guard` policies: `guard.py`, docs/GUARD.md
+"vLLM"), masking the tokens the guard vetoes before vLLM's sampler draws; without one it returns them at once.
 What vLLM decides outside the worker it cannot see: the end reading is the last sampled token's (there is no
 extra pass over EOS as in `VLLMSteerer`), and a stop string or an abort only shows as a removal (a request with
 stop strings whose text contains one is finished as "stop"; others are cancelled: counted, no verdicts).
@@ -67,11 +68,11 @@ from steerer.bank import BankError, ProbeBank
 from steerer.constraints import Constraint, validate_request
 from steerer.controller import Controller, Result, RowSpec, check_verdicts
 from steerer.driver import Driver, Stop
+from steerer.engine.vllm.guard import Hook, guard_logits
 from steerer.engine.vllm.ranks import agree, publishes, tp_rank, tp_size
 from steerer.engine.vllm.results_route import ResultsStore, Trail, is_route, serve_results
 from steerer.engine.vllm.startup import bank_problem, load_bank, off_reason
 from steerer.engine.vllm.state import STATE, UNMANAGED
-from steerer.guard import guarded_tasks
 from steerer.policy import SteeringPolicy, check_strengths
 
 CONSTRAINTS_KEY, POLICY_KEY, POLICIES_KEY = "steerer_constraints", "steerer_policy", "steerer_policies"
@@ -137,9 +138,6 @@ def validate(extra_args: dict | None) -> RowSpec | None:
         bank = load_bank()
         validate_request(spec, bank.tasks)
         check_strengths(spec, bank)
-        if guarded := guarded_tasks(spec):  # the worker's driver cannot veto tokens: refuse, never ignore
-            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard policy runs on the "
-                             "transformers engine (docs/GUARD.md)")
     return spec
 
 
@@ -331,10 +329,19 @@ class SteererServe(LogitsProcessor):
         self._post = ThreadPoolExecutor(1, thread_name_prefix="steerer-results")
 
     def is_argmax_invariant(self) -> bool:
-        return True  # it never changes logits
+        return False  # the guard masks vetoed tokens (greedy too); without a guarded row `apply` returns at once
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+        if self._failed or getattr(self, "driver", None) is None:
+            return logits
+        try:
+            return guard_logits(Hook(self.driver, self._outputs, self._temperature), logits)
+        except Exception:  # as `update_state`: turn steerer off, keep serving
+            log.exception("steerer: internal error in the guard; monitoring and steering are off for this engine "
+                          "from now on")
+            self._failed = True
+            STATE.uninstall()
+            return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if self._failed:
@@ -410,6 +417,17 @@ class SteererServe(LogitsProcessor):
             live.finish = self.driver.ending(slot)
             if self.publisher:
                 self.metrics.token_event(event)
+
+    def _outputs(self, slot: int) -> int | None:
+        """For the guard: the tokens vLLM generated for the slot's request, all given to the controller (None:
+        not so, or its last token ended it)."""
+        live = self.rows.get(slot)
+        if live is None or live.finish is not None or live.seen != len(live.output):
+            return None
+        return live.seen
+
+    def _temperature(self, slot: int) -> float:
+        return float(self.rows[slot].params.temperature)
 
     def _stop(self, params, prompt_tokens: int) -> Stop:
         """vLLM's own stop rule for a request, as the driver applies it: its EOS and stop token ids, and its
