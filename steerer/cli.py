@@ -233,7 +233,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     from steerer.bank import ProbeBank
     from steerer.constraints import Constraint, validate_request
     from steerer.model import load_model
-    from steerer.policy import PolicyKind, SteeringPolicy
+    from steerer.policy import PolicyKind, SteeringPolicy, check_strengths
     from steerer.request import Request, SamplingParams, TokenEvent
 
     if not args.constraint and args.policy != "off":
@@ -254,6 +254,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
             if not trusted:
                 print(f"steerer: warning: the {constraint.task} probe is muted, no flags or steering "
                       f"({why}); --use-unreliable-probes to use it", file=sys.stderr)
+    check_strengths(request, bank)  # a refused request gets its one line, not advice first
     for constraint in constraints:
         steering = request.policy_for(constraint.task)
         if steering.code != PolicyKind.OFF and steering.alpha and (why := bank.unsteerable(constraint.task)):
