@@ -14,6 +14,7 @@ from steerer import guard
 from steerer.constraints import Constraint
 from steerer.policy import POLICY_CHOICES, SteeringPolicy
 from steerer.request import Request, Result, SamplingParams, TokenEvent
+from steerer.service.testing import split_stream
 from steerer.tasks import get_task
 from steerer.tasks.common import count_words
 
@@ -105,14 +106,8 @@ def steerer(lm):
 
 
 def _run(steerer, requests: list[Request]) -> tuple[dict[str, list[TokenEvent]], dict[str, Result]]:
-    events: dict[str, list[TokenEvent]] = {r.id: [] for r in requests}
-    results: dict[str, Result] = {}
-    for item in steerer.generate(requests):
-        if isinstance(item, TokenEvent):
-            events[item.request_id].append(item)
-        else:
-            results[item.request_id] = item
-    return events, results
+    results, events = split_stream(steerer.generate(requests))
+    return {r.id: events.get(r.id, []) for r in requests}, results
 
 
 def _request(rid: str, prompt: str, *constraints: Constraint, policy: SteeringPolicy = GUARD,

@@ -21,6 +21,7 @@ except ImportError:
 
 from steerer import Constraint, ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
 from steerer.request import Result, TokenEvent  # noqa: E402
+from steerer.service.testing import split_stream  # noqa: E402
 from steerer.tasks.common import count_words  # noqa: E402
 
 TERMS = ["the", "ocean", "water"]
@@ -49,14 +50,8 @@ def steerer():
 
 
 def _run(engine, requests: list[Request]) -> tuple[dict[str, list[TokenEvent]], dict[str, Result]]:
-    events: dict[str, list[TokenEvent]] = {r.id: [] for r in requests}
-    results: dict[str, Result] = {}
-    for item in engine.generate(requests):
-        if isinstance(item, TokenEvent):
-            events[item.request_id].append(item)
-        else:
-            results[item.request_id] = item
-    return events, results
+    results, events = split_stream(engine.generate(requests))
+    return {r.id: events.get(r.id, []) for r in requests}, results
 
 
 def _greedy(rid: str, prompt: str, constraints: tuple[Constraint, ...], policy: SteeringPolicy) -> Request:
