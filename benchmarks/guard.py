@@ -22,7 +22,10 @@ instruction).
     .venv/bin/python -m benchmarks.guard --n 60            # -> benchmarks/results/guard.json
 
 Results are written after every task, so a cut-short run leaves the finished tasks (and `n` says how many
-prompts each had).
+prompts each had). `--merge` reruns some tasks into an existing file, keeping the others' entries (each
+entry's `run` is the command that made it); `--responses FILE` also writes every response, to read failures:
+
+    .venv/bin/python -m benchmarks.guard --tasks lowercase --merge --responses /tmp/lowercase.jsonl
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,8 +53,7 @@ from steerer.policy import SteeringPolicy, strength_bounds
 from steerer.request import Request, Result, SamplingParams, TokenEvent
 from steerer.stats import ratio_of_means_ci, wilson
 from steerer.tasks import get_task
-from steerer.tasks.common import WORD_RE
-from steerer.tasks.lowercase import ENGLISH_FUNCTION_WORDS
+from steerer.tasks.common import WORD_RE, wordset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("term_exclusion", "lowercase", "word_count", "char_count", "json_format")
@@ -60,6 +62,16 @@ GOAL_TASKS = ("term_exclusion", WRITTEN, "lowercase", "word_count", "char_count"
 WRITTEN_TERMS = 3
 COMPLIANCE_GOAL = 0.99
 LATENCY_GOAL = 1.05
+# Frequent English function words: never a `written_terms` term (forbidding "the" tests nothing new).
+FUNCTION_WORDS = wordset(
+    """
+    a an the and or but nor of to in on at for with by from into onto about as than then so if
+    is are was were be been being am do does did have has had will would can could should may might must
+    it its this that these those there here i me my mine you your yours he him his she her hers we us our
+    they them their what which who whom whose how when where why not no all some any each every more most
+    very just also only too up out over under after before because while although though until
+    """
+)
 
 
 def detectable_prompts(task: str, n: int, seed: int = 0) -> list:
@@ -75,7 +87,7 @@ def written_terms(text: str, k: int = WRITTEN_TERMS) -> list[str]:
     """The `k` most frequent content words of `text` (not an English function word, 3+ letters; ties: first
     written first); function words only when the text has no content word."""
     words = [w for w in WORD_RE.findall(text.lower()) if w.isalpha()]
-    content = [w for w in words if len(w) >= 3 and w not in ENGLISH_FUNCTION_WORDS] or words
+    content = [w for w in words if len(w) >= 3 and w not in FUNCTION_WORDS] or words
     return [w for w, _ in Counter(content).most_common(k)]
 
 
@@ -124,8 +136,8 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 
 def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[HeldOutPrompt], tokens: int,
-               batch: int) -> tuple[dict, list[Result]]:
-    """The task's figures on `prompts`, and the off arm's results (in prompt order)."""
+               batch: int) -> tuple[dict, dict[str, list[tuple[Result, int]]]]:
+    """The task's figures on `prompts`, and each arm's (result, vetoes) in prompt order."""
     lm = steerer.lm
     guard = SteeringPolicy.parse("guard")
     arms: dict[str, list] = {"off": [], "guard": []}
@@ -165,7 +177,24 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
                                    "rep3": mean([repetition(r.tokens) for r in results]),
                                    "vetoes_per_response": mean(vetoes)}
         entry["vetoes_saved_per_response"] = round(entry["guard"]["vetoes_per_response"] - mean(vetoes), 4)
-    return entry, [r for r, _ in arms["off"]]
+    return entry, arms
+
+
+def response_rows(name: str, task: str, prompts: Sequence[HeldOutPrompt],
+                  arms: Mapping[str, Sequence[tuple[Result, int]]]) -> list[dict]:
+    """One row per prompt and arm: the text, its vetoes and the checker's verdict (to read the failures)."""
+    return [{"task": name, "prompt": p.id, "arm": arm, "params": p.params, "vetoes": v,
+             "satisfied": bool(get_task(task).check(r.text, p.params)), "text": r.text}
+            for arm, pairs in arms.items() for p, (r, v) in zip(prompts, pairs, strict=True)]
+
+
+def merged(previous: dict, out: dict) -> dict:
+    """`out` over the previous results file: its tasks replace theirs, the other tasks' entries (and the file's
+    note and commands) are kept; each entry records the command that made it (`run`)."""
+    tasks = {**previous.get("tasks", {}), **out["tasks"]}
+    commands = [*previous.get("commands", [previous["command"]] if "command" in previous else []), out["command"]]
+    return {**previous, **{k: v for k, v in out.items() if k != "command"}, "tasks": tasks,
+            "commands": list(dict.fromkeys(commands))}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -175,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other tasks' entries of an existing --out (rerun some tasks only)")
+    parser.add_argument("--responses", type=Path, default=None,
+                        help="also write every response (task, prompt, arm, vetoes, verdict, text) as JSON lines")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -185,26 +218,38 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "goal": {"compliance": COMPLIANCE_GOAL, "tasks": list(GOAL_TASKS), "latency_ratio": LATENCY_GOAL},
                  "n_requested": args.n, "tasks": {}}
     out["command"] = "python -m benchmarks.guard " + " ".join(argv if argv is not None else sys.argv[1:])
+    previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else None
+    if args.responses:
+        args.responses.parent.mkdir(parents=True, exist_ok=True)
+        args.responses.write_text("")
 
-    def record(name: str, entry: dict) -> None:
-        out["tasks"][name] = entry
-        goal = [out["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in out["tasks"]]
-        out["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
+    def record(name: str, entry: dict, rows: list[dict]) -> None:
+        out["tasks"][name] = {"run": out["command"], **entry}
+        final = merged(previous, out) if previous is not None else out
+        goal = [final["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in final["tasks"]]
+        final["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
+        if len(goal) == len(GOAL_TASKS):
+            final["compliance_goal_met"] = final["compliance_goal_met_so_far"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        args.out.write_text(json.dumps(final, indent=1) + "\n")
+        if args.responses:
+            with args.responses.open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
         print(name, json.dumps({k: entry[k] for k in ("n", "perplexity_ratio", "latency_ratio")}),
               "off", entry["off"]["compliance"]["rate"], "guard", entry["guard"]["compliance"]["rate"], flush=True)
 
     with Steerer(load_model(), bank) as steerer:
         for task in tasks:
             prompts = detectable_prompts(task, args.n)
-            entry, off = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch)
-            record(task, {"terms": "the prompt's own", **entry} if task == "term_exclusion" else entry)
+            entry, arms = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch)
+            record(task, {"terms": "the prompt's own", **entry} if task == "term_exclusion" else entry,
+                   response_rows(task, task, prompts, arms))
             if task == "term_exclusion":
-                written = written_prompts(prompts, off)
-                entry, _ = bench_task(steerer, bank, task, written, args.max_new_tokens, args.batch)
+                written = written_prompts(prompts, [r for r, _ in arms["off"]])
+                entry, arms = bench_task(steerer, bank, task, written, args.max_new_tokens, args.batch)
                 record(WRITTEN, {"terms": f"the {WRITTEN_TERMS} most frequent content words of the off response "
-                                          "to the prompt's own terms", **entry})
+                                          "to the prompt's own terms", **entry},
+                       response_rows(WRITTEN, task, written, arms))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Stages, each recorded in ``DIR/build/state.json`` when it finishes (a rerun skips finished stages and the
 corpus and feature stages continue where they stopped):
-    corpus       probes.corpus.build_corpus, class-balanced rounds, bounded (``max_generated_factor``)
+    corpus       probes.corpus.build_corpus, class-balanced rounds, bounded (``max_generated_factor``); or,
+                 with ``--corpus DIR``, that existing corpus of this model, checked and copied (nothing generated)
     features     probes.features.featurise with the layout the plan priced (probes.plan.feature_layout)
     probes       probes.pipeline.train_corpus -> a probe per trainable task
     warnings     probes.warning.train_warnings
@@ -43,6 +44,7 @@ class BuildConfig:
     steer_prompts: int = 20
     threads: int | None = None
     max_new_tokens: int | None = None  # one corpus token budget for every task (None: the corpus defaults)
+    corpus: Path | None = None  # `--corpus`: start from this existing corpus instead of generating one
 
 
 def add_commands(sub) -> None:
@@ -63,6 +65,9 @@ def add_commands(sub) -> None:
     build.add_argument("--max-generated-factor", type=float, default=5.0,
                        help="give a task up after per-task x this many responses (bounds a model that never "
                             "produces one class)")
+    build.add_argument("--corpus", default=None, metavar="DIR",
+                       help="start from this existing corpus of the model (`steerer probes corpus`'s folder, or "
+                            "another build's DIR/corpus) instead of generating one; copied into DIR/corpus")
     build.add_argument("--steer-prompts", type=int, default=20, help="training-split prompts per task in the "
                                                                       "steering sweep")
     build.add_argument("--dry-run", action="store_true", help="print the plan only (needs only config.json)")
@@ -85,12 +90,13 @@ def model_folder(model: str | None) -> Path:
 
 
 def plan_for(config: BuildConfig, flops: float | None = None):
-    from probes.plan import make_plan, resolve_plan_device, shape_from_config
+    from probes.plan import make_plan, read_given_corpus, resolve_plan_device, shape_from_config
 
     shape = shape_from_config(model_folder(config.model))
     device, why = resolve_plan_device(config.device, shape)
+    given = read_given_corpus(config.corpus, config.tasks) if config.corpus else None
     return make_plan(config.model or "default", shape, list(config.tasks), config.per_task, device,
-                     config.batch_size, flops, steer_prompts=config.steer_prompts, device_note=why)
+                     config.batch_size, flops, steer_prompts=config.steer_prompts, device_note=why, corpus=given)
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:
@@ -110,17 +116,19 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
         get_task(task)  # an unknown id is one line naming it
     from probes.corpus_vllm import resolve_engine
 
-    # a plan may be for another machine: a dry run does not require vLLM here
-    engine = "vllm" if args.dry_run and args.engine == "vllm" else resolve_engine(args.engine)
+    # a plan may be for another machine: a dry run does not require vLLM here; a given corpus needs no engine
+    engine = ("given" if args.corpus else "vllm" if args.dry_run and args.engine == "vllm"
+              else resolve_engine(args.engine))
     config = BuildConfig(args.model, Path(args.out), tuple(tasks), args.per_task, args.device, engine,
                          max_generated_factor=args.max_generated_factor, steer_prompts=args.steer_prompts,
-                         threads=args.threads)
+                         threads=args.threads, corpus=Path(args.corpus).resolve() if args.corpus else None)
     plan = plan_for(config)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
         print("\n".join(plan.lines()))
-    print(f"corpus engine: {engine}" + (" (auto)" if args.engine == "auto" else ""),
+    print(f"corpus: given ({config.corpus}), nothing generated" if config.corpus else
+          f"corpus engine: {engine}" + (" (auto)" if args.engine == "auto" else ""),
           file=sys.stderr if args.json else sys.stdout)
     if args.dry_run:
         return 0
@@ -185,6 +193,8 @@ def run_build(config: BuildConfig, plan: dict, log=print, stop_after: str | None
     out.mkdir(parents=True, exist_ok=True)
     state = load_state(out)
     key = {"model": config.model, "tasks": list(config.tasks), "per_task": config.per_task}
+    if config.corpus is not None:  # only then: builds begun before --corpus existed still resume
+        key["corpus"] = str(config.corpus)
     _check_same_build(state, key, out)
     state["key"], state["plan"] = key, plan
     save_state(out, state)
@@ -257,6 +267,8 @@ def _command() -> str:
 
 
 def stage_corpus(lm, config: BuildConfig, state: dict) -> dict:
+    if config.corpus is not None:
+        return stage_given_corpus(lm, config, state)
     from probes.corpus import CorpusConfig, build_corpus
 
     budgets = {} if config.max_new_tokens is None else {"max_new_tokens": config.max_new_tokens,
@@ -283,6 +295,30 @@ def stage_corpus(lm, config: BuildConfig, state: dict) -> dict:
     state["trainable"], state["untrainable"] = ok, bad
     return {"rows": sum(t["n"] for t in manifest["tasks"].values()),
             "generated": sum(t["generated"] for t in manifest["tasks"].values()), "engine": engine}
+
+
+def stage_given_corpus(lm, config: BuildConfig, state: dict) -> dict:
+    """`--corpus`: check the folder is a corpus of this model holding every task, copy it into DIR/corpus (later
+    stages write IFEval's responses there, never into the source), and judge trainability from its counts."""
+    from probes.plan import read_given_corpus
+
+    given = read_given_corpus(config.corpus, config.tasks)
+    if given.fingerprint != lm.fingerprint:
+        raise ValueError(f"--corpus {given.folder} is a corpus of another model ({given.model}, fingerprint "
+                         f"{given.fingerprint}); {lm.name} has fingerprint {lm.fingerprint}")
+    target = _paths(config.out)["corpus"]
+    tmp = target.with_name(".corpus.tmp")
+    for stale in (tmp, target):  # an interrupted copy starts over; the source is the truth
+        if stale.exists():
+            shutil.rmtree(stale)
+    shutil.copytree(given.folder, tmp)
+    os.replace(tmp, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    ok, bad = trainable({t: manifest["tasks"][t] for t in config.tasks})
+    state["trainable"], state["untrainable"] = ok, bad
+    state["corpus_source"] = {"folder": str(given.folder), "model": given.model, "fingerprint": given.fingerprint,
+                              "rows": given.rows, "ifeval": given.ifeval}
+    return {"rows": sum(given.rows.values()), "generated": 0, "engine": "given", "source": str(given.folder)}
 
 
 def stage_features(lm, config: BuildConfig, state: dict) -> dict:
@@ -322,6 +358,7 @@ def stage_probes(lm, config: BuildConfig, state: dict) -> dict:
     summary = pipeline.generalisation_summary(results)
     pipeline.write_generalisation(p["reports"], summary)
     extra = {"corpus": str(p["corpus"].resolve()), "command": _command(),
+             **({"corpus_source": state["corpus_source"]["folder"]} if state.get("corpus_source") else {}),
              "generalisation": {t: {k: (g[k] or {}).get("auroc") for k in ("test", "heldout_phrasing", "ifeval")}
                                 for t, g in summary.items()}}
     bank = evaluation.assemble_bank(entries, lm.name, lm.fingerprint, fm["hidden_size"], "pending", extra)
@@ -459,7 +496,10 @@ def card_text(config: BuildConfig, state: dict, bank) -> str:
              f"Built by `{_command()}` (`steerer bank build`).", "",
              f"- model: `{config.model or 'default'}`" + (f" (fingerprint {bank.fingerprint}, version "
                                                           f"{bank.version})" if bank else ""),
-             f"- tasks requested: {', '.join(config.tasks)}; {config.per_task} corpus responses per task",
+             f"- tasks requested: {', '.join(config.tasks)}; " + (
+                 f"corpus given: `{src['folder']}` (made by {src['model']}, fingerprint {src['fingerprint']}; "
+                 f"{sum(src['rows'].values())} rows of these tasks), nothing generated"
+                 if (src := state.get("corpus_source")) else f"{config.per_task} corpus responses per task"),
              f"- trainable: {', '.join(state.get('trainable') or []) or 'none'}", ""]
     if state.get("untrainable"):
         lines += ["## Untrainable tasks", "", "| task | why |", "|---|---|"]

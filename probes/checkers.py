@@ -14,7 +14,7 @@ from steerer.tasks.common import MAX_TERM_CHARS, MAX_TERMS, RELATIONS, count_wor
 from steerer.tasks.common import compare as _compare
 from steerer.tasks.common import whole_word_pattern as _whole_word_pattern
 from steerer.tasks.json_format import strip_json_fence
-from steerer.tasks.lowercase import looks_english
+from steerer.tasks.lowercase import detect_language
 from steerer.tasks.register import REGISTER_MARGIN, REGISTERS, register_score
 from steerer.tasks.semantic import sentence_split
 from steerer.tasks.sentiment import POLARITIES, sentiment_scores
@@ -38,7 +38,7 @@ register = CHECKERS["register"]
 __all__ = [
     "CHECKERS", "MAX_TERMS", "MAX_TERM_CHARS", "MAX_TOPIC_CHARS", "POLARITIES", "REFERENCE_TOPICS", "REGISTERS",
     "REGISTER_MARGIN", "RELATIONS", "VALIDATORS", "_compare", "_whole_word_pattern", "char_count", "count_words",
-    "json_format", "keyword_inclusion", "looks_english", "lowercase", "register", "register_score",
+    "detect_language", "json_format", "keyword_inclusion", "lowercase", "register", "register_score",
     "sentence_split", "sentiment", "sentiment_scores", "strip_json_fence", "term_exclusion", "topic",
     "topic_scores", "word_count",
 ]

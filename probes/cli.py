@@ -1,4 +1,4 @@
-"""`steerer verify` and `steerer probes corpus|ifeval|build|train|steer|warn|reliability|list|score` (a plug-in of steerer/cli.py)."""
+"""`steerer verify` and `steerer probes corpus|ifeval|build|train|steer|warn|reliability|list|score|ranges` (a plug-in of steerer/cli.py)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,20 @@ def add_commands(sub) -> None:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     score.set_defaults(handler=cmd_score)
+
+    ranges = psub.add_parser("ranges", help="retrain word_count, term_exclusion, keyword_inclusion on the corpus's "
+                                            "training split plus the IFEval-range corpus's; measure shipped vs "
+                                            "retrained side by side (IFEval evaluation only); a candidate bank")
+    ranges.add_argument("--corpus", default=str(REPO / "probes/corpora/smollm2-135m-instruct"))
+    ranges.add_argument("--features", required=True, help="features of --corpus (`steerer probes build`)")
+    ranges.add_argument("--range-corpus", default=str(REPO / "probes/corpora/smollm2-135m-instruct-ifeval"))
+    ranges.add_argument("--range-features", required=True, help="features of --range-corpus")
+    ranges.add_argument("--bank", default=None, help="the bank to compare with (default: the shipped bank)")
+    ranges.add_argument("--tasks", default="word_count,term_exclusion,keyword_inclusion")
+    ranges.add_argument("--out", default=None, help="candidate bank folder (written only when a task passes)")
+    ranges.add_argument("--report", default=str(REPO / "reports/ifeval_ranges/ifeval_ranges.json"))
+    ranges.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ranges.set_defaults(handler=cmd_ranges)
 
 
 def _data_arguments(parser) -> None:
@@ -536,6 +550,12 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
     rows = ifeval.load(path.parents[1])
     print(f"wrote {path}: {len(rows)} responses, {sum(r['satisfied'] for r in rows)} satisfied")
     return 0
+
+
+def cmd_ranges(args: argparse.Namespace) -> int:
+    from probes.ifeval_ranges import main
+
+    return main(args)
 
 
 def cmd_score(args: argparse.Namespace) -> int:

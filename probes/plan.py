@@ -202,6 +202,37 @@ def check_runnable(plan: Plan, ram_bytes: int | None = None) -> None:
 
 
 @dataclass(frozen=True)
+class GivenCorpus:
+    """An existing corpus a build starts from (`--corpus`): what its manifest says about the requested tasks."""
+
+    folder: Path
+    model: str
+    fingerprint: str | None
+    rows: dict[str, int]  # kept rows per requested task
+    ifeval: bool  # it holds IFEval's responses (the reliability stage generates none)
+
+
+def read_given_corpus(folder: str | Path, tasks: list[str] | tuple[str, ...]) -> GivenCorpus:
+    """The corpus folder's manifest, checked to be a corpus holding every task in `tasks` (one line otherwise).
+    Which model made it is checked by the build once the model is loaded (its fingerprint needs the weights)."""
+    from probes.ifeval import FILE as IFEVAL_FILE
+
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"--corpus {folder}: no manifest.json there, so not a corpus (make one with `steerer probes "
+                         "corpus` or `steerer bank build`)")
+    manifest = json.loads(manifest_path.read_text())
+    have = manifest.get("tasks") or {}
+    missing = [t for t in tasks if t not in have or not (folder / f"{t}.jsonl.gz").is_file()]
+    if missing:
+        raise ValueError(f"--corpus {folder} lacks task(s) {', '.join(missing)} (it holds "
+                         f"{', '.join(have) or 'none'}): pass --tasks among those")
+    return GivenCorpus(folder.resolve(), str(manifest.get("model", "?")), manifest.get("fingerprint"),
+                       {t: int(have[t]["n"]) for t in tasks}, (folder / IFEVAL_FILE).is_file())
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     device: str
@@ -224,6 +255,7 @@ class Plan:
     layout: dict
     stages: dict
     device_note: str = ""
+    corpus: str | None = None  # `--corpus`: the given corpus folder (no corpus generation priced)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -232,8 +264,9 @@ class Plan:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         return [
             f"plan: {self.model} on {self.device}{f' ({self.device_note})' if self.device_note else ''}, "
-            f"{len(self.tasks)} tasks x {self.per_task} = {self.rows} rows "
-            f"(~{self.generated_rows} generated)",
+            + (f"{len(self.tasks)} tasks, {self.rows} rows from the given corpus {self.corpus} (none generated)"
+               if self.corpus else f"{len(self.tasks)} tasks x {self.per_task} = {self.rows} rows "
+                                   f"(~{self.generated_rows} generated)"),
             f"  generated tokens <= {self.generated_tokens:,}; forward tokens {self.forward_tokens:,} in "
             f"~{self.forward_passes:,} batched passes; {self.flops:.3g} FLOP",
             f"  disk {g(self.disk_bytes)} (features {g(self.feature_bytes)}: token layers "
@@ -259,45 +292,51 @@ def ifeval_rows(tasks: list[str]) -> int:
 
 def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, device: str = "cpu",
               batch_size: int = 48, flops: float | None = None, weight_bytes_per_param: int | None = None,
-              steer_prompts: int = STEER_PROMPTS, device_note: str = "") -> Plan:
+              steer_prompts: int = STEER_PROMPTS, device_note: str = "", corpus: GivenCorpus | None = None) -> Plan:
     """The build's figures. Upper bounds where the model decides (every response at its token budget);
-    compute time from matmul throughput measured now (a busy machine measures slow) at `EFFICIENCY`."""
-    rows = per_task * len(tasks)
+    compute time from matmul throughput measured now (a busy machine measures slow) at `EFFICIENCY`.
+    `corpus` (`--corpus`): rows are the given corpus's, nothing is generated for it (nor for IFEval when it
+    holds IFEval's responses)."""
+    rows = sum(corpus.rows.values()) if corpus else per_task * len(tasks)
+    task_rows = max(corpus.rows.values()) if corpus else per_task
     passes = mean_passes(tasks)
     layout = feature_layout(shape.num_layers, shape.hidden_size, rows, passes)
     feature_bytes = rows * layout.row_bytes(passes)
-    generated_rows = math.ceil(rows * YIELD)
+    generated_rows = 0 if corpus else math.ceil(rows * YIELD)
     generated_tokens = generated_rows * (passes - 1)
     seq = PROMPT_TOKENS + passes
     steer_tokens = len(tasks) * STEER_CELLS * steer_prompts * seq
     n_ifeval = ifeval_rows(tasks)
-    ifeval_tokens = n_ifeval * seq * 2  # generated, then teacher-forced
+    ifeval_generated = 0 if corpus and corpus.ifeval else n_ifeval
+    ifeval_tokens = (n_ifeval + ifeval_generated) * seq  # generated (unless given), then teacher-forced
     stage_tokens = {"corpus": generated_rows * seq, "features": rows * seq, "probes": 0, "warnings": 0,
                     "steering": steer_tokens, "reliability": ifeval_tokens}
     forward_tokens = sum(stage_tokens.values())
     forward_passes = (math.ceil(generated_rows / batch_size) * passes + rows
                       + math.ceil(len(tasks) * STEER_CELLS * steer_prompts / batch_size) * passes
-                      + math.ceil(n_ifeval / batch_size) * passes + n_ifeval)
+                      + math.ceil(ifeval_generated / batch_size) * passes + n_ifeval)
     on_cpu = device.startswith("cpu")
     per_param = weight_bytes_per_param or (4 if on_cpu else 2)  # load_model: fp32 on CPU; bf16/fp16 on a GPU
     weights = shape.n_params * per_param
     kv = batch_size * seq * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * per_param
     capture = 4096 * len(set(layout.stored_position_layers) | set(layout.token_layers)) * shape.hidden_size * 4 * 2
-    per_task_ram = layout.loaded_bytes(per_task, passes)
+    per_task_ram = layout.loaded_bytes(task_rows, passes)
     host_data = max(capture, 2 * per_task_ram)  # training holds a task's data and a fold's copy of it
     device_memory = weights + max(kv, capture)
     peak_ram = host_data + (device_memory if on_cpu else 0)
     speed = flops if flops is not None else device_flops(device)
     total_flops = 2.0 * shape.n_params * forward_tokens
     seconds = total_flops / (EFFICIENCY * speed)
-    train_seconds = len(tasks) * per_task * 0.05  # probe choice: logistic fits over the candidate layers
+    train_seconds = rows * 0.05  # probe choice: logistic fits over the candidate layers
     stages = {k: {"forward_tokens": v, "seconds": round(2.0 * shape.n_params * v / (EFFICIENCY * speed)
                                                         + (train_seconds if k in ("probes", "warnings") else 0), 1)}
               for k, v in stage_tokens.items()}
-    disk = feature_bytes + generated_rows * CORPUS_ROW_BYTES + n_ifeval * CORPUS_ROW_BYTES + 64 * 1024**2
+    disk = feature_bytes + (rows if corpus else generated_rows) * CORPUS_ROW_BYTES + n_ifeval * CORPUS_ROW_BYTES \
+        + 64 * 1024**2  # a given corpus is copied into DIR
     return Plan(model, device, list(tasks), per_task, rows, generated_rows, generated_tokens, forward_tokens,
                 forward_passes, shape.n_params, weights, feature_bytes, disk, peak_ram, device_memory, total_flops,
                 speed, round(seconds + 2 * train_seconds, 1),
                 {"token_layers": list(layout.token_layers),
                  "position_layers": None if layout.position_layers is None else list(layout.position_layers),
-                 "row_bytes": layout.row_bytes(passes), "passes_per_row": passes}, stages, device_note)
+                 "row_bytes": layout.row_bytes(passes), "passes_per_row": passes}, stages, device_note,
+                str(corpus.folder) if corpus else None)

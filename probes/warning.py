@@ -212,7 +212,7 @@ def bank_traces(bank: ProbeBank, task: str, data: TaskData, rows: np.ndarray, to
             fractions = progress_fractions(task, row["params"], ids, tokenizer)
             progress[:, k] = torch.from_numpy(fractions[np.minimum(np.arange(stop), len(fractions) - 1)])
         residuals = {p.layer: x for p in bank.probes}  # only column k is read
-        if conditioning.forecasts(probe.conditioning):  # a running mean per row: one reading per pass, in order
+        if conditioning.forecasts(probe.conditioning) or conditioning.lens_max(probe.conditioning):  # running: in order
             p = torch.cat([scorer.score(torch.zeros(1, dtype=torch.long), {layer: x[t:t + 1] for layer in residuals},
                                         None, progress[t:t + 1], index[t:t + 1])[:, k] for t in range(stop)]) \
                 if stop else torch.zeros(0)

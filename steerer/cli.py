@@ -250,6 +250,8 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     validate_request(request, bank.tasks)
     if not args.use_unreliable_probes:
         for constraint in constraints:
+            if constraint.task not in bank.tasks:  # served on its detector alone (`constraints.detector_only`)
+                continue
             trusted, why = bank.reliable_for(constraint.task, dict(constraint.params))  # scoped: per request
             if not trusted:
                 print(f"steerer: warning: the {constraint.task} probe is muted, no flags or steering "
@@ -294,7 +296,7 @@ def _generate_monitored(args: argparse.Namespace) -> int:
     for v in result.verdicts:
         actual = {None: "not checkable", True: "satisfied", False: "violated"}[v.satisfied]
         p_end = "no reading" if v.p_satisfied_end is None else f"P(satisfied) at end {v.p_satisfied_end:.2f}"
-        predicted = "probe unreliable (muted)" if v.probe_muted else \
+        predicted = ("probe unreliable (muted)" if v.task in bank.tasks else v.probe_note) if v.probe_muted else \
             f"predicted {'violation' if v.predicted_violation else 'ok'}{'' if v.probe_reliable else ' (probe unreliable)'}"
         detected = "" if v.detected_at is None else f", detected at token {v.detected_at}"
         print(f"[{v.task}: {predicted} ({p_end}), checker: {actual}{detected}; "

@@ -14,6 +14,8 @@ probe for "positive" sentiment must not be the one for "negative". A bank probe 
 - ``progress``: true for a probe that reads how far the text has come towards a count limit (the task's
   `progress` tracker: count so far / limit, fed by the runtime at every token), as ``PROGRESS_FEATURES``
   per-token inputs with coefficients per row in ``progress_weights``: what detection knows, for forecasts;
+- ``lens_max``: "pooled" or "ids": the lens inputs are each row's running maximum over its readings so far (how
+  close the model came to saying a required word), of the pooled pair or of each id before pooling (`lens_max`);
 - ``steer_signs``: variant key -> +1 or -1, the sign of the request's steering strength for that variant
   (an "at most" limit is pushed towards shorter text, an "at least" one towards longer, along one direction).
 
@@ -37,7 +39,8 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
 }
 MAX_INPUTS = 4
 PROGRESS_FEATURES = ("fraction", "fraction_squared", "log_tokens")  # per token: f, f^2, log(2 + token index)
-KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs", "forecast"}
+KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs", "forecast", "lens_max"}
+LENS_MAX = ("pooled", "ids")  # a running maximum of the lens inputs: of the pooled pair, or of each id before pooling
 
 
 class ConditioningError(ValueError):
@@ -55,6 +58,10 @@ def check(conditioning: dict | None, n_variant_rows: int) -> None:
         raise ConditioningError(f"conditioning forecast must be true or false, got {conditioning['forecast']!r:.40}")
     if conditioning.get("forecast") and "lens" not in conditioning:
         raise ConditioningError("conditioning forecast averages the lens inputs: it needs lens")
+    if conditioning.get("lens_max") is not None and (conditioning["lens_max"] not in LENS_MAX or "lens" not in conditioning
+                                                     or conditioning.get("forecast")):
+        raise ConditioningError(f"conditioning lens_max must be one of {'/'.join(LENS_MAX)}, with lens and without "
+                                f"forecast, got {conditioning['lens_max']!r:.40}")
     if not isinstance(conditioning.get("progress", False), bool):
         raise ConditioningError(f"conditioning progress must be true or false, got {conditioning['progress']!r:.40}")
     signs = conditioning.get("steer_signs", {})
@@ -106,6 +113,13 @@ def forecasts(conditioning: dict | None) -> bool:
     far, from the prompt's last token on (how readily the model reaches for the word), and it may flag from that
     first reading (no warm-up)."""
     return bool((conditioning or {}).get("forecast", False))
+
+
+def lens_max(conditioning: dict | None) -> str | None:
+    """How a probe keeps the running maximum of its lens inputs over its readings so far (from the prompt's last
+    token on: how close the model came to saying a required word): "pooled" (max of each reading's max/mean
+    pair), "ids" (each id's maximum, then max/mean over the ids), or None (the reading of this pass)."""
+    return (conditioning or {}).get("lens_max")
 
 
 def progress_features(fraction, index):

@@ -4,7 +4,8 @@ The tasks (instructions, parameters, checkers) are defined in `steerer.tasks`, o
 `validate_request` is what the library (`Steerer.validate`), the LogitsProcessor drop-in, the gRPC
 conversion, the client and both command lines check before anything runs: known tasks with valid
 parameters, each task at most once, policies only for constrained tasks, and (given the bank's tasks) a
-probe for every constraint.
+probe for every constraint -- or, for a task the bank has no probe for, a detector (`detector_only`): such a
+constraint is monitored by its detector alone (detections, the checker's verdict, the guard), never steered.
 """
 
 from __future__ import annotations
@@ -54,12 +55,19 @@ def check_constraint(constraint: Constraint, text: str) -> bool | None:
     return None if task is None else bool(task.check(text, constraint.params))
 
 
+def detector_only(constraint: Constraint, bank_tasks: Collection[str]) -> bool:
+    """The bank has no probe for the constraint's task but a prefix can decide its violation (the task has a
+    detector for these params): it is served on the detector alone. The params are validated first."""
+    return constraint.task not in bank_tasks and get_task(constraint.task).detect(constraint.params) is not None
+
+
 def validate_constraints(constraints: Iterable[Constraint], policies: Mapping[str, Any] | None = None,
-                         bank_tasks: Collection[str] | None = None) -> None:
+                         bank_tasks: Collection[str] | None = None, policy: Any = None) -> None:
     """ValueError (a message for the caller) unless every constraint names a known task with valid params,
     each task appears at most once, every per-task policy is a `SteeringPolicy` for a constrained task, and
-    (when `bank_tasks` is given) the bank has a probe for each constraint."""
-    from steerer.policy import SteeringPolicy
+    (when `bank_tasks` is given) the bank has a probe for each constraint, or the task a detector for it and
+    its policy (per task, else the request's `policy`) does not steer: only `off` or `guard`."""
+    from steerer.policy import OFF, SteeringPolicy
 
     constraints = list(constraints)
     if len(constraints) > len(TASKS):
@@ -68,8 +76,14 @@ def validate_constraints(constraints: Iterable[Constraint], policies: Mapping[st
         if not isinstance(constraint, Constraint):
             raise ValueError(f"constraints must be Constraint objects, got {type(constraint).__name__}")
         constraint.validate()
-        if bank_tasks is not None and constraint.task not in bank_tasks:
-            raise ValueError(f"the probe bank has no probe for task {constraint.task!r}")
+        if bank_tasks is None or constraint.task in bank_tasks:
+            continue
+        if not detector_only(constraint, bank_tasks):
+            raise ValueError(f"the probe bank has no probe for task {constraint.task!r}, and no detector can decide "
+                             "it from a prefix")
+        chosen = (policies or {}).get(constraint.task, policy) or OFF
+        if isinstance(chosen, SteeringPolicy) and chosen.kind != "off":
+            raise ValueError(f"no probe for {constraint.task}: only `off` or `guard`")
     tasks = [c.task for c in constraints]
     if len(set(tasks)) != len(tasks):
         raise ValueError("each task may appear once per request")
@@ -96,4 +110,4 @@ def validate_request(request: Any, bank_tasks: Collection[str] | None = None) ->
     policy = getattr(request, "policy", None)
     if policy is not None and not isinstance(policy, SteeringPolicy):
         raise ValueError(f"the steering policy must be a SteeringPolicy, got {type(policy).__name__}")
-    validate_constraints(request.constraints, request.policies, bank_tasks)
+    validate_constraints(request.constraints, request.policies, bank_tasks, policy)

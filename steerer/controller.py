@@ -65,7 +65,7 @@ class Observation:
 class _Row:
     spec: Spec
     request_id: str
-    tasks: list[str]
+    tasks: list[str]  # the row's tasks with a probe in the bank (a detector-only task has no column)
     columns: list[int]
     detok: IncrementalDetokenizer
     steered: dict[str, int]
@@ -151,24 +151,27 @@ class Controller:
         if not self._free:
             raise RuntimeError(f"no free slot (capacity {self.capacity})")
         slot = self._free.pop()
-        tasks = [c.task for c in spec.constraints]
-        policies = {t: spec.policy_for(t) for t in tasks}
         params = {c.task: dict(c.params) for c in spec.constraints}
+        # A task the bank has no probe for is served on its detector alone (`constraints.detector_only`):
+        # detections, guard and checker, no column (no risk, flags or steering).
+        detectors = {c.task: d for c in spec.constraints if (d := get_task(c.task).detect(c.params)) is not None}
+        tasks = [c.task for c in spec.constraints if c.task in self.bank.tasks]
+        policies = {t: spec.policy_for(t) for t in tasks}
+        params_probed = {t: params[t] for t in tasks}
         # Scoped probes asked outside the parameter range they were measured reliable on: muted for this row.
-        out_of_range = self.bank.out_of_range(params, self.use_unreliable_probes)
+        out_of_range = self.bank.out_of_range(params_probed, self.use_unreliable_probes)
         policies = {t: OFF if t in out_of_range else p for t, p in policies.items()}
         lens_ids = {t: token_ids(self.tokenizer, words_of(params[t], self._lens_params[t]))
                     for t in tasks if t in self._lens_params}
-        self.monitor.register(slot, [t for t in tasks if t not in out_of_range], params, lens_ids)
-        self.policies.set(slot, policies, params)
+        self.monitor.register(slot, [t for t in tasks if t not in out_of_range], params_probed, lens_ids)
+        self.policies.set(slot, policies, params_probed)
         columns = [self.bank.index(t) for t in tasks]
         always = self._steering_layers(tasks, columns, policies)
         conditional = {k for t, k in zip(tasks, columns, strict=True) if policies[t].code == PolicyKind.CONDITIONAL}
-        detectors = {t: d for t in tasks if (d := get_task(t).detect(params[t])) is not None}
         progress = {k: get_task(t).progress(params[t]) for t, k in zip(tasks, columns, strict=True)
                     if t in self._progress_tasks and get_task(t).progress is not None}
         row = _Row(spec, request_id or spec.id or f"req-{next(self._ids)}", tasks, columns,
-                   IncrementalDetokenizer(self.tokenizer), dict.fromkeys(tasks, 0), always, conditional,
+                   IncrementalDetokenizer(self.tokenizer), dict.fromkeys(params, 0), always, conditional,
                    policies=policies, detectors=detectors, progress=progress, out_of_range=out_of_range)
         self._users.update(always)
         self._rows[slot] = row
@@ -293,6 +296,8 @@ class Controller:
             index = min(bisect.bisect_left(row.ends, position), max(len(row.ends) - 1, 0))
             row.detected[task] = index
             found.append(Detection(task, index))
+            if task not in row.tasks:  # detector-only: no probe column to settle or steering to stop
+                continue
             self.monitor.settle(slot, task)
             if self.stop_steering_on_detection:
                 self._stop_conditional(slot, row, task)
@@ -327,8 +332,10 @@ class Controller:
         row = self._rows[slot]
         tokens = list(row.detok.tokens if tokens is None else tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        verdicts = build_verdicts(self.monitor, slot, tuple(row.spec.constraints), torch.tensor(row.columns,
-                                  dtype=torch.long), text, check=False)
+        probed = tuple(c for c in row.spec.constraints if c.task in row.tasks)
+        by_task = {v.task: v for v in build_verdicts(self.monitor, slot, probed, torch.tensor(row.columns,
+                                                     dtype=torch.long), text, check=False)}
+        verdicts = [by_task.get(c.task) or detector_only_verdict(c) for c in row.spec.constraints]
         for verdict in verdicts:
             verdict.detected_at = row.detected.get(verdict.task)
             if verdict.task in row.out_of_range:  # a scoped probe outside its measured range: muted for this row
@@ -402,6 +409,13 @@ def build_verdicts(monitor: Monitor, row: int, constraints: tuple[Constraint, ..
                                 check_constraint(constraint, text) if check else None, bool(probe.reliable), muted,
                                 probe_note=probe.unreliable_reason() or ""))
     return verdicts
+
+
+def detector_only_verdict(constraint: Constraint) -> Verdict:
+    """The verdict of a constraint served on its detector alone: no probe reading, flags or prediction;
+    `detected_at` and the checker's verdict are filled in as for any other."""
+    return Verdict(constraint.task, dict(constraint.params), False, None, False, None, None, probe_reliable=False,
+                   probe_muted=True, probe_note="no probe in the bank: detector only")
 
 
 def check_verdicts(result: Result) -> Result:

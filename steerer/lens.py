@@ -69,16 +69,23 @@ class LensWeights:
 
     def features(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, 2] max and mean lens logit per row: x [B, d] residuals, ids/mask [B, M] each row's token ids."""
+        return pool(self.logits(x, ids), mask)
+
+    def logits(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[B, M] the lens logit of each of a row's token ids: x [B, d] residuals, ids [B, M]."""
         x = x.float()
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
-        rows = self.unembedding[ids].float()  # [B, M, d]
-        logits = torch.einsum("bd,bmd->bm", h, rows)
-        mask = mask.bool()
-        count = mask.sum(-1).clamp(min=1)
-        best = torch.where(mask, logits, torch.full_like(logits, -torch.inf)).max(-1).values
-        best = torch.where(mask.any(-1), best, torch.zeros_like(best))
-        mean = torch.where(mask, logits, torch.zeros_like(logits)).sum(-1) / count
-        return torch.stack([best, mean], dim=-1)
+        return torch.einsum("bd,bmd->bm", h, self.unembedding[ids].float())
+
+
+def pool(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 2] max and mean of [B, M] per-id lens logits over each row's ids (`mask`); zeros for a row without."""
+    mask = mask.bool()
+    count = mask.sum(-1).clamp(min=1)
+    best = torch.where(mask, logits, torch.full_like(logits, -torch.inf)).max(-1).values
+    best = torch.where(mask.any(-1), best, torch.zeros_like(best))
+    mean = torch.where(mask, logits, torch.zeros_like(logits)).sum(-1) / count
+    return torch.stack([best, mean], dim=-1)
 
 
 def id_table(ids: list[int], width: int = MAX_LENS_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:

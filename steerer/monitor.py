@@ -22,7 +22,7 @@ import torch
 
 from steerer import conditioning
 from steerer.bank import ProbeBank
-from steerer.lens import MAX_LENS_TOKENS, LensWeights, id_table
+from steerer.lens import MAX_LENS_TOKENS, LensWeights, id_table, pool
 
 NO_FLAG = -2  # `Monitor.first_flag` of a row never flagged (-1 is a reading: the prompt's last token)
 
@@ -78,6 +78,10 @@ class Scorer:
         if self.mean_probes:
             self.lens_sum = torch.zeros(capacity, k, 2, device=device)
             self.lens_count = torch.zeros(capacity, k, 1, device=device)
+        # running maxima of the lens (`conditioning.lens_max`): per row the highest reading so far, pooled or per id
+        self.peak_probes = {k: how for k in self.lens_probes if (how := conditioning.lens_max(bank.probes[k].conditioning))}
+        if self.peak_probes:
+            self.lens_peak = torch.full((capacity, k, MAX_LENS_TOKENS), -torch.inf, device=device)
         self.progress_probes = [k for k, reads in enumerate(bank.progress_params) if reads]
         if self.progress_probes:
             self.row_progress = bank.progress_weights.to(device)  # [K + V, 3]
@@ -93,6 +97,8 @@ class Scorer:
             self.lens_ids[row, k], self.lens_mask[row, k] = ids, mask
         if self.mean_probes:
             self.lens_sum[row], self.lens_count[row] = 0.0, 0.0
+        if self.peak_probes:
+            self.lens_peak[row] = -torch.inf
 
     def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor], applied: torch.Tensor | None = None,
               progress: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,7 +113,16 @@ class Scorer:
         index_rows = self.row_index[rows]
         logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index_rows]) + self.row_offset[rows]
         for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
-            features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
+            how = self.peak_probes.get(k)
+            if how == "ids":  # each id's running maximum, pooled
+                peak = torch.maximum(self.lens_peak[rows, k], self.lens.logits(stacked[k], self.lens_ids[rows, k]))
+                self.lens_peak[rows, k] = peak
+                features = pool(peak, self.lens_mask[rows, k])
+            else:
+                features = self.lens.features(stacked[k], self.lens_ids[rows, k], self.lens_mask[rows, k])  # [B, 2]
+            if how == "pooled":
+                features = torch.maximum(self.lens_peak[rows, k, :2], features)
+                self.lens_peak[rows, k, :2] = features
             if k in self.mean_probes:  # rows are distinct within a pass: one read and one write each
                 total, count = self.lens_sum[rows, k] + features, self.lens_count[rows, k] + 1.0
                 self.lens_sum[rows, k], self.lens_count[rows, k] = total, count

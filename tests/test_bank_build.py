@@ -144,3 +144,81 @@ def test_pace_follows_the_stages_actually_run():
     pace.add(1.0, 50.0)  # overhead-bound stage: ignored
     pace.add(100.0, 25.0)
     assert pace.factor == 0.25 and "x0.25" in pace.note()
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tiny, tmp_path_factory):
+    """A build run normally up to its corpus: char_count, which the random model answers both ways."""
+    folder, _ = tiny
+    config = bank_build.BuildConfig(str(folder), tmp_path_factory.mktemp("first") / "bank", ("char_count",),
+                                    per_task=16, device="cpu", batch_size=8, max_generated_factor=1.0,
+                                    max_new_tokens=8)
+    state = bank_build.run_build(config, bank_build.plan_for(config, flops=1e9).to_json(), log=lambda m: None,
+                                 stop_after="corpus")
+    assert state["trainable"] == ["char_count"], state["untrainable"]
+    return config.out / "corpus"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_build_from_an_existing_corpus_generates_nothing_and_serves(tiny, tiny_corpus, tmp_path, capsys):
+    """--corpus: the plan prices no corpus stage, the corpus stage checks and copies the folder (the source is
+    left as it was), the later stages run on it, the card names it, and the bank serves a request."""
+    from dataclasses import replace
+
+    from steerer.bank import ProbeBank
+    from steerer.cli import main
+    from steerer.constraints import Constraint
+    from steerer.core import Steerer
+    from steerer.request import Request, SamplingParams
+
+    folder, lm = tiny
+    source = _files(tiny_corpus)
+    rows = json.loads((tiny_corpus / "manifest.json").read_text())["tasks"]["char_count"]["n"]
+    out = tmp_path / "bank"
+    assert main(["bank", "build", "--model", str(folder), "--out", str(out), "--tasks", "char_count", "--corpus",
+                 str(tiny_corpus), "--device", "cpu", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["corpus"] == str(tiny_corpus.resolve()) and doc["rows"] == rows
+    assert doc["generated_tokens"] == 0 and doc["stages"]["corpus"] == {"forward_tokens": 0, "seconds": 0.0}
+    assert not out.exists()
+
+    config = bank_build.BuildConfig(str(folder), out, ("char_count",), device="cpu", batch_size=8,
+                                    steer_prompts=4, corpus=tiny_corpus.resolve())
+    fresh = bank_build.plan_for(replace(config, corpus=None), flops=1e9)
+    assert fresh.stages["corpus"]["forward_tokens"] > 0 and fresh.generated_tokens > 0  # what --corpus drops
+    state = bank_build.run_build(config, bank_build.plan_for(config, flops=1e9).to_json(), log=lambda m: None)
+    corpus = state["stages"]["corpus"]
+    assert corpus["generated"] == 0 and corpus["engine"] == "given" and corpus["rows"] == rows
+    assert state["key"]["corpus"] == str(tiny_corpus.resolve()) and state["corpus_source"]["rows"] == {
+        "char_count": rows}
+    assert _files(tiny_corpus) == source and _files(out / "corpus") == source
+    assert all(state["stages"][s]["done"] for s in bank_build.STAGES)
+    assert f"corpus given: `{tiny_corpus.resolve()}`" in (out / "README.md").read_text()
+    bank = ProbeBank.load(out)
+    assert bank.tasks == ["char_count"] and bank.extra["corpus_source"] == str(tiny_corpus.resolve())
+    request = Request("Say hello.", (Constraint("char_count", {"relation": "less than", "limit": 20}),),
+                      sampling=SamplingParams(max_new_tokens=8, temperature=0.0))
+    with Steerer(lm, bank) as steerer:
+        (result,) = steerer.run([request])
+    verdict = result.verdicts[0]
+    assert verdict.task == "char_count" and verdict.satisfied == (len(result.text) < 20) and result.tokens
+
+
+def test_a_corpus_of_another_model_or_without_a_task_is_refused_in_one_line(tiny_corpus, tmp_path):
+    """The corpus stage checks the fingerprint once the model is loaded (nothing is copied); the plan checks the
+    folder is a corpus holding every requested task."""
+    from steerer.testing.tiny import build_tiny
+
+    other = build_tiny("qwen2", tmp_path / "qwen2")
+    config = bank_build.BuildConfig(str(other), tmp_path / "bank", ("char_count",), device="cpu",
+                                    corpus=tiny_corpus.resolve())
+    with pytest.raises(ValueError, match="is a corpus of another model") as refused:
+        bank_build.run_build(config, bank_build.plan_for(config, flops=1e9).to_json(), log=lambda m: None)
+    assert "\n" not in str(refused.value) and not (config.out / "corpus").exists()
+    with pytest.raises(ValueError, match=r"lacks task\(s\) lowercase \(it holds char_count\)"):
+        plan.read_given_corpus(tiny_corpus, ["char_count", "lowercase"])
+    with pytest.raises(ValueError, match="no manifest.json there, so not a corpus"):
+        plan.read_given_corpus(tmp_path, ["char_count"])

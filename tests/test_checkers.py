@@ -105,15 +105,24 @@ def test_json_format(text: str, expected: bool) -> None:
         ("the NASA mission", False),
         ("", False),  # no letters at all: str.islower() is False, as in IFEval
         ("123 !!!", False),
-        ("über straße is the word here", True),
+        ("my naïve friend went to the café with me", True),
         ("ÜBER is the word", False),
-        ("etchings", False),  # not confirmed English (IFEval's langdetect rejects it too)
-        ("привет как дела", False),  # another language
+        ("etchings", False),  # langdetect (seeded) says "de": not English
+        ("über straße ist das wort hier", False),  # another language
+        ("привет как дела", False),  # another script
         ("it's a fine day 😀", True),
+        ("electric car\nelectric car battery\nelectric car charger", True),  # a noun list langdetect calls "en"
+        ("ⲁⲃ", True),  # langdetect has no features for it: IFEval counts that as followed
     ],
 )
 def test_lowercase(text: str, expected: bool) -> None:
     assert checkers.lowercase(text, {}) is expected
+
+
+def test_lowercase_language_verdicts_are_seeded() -> None:
+    """Unseeded langdetect flips on "hello world" between calls ("en" or "nl"; IFEval's is unseeded); ours is
+    a fixed function of the text."""
+    assert {checkers.detect_language("hello world") for _ in range(50)} == {"en"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ def banks(lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(banks):
-    with ServerProcess("--bank", banks["v1"], "--max-batch", "2", "--max-queue", "2", "--admin-token", ADMIN) as proc:
+    rule = {"STEERER_TASK_FILES": str(REPO / "examples" / "tasks" / "no_competitor.yaml")}  # no probe in the banks
+    with ServerProcess("--bank", banks["v1"], "--max-batch", "2", "--max-queue", "2", "--admin-token", ADMIN,
+                       env=rule) as proc:
         yield proc
 
 
@@ -156,6 +158,21 @@ def test_generate_reports_verdicts_flags_and_steering(client):
     assert low.probe_reliable and not low.probe_muted
     assert words.satisfied  # six tokens are at most 40 words: the checker ran on the final text
     assert dict(reply.usage.steered_tokens) == {"lowercase": 2, "word_count": 0}
+
+
+def test_a_rule_the_bank_has_no_probe_for_is_served_on_its_detector(client):
+    """A YAML forbid rule the bank has no probe for: guarded, the names stay out and the checker's verdict comes
+    back (no probe reading); steering it is refused in one line (docs/TASKS.md, "Detector-only constraints")."""
+    rule = ("no_competitor", {"competitors": ["red", "blue"]}, "guard")
+    reply = client.generate(PROMPT, constraints=[rule], max_new_tokens=12)
+    (verdict,) = reply.verdicts
+    assert verdict.task == "no_competitor" and verdict.satisfied and not verdict.HasField("detected_at")
+    assert verdict.probe_muted and not verdict.HasField("p_satisfied_end") and not verdict.flagged
+    assert reply.text.strip() and not re.search(r"\b(red|blue)\b", reply.text, re.IGNORECASE), reply.text
+    with pytest.raises(grpc.RpcError) as refused:
+        client.generate(PROMPT, constraints=[(*rule[:2], "conditional:4")], max_new_tokens=4)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "no probe for no_competitor: only `off` or `guard`"
 
 
 def test_stream_from_another_process(server):

@@ -183,10 +183,11 @@ def test_tp2_rank_0_alone_publishes(runs):
         assert published["counted"] == published["monitored"] == published["log_lines"], (tp, published)
 
 
-# -- the offline driver (`VLLMSteerer`, so `steerer serve --engine vllm`) at tensor parallel 2 --------------------
-def driver_child(model: str, bank: str, tp: int, out: str) -> None:
-    """Every prompt plain, monitored and steered through `VLLMSteerer` at `tp`, one request at a time: tokens,
-    verdicts and each token's risks, steering and flags."""
+# -- the offline driver (`VLLMSteerer`, so `steerer serve --engine vllm`): both engine cores, TP 1 and 2 ------------
+def driver_child(model: str, bank: str, tp: int, core: str, out: str) -> None:
+    """Every prompt plain, monitored and steered through `VLLMSteerer` at `tp` with vLLM's engine core `core`
+    ("inproc": in this process; "process": vLLM's default multiprocess core, the driver inside it), one request
+    at a time: tokens, verdicts and each token's risks, steering and flags."""
     from dataclasses import asdict
 
     from steerer.constraints import Constraint
@@ -197,8 +198,14 @@ def driver_child(model: str, bank: str, tp: int, out: str) -> None:
     constraints = tuple(Constraint.parse(text) for text in CONSTRAINTS)
     policies = {"plain": None, "monitor": SteeringPolicy(), "steer": SteeringPolicy.parse(STEER["steerer_policy"])}
     engine = VLLMSteerer(ProbeBank.load(bank), model, threads=1, enforce_eager=True, max_num_seqs=4,
-                         max_model_len=256, tensor_parallel_size=tp)
-    runs = {"remote": engine.remote}
+                         max_model_len=256, tensor_parallel_size=tp, engine_core=core)
+    runs = {"remote": engine.remote, "class": type(engine).__name__,
+            "executor": engine.engine.vllm_config.parallel_config.distributed_executor_backend}
+    try:  # the guard needs the driver in the sampling process
+        engine.validate(Request(PROMPTS[0], (Constraint.parse("lowercase"),), SteeringPolicy.parse("guard")))
+        runs["guard"] = None
+    except ValueError as exc:
+        runs["guard"] = str(exc)
     start = time.perf_counter()
     try:
         for i, prompt in enumerate(PROMPTS):
@@ -218,40 +225,76 @@ def driver_child(model: str, bank: str, tp: int, out: str) -> None:
     Path(out).write_text(json.dumps(runs))
 
 
+# (tensor parallel size, vLLM engine core): the in-process core (TP 1 the reference) and vLLM's default multiprocess
+# core, where the driver runs inside the engine-core process (`steerer.engine.vllm.core_side`)
+DRIVER_RUNS = ((2, "process"), (1, "inproc"), (2, "inproc"), (1, "process"))
+META = ("remote", "class", "executor", "guard", "seconds")
+
+
+def _driver_run(tmp: Path, model: Path, bank: Path, tp: int, core: str) -> dict:
+    out = tmp / f"tp{tp}-{core}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    proc = subprocess.run([sys.executable, __file__, "--driver", str(model), str(bank), str(tp), core, str(out)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=STARTUP_S)
+    assert proc.returncode == 0, f"TP {tp}, {core} engine core:\n{proc.stdout[-6000:]}"
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def driver_runs(tmp_path_factory):
-    """Tensor parallel 2 and 1, each in its own process (vLLM's worker processes end with it), run together."""
+    """Each of `DRIVER_RUNS` in its own process (vLLM's engine-core and worker processes end with it), two at a
+    time (memory: each engine holds its own KV cache)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from steerer.testing.tiny import build_tiny
 
     tmp = tmp_path_factory.mktemp("vllm-tp-driver")
     model = build_tiny("llama", tmp / "tiny-llama", hidden=128)  # head size 32: the smallest vLLM's CPU attention runs
     bank = stand_in_bank(tmp / "bank", model)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    procs = {tp: subprocess.Popen([sys.executable, __file__, "--driver", str(model), str(bank), str(tp),
-                                   str(tmp / f"tp{tp}.json")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for tp in (2, 1)}
-    out = {}
-    for tp, proc in procs.items():
-        log, _ = proc.communicate(timeout=STARTUP_S)
-        assert proc.returncode == 0, f"TP {tp}:\n{log[-6000:]}"
-        out[tp] = json.loads((tmp / f"tp{tp}.json").read_text())
-    return out
+    with ThreadPoolExecutor(2) as pool:
+        futures = {key: pool.submit(_driver_run, tmp, model, bank, *key) for key in DRIVER_RUNS}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def _equal_runs(run: dict, reference: dict) -> None:
+    for name in (k for k in reference if k not in META):
+        assert run[name]["tokens"] == reference[name]["tokens"], name
+        _same(run[name], reference[name], name)
 
 
 def test_driver_tp2_reaches_its_workers_and_equals_tp1(driver_runs):
     """`VLLMSteerer` at TP 2 (multiprocess executor, engine core in-process): coefficients go to both ranks and
     rank 0's taps come back by collective_rpc; tokens, verdicts, risks, steering and flags equal TP 1's."""
-    one, two = driver_runs[1], driver_runs[2]
+    one, two = driver_runs[1, "inproc"], driver_runs[2, "inproc"]
     assert two["remote"] and not one["remote"]
     print(f"driver: {len(PROMPTS) * 3} requests in {one['seconds']:.1f} s at TP 1, {two['seconds']:.1f} s at TP 2")
-    for name in (k for k in one if k not in ("remote", "seconds")):
-        assert two[name]["tokens"] == one[name]["tokens"], name
-        _same(two[name], one[name], name)
+    _equal_runs(two, one)
     for i in range(len(PROMPTS)):
         assert one[f"monitor{i}"]["tokens"] == one[f"plain{i}"]["tokens"]
     assert any(one[f"steer{i}"]["tokens"] != one[f"plain{i}"]["tokens"] for i in range(len(PROMPTS)))
     assert any(f["raised"] for e in one["monitor0"]["events"] for f in e["flags"])
 
 
+def test_driver_in_vllms_multiprocess_engine_core_equals_in_process(driver_runs):
+    """`VLLMSteerer(engine_core="process")` (what `steerer serve --engine vllm` uses): the driver steps inside vLLM's
+    engine-core process and its events and results come back with vLLM's outputs. At TP 1 (worker in the core
+    process) and TP 2 (worker processes): tokens, verdicts, risks, steering and flags equal the in-process TP 1's,
+    plain, monitored and steered."""
+    reference = driver_runs[1, "inproc"]
+    assert reference["class"] == "VLLMSteerer" and reference["guard"] is None
+    for tp in (1, 2):
+        run = driver_runs[tp, "process"]
+        assert run["class"] == "CoreSteerer"
+        # vLLM's multiprocess executor puts the workers in processes of their own (at TP 1 too on the CPU platform,
+        # which overrides "uni" under the multiprocess core): the driver reaches them by collective_rpc and the
+        # guard, which needs the driver where tokens are sampled, is refused in one line naming the way out
+        assert run["remote"] == (run["executor"] != "uni"), (run["remote"], run["executor"])
+        assert (run["guard"] is None) == (not run["remote"]), run["guard"]
+        assert run["guard"] is None or "--engine-core inproc" in run["guard"]
+        print(f"driver, multiprocess engine core: {len(PROMPTS) * 3} requests in {run['seconds']:.1f} s at TP {tp}")
+        _equal_runs(run, reference)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--driver"]:  # the driver test's subprocesses
-    driver_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    driver_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])

@@ -54,6 +54,9 @@ def add_commands(sub) -> None:
                        help="hf: transformers (default); vllm: vLLM's CPU build, compiled (needs the vLLM venv)")
     serve.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="--engine vllm: tensor-parallel ranks, one worker process each (docs/VLLM.md)")
+    serve.add_argument("--engine-core", default="process", choices=["process", "inproc"],
+                       help="--engine vllm: the driver in vLLM's own engine-core process (default), or vLLM's "
+                            "engine core in this one (inproc: the guard on the CPU backend needs it; docs/VLLM.md)")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", default=None, help="PEM private key")
     serve.add_argument("--auth-token", default=None,
@@ -177,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             check_bank=False, use_unreliable_probes=args.use_unreliable_probes,
                             stop_steering_on_detection=args.stop_steering_on_detection,
                             threads=args.threads, layers="all",  # any bank can be swapped in
-                            tensor_parallel_size=args.tensor_parallel_size)
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            engine_core=args.engine_core)
         lm, factory = VLLMModel(first, args.model), scheduler_factory(first)
     else:
         lm = load_model(args.model, dtype=args.dtype, threads=args.threads, device=args.device)

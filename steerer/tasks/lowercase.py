@@ -1,37 +1,58 @@
-"""lowercase: IFEval ``change_case:english_lowercase``.
+"""lowercase: IFEval ``change_case:english_lowercase``, with IFEval's own check.
 
-``str.islower()`` (at least one cased letter, none upper/title case) **and** the text reads as English.
-IFEval asks langdetect; we use a dependency-free stand-in (an English function word must occur), which also
-says "not confirmed English" for a bare noun phrase such as "etchings", as langdetect does.
+IFEval (google-research ``instruction_following_eval/instructions.py``, ``LowercaseLettersEnglishChecker
+.check_following``)::
+
+    try:
+        return value.islower() and langdetect.detect(value) == "en"
+    except langdetect.LangDetectException:
+        return True  # "Count as instruction is followed."
+
+So: at least one cased letter and none upper/title case (``str.islower()``), **and** langdetect calls the
+text English; a text langdetect cannot judge (no features, e.g. no letters it knows) counts as followed.
+We do exactly that, with one difference: langdetect is a randomised guesser and IFEval leaves it unseeded,
+so a verdict on a borderline text can change between runs; ours uses its own detector factory with seed 0
+(as ``DetectorFactory.seed = 0`` would, without changing anyone else's), so a verdict is a fixed function of
+the text. Profiles load once, on the first check (~0.3 s); a check then takes a few milliseconds.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
+
+from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
+from langdetect.lang_detect_exception import LangDetectException
 
 from steerer.tasks import common
 from steerer.tasks.base import Task
 
-# Frequent English function words: a text with none of them cannot be confirmed as English prose.
-ENGLISH_FUNCTION_WORDS = common.wordset(
-    """
-    a an the and or but nor of to in on at for with by from into onto about as than then so if
-    is are was were be been being am do does did have has had will would can could should may might must
-    it its this that these those there here i me my mine you your yours he him his she her hers we us our
-    they them their what which who whom whose how when where why not no all some any each every more most
-    very just also only too up out over under after before because while although though until
-    """
-)
+LANGDETECT_SEED = 0
+_FACTORY: DetectorFactory | None = None
+_FACTORY_LOCK = threading.Lock()
 
 
-def looks_english(text: str) -> bool:
-    """Cheap stand-in for IFEval's ``langdetect.detect(text) == "en"``: some English function word occurs.
+def _factory() -> DetectorFactory:
+    """The seeded detector factory, its profiles loaded once (checkers run on several threads)."""
+    global _FACTORY
+    with _FACTORY_LOCK:
+        if _FACTORY is None:
+            factory = DetectorFactory()
+            factory.load_profile(PROFILES_DIRECTORY)
+            factory.set_seed(LANGDETECT_SEED)
+            _FACTORY = factory
+        return _FACTORY
 
-    Real English prose of more than a few words always has one; bare noun phrases, other languages and
-    other scripts do not. (langdetect is a statistical guesser that also rejects such short phrases.)
-    """
-    return any(tok in ENGLISH_FUNCTION_WORDS for tok in common.WORD_RE.findall(text.lower()))
+
+def detect_language(text: str) -> str | None:
+    """langdetect's language code for `text` (seeded: deterministic), or None when it cannot judge."""
+    detector = _factory().create()
+    detector.append(text)
+    try:
+        return detector.detect()
+    except LangDetectException:
+        return None
 
 
 def validate(params: Any) -> None:
@@ -39,10 +60,11 @@ def validate(params: Any) -> None:
 
 
 def check(response: str, params: Mapping[str, Any]) -> bool:
-    """No uppercase letters (and at least one letter), in English: IFEval ``english_lowercase``."""
+    """IFEval ``english_lowercase``: no uppercase letter (and at least one letter), and langdetect says English
+    (or cannot say: IFEval counts that as followed)."""
     validate(params)
     text = common.require_text("lowercase", response)
-    return text.islower() and looks_english(text)
+    return text.islower() and detect_language(text) in ("en", None)
 
 
 class CapitalDetector:

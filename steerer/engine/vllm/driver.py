@@ -10,6 +10,10 @@ Tensor parallel (`tensor_parallel_size`): the ranks are worker processes (vLLM's
 engine core stays here; the controller stays here too, sends each step's coefficients to every rank and reads
 rank 0's taps back through `collective_rpc` (`ranks.py`; docs/VLLM.md, "Tensor and data parallel").
 
+vLLM's default multiprocess engine core (`engine_core="process"`, what `steerer serve --engine vllm` uses):
+`CoreSteerer`, a front that only adds requests and reads results, while this same class runs inside the
+engine-core process around each of vLLM's steps (`core_side.py`); events and results come back with vLLM's outputs.
+
 Threads: with the engine core and worker in this process, the model's kernels run on the thread that calls
 `step`, with that thread's torch intra-op thread count (vLLM's own binding and thread settings apply to worker
 processes it starts, not here). `threads` sets it, at start-up and again on whichever thread calls `step`
@@ -24,10 +28,13 @@ a row stops at `max_new_tokens` recorded tokens. Steered requests carry a `cache
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +45,16 @@ from steerer.bank import ProbeBank
 from steerer.driver import Driver, Options, Stop, eos_token_ids
 from steerer.engine.vllm import LAYERS_KEY, VLLM_VERSION, checkpoint_architecture
 from steerer.engine.vllm.state import STATE
+from steerer.engine.vllm.wire import (
+    INSTALL,
+    PAYLOAD_KEY,
+    REQUEST_KEY,
+    SLOT_KEY,
+    UNINSTALL,
+    event_from_wire,
+    request_to_wire,
+    result_from_wire,
+)
 from steerer.lens import LensWeights
 from steerer.model import chat_prompt, resolve_model_path
 from steerer.monitor import MonitorConfig
@@ -121,49 +138,43 @@ class VLLMSteerer:
     `tensor_parallel_size` > 1: that many worker processes, reached through `collective_rpc` (module docstring).
     """
 
+    def __new__(cls, *args: Any, engine_core: str | None = None, llm: Any = None, **kwargs: Any) -> VLLMSteerer:
+        """`CoreSteerer` (the driver in vLLM's engine-core process) for `engine_core="process"` or an `llm` built
+        with vLLM's multiprocess engine core; this class (the driver in this process) otherwise."""
+        if cls is VLLMSteerer and uses_process_core(engine_core, llm):
+            cls = CoreSteerer
+        return super().__new__(cls)
+
     def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
                  dtype: str = "float32", enforce_eager: bool = False, max_model_len: int = 2048,
                  monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
                  check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
                  seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
                  threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, engine_core: str | None = None):
         configure_environment()
         check_version()
         from transformers import AutoTokenizer
         from vllm import LLM
 
         from steerer.engine.vllm import guard
-        from steerer.engine.vllm.guard import SteererGuard
         from steerer.engine.vllm.model import op_layers
-        from steerer.engine.vllm.plugin import register
-        from steerer.engine.vllm.rows import SteererRows
+        from steerer.engine.vllm.registry import register_models
         from steerer.engine.vllm.runner import check_v1_runner
 
         check_v1_runner()  # the V1 model-runner pin (runner.py): one clear line where V1 is unavailable
         if STATE.installed:
             raise RuntimeError("another VLLMSteerer holds this process's vLLM plugin state; close it first")
-        register()
+        register_models()
         self.threads = threads
         use_threads(threads)
         self.bank = bank
         self.where = Where(where)
         self.monitor_config = monitor_config or MonitorConfig()
         if llm is None:
-            self.path = resolve_model_path(model)
-            overrides: dict[str, Any] = {"architectures": [checkpoint_architecture(self.path)]}  # its family's
-            if layers != "all":  # without the key every decoder layer calls the op
-                overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
-            kwargs = dict(model=self.path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, gpu_memory_utilization=0.3, enable_prefix_caching=True,
-                          async_scheduling=False, seed=seed, hf_overrides=overrides,
-                          logits_processors=[SteererRows, SteererGuard])
-            if tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
-                kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
-                if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
-                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # one core list for several ranks fails
-            kwargs.update(llm_kwargs or {})
-            llm = LLM(**kwargs)
+            llm = LLM(**engine_kwargs(bank, model, layers, tensor_parallel_size, llm_kwargs, dtype=dtype, seed=seed,
+                                      enforce_eager=enforce_eager, max_model_len=max_model_len,
+                                      max_num_seqs=max_num_seqs))
             use_threads(threads)  # in-process engine start-up leaves its own setting behind
         self.llm = llm
         self.engine = self.llm.llm_engine
@@ -277,32 +288,47 @@ class VLLMSteerer:
     def admit(self, requests: Iterable[Request]) -> list[Result]:
         """Validate and hand requests to vLLM's scheduler; they join its running batch at the next step.
         Returns the requests that finished at once (none: vLLM prefills them within `step`)."""
-        from vllm import SamplingParams as VLLMSampling
-        from vllm.sampling_params import RequestOutputKind
-
         requests = list(requests)
-        # vLLM runs with ignore_eos; the driver's stop rule ends rows (EOS, then one closing pass; or length).
-        stops = [Stop(frozenset(self.eos_token_ids), r.sampling.max_new_tokens, r.sampling.ignore_eos)
-                 for r in requests]
+        stops = [self._stop(r) for r in requests]
         slots = self.driver.join_all(requests, stops)  # validated there (sampling included), all or none
         for request, slot in zip(requests, slots, strict=True):
-            sampling = request.sampling
-            ids = chat_prompt(self.tokenizer, request.prompt, request.system)
-            greedy = sampling.temperature < MIN_TEMPERATURE
-            params = VLLMSampling(max_tokens=sampling.max_new_tokens + 1, ignore_eos=True,
-                                  temperature=0.0 if greedy else sampling.temperature,
-                                  top_p=1.0 if greedy else sampling.top_p, seed=None if greedy else sampling.seed,
-                                  output_kind=RequestOutputKind.DELTA, detokenize=False,
-                                  extra_args={"steerer_slot": slot})
-            prompt: dict[str, Any] = {"prompt_token_ids": ids}
-            salt = self.salt(request)
-            if salt is not None:
-                prompt["cache_salt"] = salt
+            prompt = self._prompt(request)
             vllm_id = f"steerer-{next(self._ids)}"
-            self.engine.add_request(vllm_id, prompt, params)
-            self._live[slot] = _Live(slot, vllm_id, request, len(ids))
-            self._by_vllm[vllm_id] = slot
+            self.engine.add_request(vllm_id, prompt, vllm_sampling(request, {SLOT_KEY: slot}))
+            self._track(slot, vllm_id, request, len(prompt["prompt_token_ids"]))
         return []
+
+    def join(self, request: Request, vllm_id: str, prompt_tokens: int) -> int:
+        """A request vLLM already holds (the engine core's own, `core_side.py`) joins the driver: its slot.
+        Validated by the front that sent it, against the same bank."""
+        slot = self.driver.join(request, request.id, self._stop(request), validated=True)
+        self._track(slot, vllm_id, request, prompt_tokens)
+        return slot
+
+    def _stop(self, request: Request) -> Stop:
+        """vLLM runs with ignore_eos; the driver's stop rule ends rows (EOS, then one closing pass; or length)."""
+        return Stop(frozenset(self.eos_token_ids), request.sampling.max_new_tokens, request.sampling.ignore_eos)
+
+    def _prompt(self, request: Request) -> dict[str, Any]:
+        """vLLM's prompt: the chat template's token ids, and the steering configuration's `cache_salt`."""
+        prompt: dict[str, Any] = {"prompt_token_ids": chat_prompt(self.tokenizer, request.prompt, request.system)}
+        salt = self.salt(request)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        return prompt
+
+    def _track(self, slot: int, vllm_id: str, request: Request, prompt_tokens: int) -> None:
+        self._live[slot] = _Live(slot, vllm_id, request, prompt_tokens)
+        self._by_vllm[vllm_id] = slot
+
+    def cancel_vllm(self, vllm_id: str) -> bool:
+        """`cancel` by vLLM's request id (vLLM aborted it: `core_side.py`)."""
+        slot = self._by_vllm.get(vllm_id)
+        if slot is None:
+            return False
+        self._drop(slot)
+        self.driver.leave(slot)
+        return True
 
     def cancel(self, request_id: str) -> bool:
         slot = self.driver.slot_of(request_id)
@@ -415,6 +441,218 @@ class VLLMSteerer:
         self.engine.abort_request([live.vllm_id])
 
 
+class CoreSteerer(VLLMSteerer):
+    """`VLLMSteerer` on vLLM's default multiprocess engine core: the driver runs inside the engine-core process
+    (`core_side.py`), around each of vLLM's own steps, and this front only adds requests and reads what each step
+    sent back. Same members, options and results as the in-process driver; built by `VLLMSteerer(...,
+    engine_core="process")` (or an `llm` built with the multiprocess core). Not here: `stats`, `controller`,
+    `driver` (they live in the engine core), and the guard at tensor parallel > 1 (as in-process)."""
+
+    def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
+                 dtype: str = "float32", enforce_eager: bool = False, max_model_len: int = 2048,
+                 monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
+                 check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
+                 seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
+                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False,
+                 tensor_parallel_size: int = 1, engine_core: str | None = None):
+        configure_environment()
+        check_version()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from steerer.engine.vllm.registry import register_models
+        from steerer.engine.vllm.runner import check_v1_runner
+
+        check_v1_runner()
+        register_models()
+        self.threads = threads
+        self.bank = bank
+        self.where = Where(where)
+        self.monitor_config = monitor_config or MonitorConfig()
+        if llm is None:
+            kwargs = engine_kwargs(bank, model, layers, tensor_parallel_size, llm_kwargs, dtype=dtype, seed=seed,
+                                   enforce_eager=enforce_eager, max_model_len=max_model_len,
+                                   max_num_seqs=max_num_seqs)
+            if tensor_parallel_size == 1:  # the worker in the engine-core process, beside the driver (and guard)
+                kwargs.setdefault("distributed_executor_backend", "uni")
+            if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # threads: the core's own (`threads`)
+            with process_core():
+                llm = LLM(**kwargs)
+        self.llm = llm
+        self.engine = llm.llm_engine
+        if not uses_process_core(None, llm):
+            raise RuntimeError("vLLM started its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING was "
+                               "read as 0 earlier in this process); use engine_core='inproc' here")
+        self.path = self.engine.model_config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.capacity = capacity
+        self.options = Options(capacity, self.monitor_config, self.where, record, check, use_unreliable_probes,
+                               stop_steering_on_detection)
+        self.eos_token_ids = eos_ids(self.path, self.tokenizer)
+        self._muted = bank.muted(use_unreliable_probes).tolist()
+        self._live: dict[str, str] = {}  # vLLM's request id -> the request's id (events and results carry it)
+        self._ids = itertools.count()
+        self._names = itertools.count()
+        options = {"capacity": capacity, "monitor_config": asdict(self.monitor_config), "where": self.where.value,
+                   "record": record, "check": check, "use_unreliable_probes": use_unreliable_probes,
+                   "stop_steering_on_detection": stop_steering_on_detection, "threads": threads}
+        with tempfile.TemporaryDirectory(prefix="steerer-bank-") as tmp:  # msgpack carries no ProbeBank: a folder
+            reply = self._utility(INSTALL, str(bank.save(Path(tmp) / "bank")), options)
+        self._fingerprint = reply["fingerprint"]
+        self.remote = reply["remote"]  # the workers are processes of their own (the guard needs them local)
+        if check_bank:
+            try:
+                bank.check_model(self._fingerprint, self.hidden_size)
+            except Exception:
+                self.close()
+                raise
+
+    def _utility(self, method: str, *args: Any) -> Any:
+        """A call to the engine core's steerer method (`core_side.py`); its failure as one line, ValueError."""
+        try:
+            return self.engine.engine_core.call_utility(method, *args)
+        except Exception as exc:  # vLLM returns a failed utility call as Exception("Call to ... failed: <why>")
+            message = str(exc)
+            raise ValueError(message.partition("failed: ")[2] or message) from None
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def lens_weights(self, bank: ProbeBank) -> LensWeights | None:
+        raise NotImplementedError("the lens weights live in vLLM's engine-core process (core_side.py)")
+
+    def close(self) -> None:
+        if self._live:
+            self.engine.abort_request(list(self._live))
+            self._live.clear()
+        self._utility(UNINSTALL)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self._live)
+
+    def validate(self, request: Request) -> None:
+        """As `Driver.validate` (the engine core's driver joins what this front validated)."""
+        from steerer.constraints import validate_request
+        from steerer.guard import guarded_tasks
+        from steerer.policy import check_strengths
+
+        validate_request(request, self.bank.tasks)
+        check_strengths(request, self.bank)
+        if self.remote and (guarded := guarded_tasks(request)):
+            raise ValueError(f"this engine cannot guard ({', '.join(guarded)}): the guard vets tokens in the process "
+                             "that samples them, and vLLM's workers run in their own here (at tensor parallel 1 use "
+                             "vLLM's engine core in-process: serve --engine-core inproc; docs/GUARD.md)")
+
+    def admit(self, requests: Iterable[Request]) -> list[Result]:
+        requests = list(requests)
+        if len(requests) > self.free_slots:
+            raise RuntimeError(f"only {self.free_slots} free slots for {len(requests)} requests")
+        for request in requests:
+            self.validate(request)
+        for request in requests:
+            request_id = request.id or f"req-{next(self._names)}"
+            vllm_id = f"steerer-{next(self._ids)}"
+            params = vllm_sampling(request, {REQUEST_KEY: request_to_wire(request, request_id)})
+            self.engine.add_request(vllm_id, self._prompt(request), params)
+            self._live[vllm_id] = request_id
+        return []
+
+    def cancel(self, request_id: str) -> bool:
+        vllm_id = next((v for v, r in self._live.items() if r == request_id), None)
+        if vllm_id is None:
+            return False
+        del self._live[vllm_id]
+        self.engine.abort_request([vllm_id])  # the engine core's driver drops the row (`core_side._abort`)
+        return True
+
+    def step(self) -> tuple[list[TokenEvent], list[Result]]:
+        """The engine core's next step that sent outputs: the token events and results its driver attached."""
+        events: list[TokenEvent] = []
+        results: list[Result] = []
+        for output in self.engine.step():
+            if output.request_id not in self._live:
+                continue
+            payload = (output.kv_transfer_params or {}).get(PAYLOAD_KEY)
+            request_id = self._live[output.request_id]  # the core knows the row by vLLM's id
+            if payload is not None:
+                events.extend(replace(event_from_wire(e), request_id=request_id) for e in payload["events"])
+                if payload["result"] is not None:
+                    results.append(replace(result_from_wire(payload["result"]), request_id=request_id))
+                    del self._live[output.request_id]
+                    continue
+            if output.finished:
+                del self._live[output.request_id]
+                raise RuntimeError(f"steerer: vLLM's engine core ended request {request_id} without its result")
+        return events, results
+
+
+def uses_process_core(engine_core: str | None, llm: Any) -> bool:
+    """Whether the driver runs in vLLM's engine-core process: `llm`'s core is another process, or (no `llm`)
+    `engine_core` is "process". Default "inproc": the engine core and driver in this process."""
+    if llm is not None:
+        engine = llm.llm_engine
+        return not getattr(engine, "in_core", False) and type(engine.engine_core).__name__ != "InprocClient"
+    if engine_core not in (None, "inproc", "process"):
+        raise ValueError(f"engine_core must be 'inproc' or 'process', got {engine_core!r}")
+    return engine_core == "process"
+
+
+@contextlib.contextmanager
+def process_core() -> Iterator[None]:
+    """vLLM's multiprocess engine core for the engine built inside (the module's environment asks in-process)."""
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def engine_kwargs(bank: ProbeBank, model: str | None, layers: Iterable[int] | str | None, tensor_parallel_size: int,
+                  llm_kwargs: dict[str, Any] | None, **options: Any) -> dict[str, Any]:
+    """`vllm.LLM`'s arguments for a steerer engine: the checkpoint's `Steerer<Arch>`, the op at `layers` (default
+    the bank's; "all": every layer), steerer's logits processors, prefix caching, no async scheduling."""
+    from steerer.engine.vllm.guard import SteererGuard
+    from steerer.engine.vllm.rows import SteererRows
+
+    path = resolve_model_path(model)
+    overrides: dict[str, Any] = {"architectures": [checkpoint_architecture(path)]}  # its family's
+    if layers != "all":  # without the key every decoder layer calls the op
+        overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
+    kwargs = dict(model=path, gpu_memory_utilization=0.3, enable_prefix_caching=True, async_scheduling=False,
+                  hf_overrides=overrides, logits_processors=[SteererRows, SteererGuard], **options)
+    if tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
+        kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+        if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # one core list for several ranks fails
+    kwargs.update(llm_kwargs or {})
+    return kwargs
+
+
+def vllm_sampling(request: Request, extra_args: dict[str, Any]):
+    """vLLM's `SamplingParams` for a request: one token past the budget and `ignore_eos` (the driver's stop rule
+    ends rows), greedy as temperature 0, token ids only (DELTA outputs), steerer's `extra_args`."""
+    from vllm import SamplingParams as VLLMSampling
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling = request.sampling
+    greedy = sampling.temperature < MIN_TEMPERATURE
+    return VLLMSampling(max_tokens=sampling.max_new_tokens + 1, ignore_eos=True,
+                        temperature=0.0 if greedy else sampling.temperature,
+                        top_p=1.0 if greedy else sampling.top_p, seed=None if greedy else sampling.seed,
+                        output_kind=RequestOutputKind.DELTA, detokenize=False, extra_args=extra_args)
+
+
 def remote_workers(engine) -> bool:
     """Whether the workers run in other processes (tensor parallel through vLLM's multiprocess executor), so the
     driver reaches their `STATE` through `collective_rpc` (`ranks.py`). The engine core must be in this process:
@@ -422,6 +660,8 @@ def remote_workers(engine) -> bool:
     parallel = engine.vllm_config.parallel_config
     if parallel.pipeline_parallel_size != 1:
         raise RuntimeError("steerer's vLLM driver runs at pipeline parallel size 1 (tensor parallel is supported)")
+    if getattr(engine, "in_core", False):  # the driver inside vLLM's engine-core process (core_side.py)
+        return engine.workers_elsewhere
     if type(engine.engine_core).__name__ != "InprocClient":
         raise RuntimeError("steerer's vLLM driver needs vLLM's engine core in its process: set "
                            "VLLM_ENABLE_V1_MULTIPROCESSING=0 (for `vllm serve`, use the serve plugin)")

@@ -14,8 +14,9 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from steerer.engine.vllm.state import STATE, UNMANAGED
+from steerer.engine.vllm.wire import SLOT_KEY
 
-SLOT_KEY = "steerer_slot"
+__all__ = ["SLOT_KEY", "SteererRows", "slot_of"]
 
 
 def slot_of(params) -> int:
