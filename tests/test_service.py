@@ -395,7 +395,7 @@ BAD_INPUT = {  # case (as in docs/SERVICE.md) -> (RPC, request or bank name, or 
     "long-term": (GEN, build_request(PROMPT, constraints=[("keyword_inclusion", {"terms": ["x" * 65]})])),
     "params-too-large": (GEN, lambda: _terms(330_000, width=7)),
     "params-too-deep": (GEN, _nested(20)),
-    "too-many-constraints": (GEN, build_request(PROMPT, constraints=["lowercase"] * 10)),
+    "too-many-constraints": (GEN, build_request(PROMPT, constraints=["lowercase"] * 32)),  # > every task known
     "too-many-messages": (GEN, _messages(*[("user", "hi")] * 2049)),
     "undecodable-utf8": (RAW, _field(1, b"caf\xc3(")),
     "undecodable-nesting": (RAW, _raw_nested(60)),
