@@ -27,7 +27,7 @@ def slot_of(params) -> int:
 
 class SteererRows(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        pass
+        STATE.new_batch()  # a new engine's batch: no rows of an engine shut down earlier in this process
 
     def is_argmax_invariant(self) -> bool:
         return True  # it never changes logits (so greedy decoding skips `apply`)

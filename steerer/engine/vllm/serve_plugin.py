@@ -287,6 +287,7 @@ class SteererServe(LogitsProcessor):
         from steerer.engine.vllm.driver import check_version
 
         check_version()
+        STATE.new_batch()  # a new engine's batch: no rows of an engine shut down earlier in this process
         self.runner = _building_runner()
         parallel, model_config = vllm_config.parallel_config, vllm_config.model_config
         if parallel.pipeline_parallel_size != 1:  # tensor parallel: every rank holds the full residual (ranks.py)

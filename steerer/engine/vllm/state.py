@@ -175,6 +175,12 @@ class WorkerState:
         return b
 
     # -- batch membership (logits processor) -------------------------------------------------------------
+    def new_batch(self) -> None:
+        """A logits processor was built for a new persistent batch (a new engine in this process): its rows
+        start empty, whatever an engine shut down before it left in the maps."""
+        self.rows = SlotMap()
+        self.prompt_lengths = SlotMap()
+
     def update_rows(self, batch_size: int, removed: Iterable[int], added: Iterable[tuple[int, int, int]],
                     moved: Iterable[tuple[int, int, bool]]) -> None:
         """vLLM's BatchUpdate: `added` (row, slot, prompt length); applied in vLLM's order (removed, added,
