@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -136,7 +137,7 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 
 def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[HeldOutPrompt], tokens: int,
-               batch: int) -> tuple[dict, dict[str, list[tuple[Result, int]]]]:
+               batch: int, steering: bool = True) -> tuple[dict, dict[str, list[tuple[Result, int]]]]:
     """The task's figures on `prompts`, and each arm's (result, vetoes) in prompt order."""
     lm = steerer.lm
     guard = SteeringPolicy.parse("guard")
@@ -168,8 +169,9 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
     entry["perplexity_ratio"] = round(math.exp(statistics.fmean(deltas)), 4) if deltas else None
     entry["perplexity_ratio_ci"] = [round(x, 4) for x in ci] if ci else None
     entry["latency_ratio"] = round(entry["guard"]["seconds_per_token"] / entry["off"]["seconds_per_token"], 4)
+    entry["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1/5/15 min after the arms: a loaded machine's latency
     record = (bank.extra.get("steering") or {}).get(task)
-    if isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
+    if steering and isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
         alpha = min(float(record["alpha"]), strength_bounds(bank).get(task, float(record["alpha"])))
         policy = SteeringPolicy("conditional", round(alpha, 1), guard=True)
         results, vetoes, _, _ = run_arm(steerer, prompts, policy, tokens, batch, "steer")
@@ -208,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="keep the other tasks' entries of an existing --out (rerun some tasks only)")
     parser.add_argument("--responses", type=Path, default=None,
                         help="also write every response (task, prompt, arm, vetoes, verdict, text) as JSON lines")
+    parser.add_argument("--no-steering", action="store_true",
+                        help="skip the guard+conditional arm (vetoes steering saves): off and guard only")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -241,12 +245,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with Steerer(load_model(), bank) as steerer:
         for task in tasks:
             prompts = detectable_prompts(task, args.n)
-            entry, arms = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch)
+            entry, arms = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch,
+                                     not args.no_steering)
             record(task, {"terms": "the prompt's own", **entry} if task == "term_exclusion" else entry,
                    response_rows(task, task, prompts, arms))
             if task == "term_exclusion":
                 written = written_prompts(prompts, [r for r, _ in arms["off"]])
-                entry, arms = bench_task(steerer, bank, task, written, args.max_new_tokens, args.batch)
+                entry, arms = bench_task(steerer, bank, task, written, args.max_new_tokens, args.batch,
+                                         not args.no_steering)
                 record(WRITTEN, {"terms": f"the {WRITTEN_TERMS} most frequent content words of the off response "
                                           "to the prompt's own terms", **entry},
                        response_rows(WRITTEN, task, written, arms))

@@ -29,11 +29,19 @@ Every request of one task (all policies and strengths) runs in one shared batch 
 A cell counts as a gain at low cost only if its perplexity ratio is <= 1.10 *and* its repetition stays
 within 0.05 of the unsteered run (`loop_free`; the summary's `*_loop_free` entries and the bar); the
 ratio-only figures are kept beside them. `--recount` recomputes the summary of an existing JSON with these
-rules without generating (distinct_2 is None in records written before it was measured).
+rules without generating (distinct_2 is None in records written before it was measured). `--merge A.json,...`
+adds the steered cells of other runs (e.g. more `--alpha-scales` for some `--tasks`) to `--output` and
+recounts over all cells: each merged cell keeps its own run's unsteered rep-3 (`repetition_baseline`, which
+its loop-free test reads) and gain (paired against its own run's unsteered responses); `--table` prints
+every cell as a Markdown row with its intervals (the docs' steering table). `--mark-bank BANK` writes
+`steerable: false` and the measured reason into BANK's `extra["steering"][task]` for every task of `--output`
+whose gaining cells (perplexity ratio <= 1.10) all loop: the sweep's rule (`without_looping_steering`) on
+the benchmark's cells.
 
     .venv/bin/python benchmarks/steering_efficacy.py --bank BANK [--n-per-task 60] [--alpha-scales 1]
         [--threads 1]     # writes benchmarks/results/steering_efficacy.json and .png
     .venv/bin/python benchmarks/steering_efficacy.py --recount [--output JSON]   # summary only, no model
+    .venv/bin/python benchmarks/steering_efficacy.py --merge RUN.json[,...] [--output JSON] [--table]
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +61,15 @@ import torch
 from tqdm import tqdm
 
 from probes.heldout import HeldOutPrompt, held_out_prompts, load_bank
-from probes.steering import REP_MARGIN, distinct, loop_free, repetition
+from probes.reliability import end_readings
+from probes.steering import (
+    REP_MARGIN,
+    benchmark_doc,
+    distinct,
+    loop_free,
+    repetition,
+    without_looping_steering,
+)
 from probes.tasks import TASKS
 from probes.train import auroc, auroc_ci
 from steerer.ab.fluency import response_nll, scored_tokens
@@ -61,7 +77,9 @@ from steerer.bank import ProbeBank
 from steerer.constraints import Constraint
 from steerer.core import Request, Result, Steerer
 from steerer.generation import SamplingParams, StepView
+from steerer.lens import lens_for
 from steerer.model import chat_prompt, load_model
+from steerer.monitor import Monitor
 from steerer.policy import OFF, SteeringPolicy
 from steerer.stats import paired_gain_ci, wilson
 from steerer.stats import ratio_of_means_ci as ppl_ratio_ci
@@ -167,6 +185,7 @@ def cell(arm: Arm, layer: int, results: list[Result], base: list[Result], nll: l
         "perplexity_ratio_ci": _round(ppl_ratio_ci(deltas)),
         "perplexity_pairs": len(deltas),
         "repetition": mean_or_none([repetition(r.tokens) for r in results]),
+        "repetition_baseline": mean_or_none([repetition(r.tokens) for r in base]),
         "distinct_2": mean_or_none([distinct(r.tokens) for r in results]),
         "steered_token_share": round(statistics.fmean(steered), 4),
         "mean_tokens": statistics.fmean(len(r.tokens) for r in results),
@@ -278,6 +297,77 @@ def recount(path: Path) -> dict:
     return doc
 
 
+def _cell_key(c: dict) -> tuple:
+    return c["policy"], round(float(c["alpha"]), 3)
+
+
+def _same_unsteered(a: dict, b: dict) -> bool:
+    """Two runs' unsteered cells of one task agree (same compliance and rep-3: greedy, same prompts)."""
+    return (a["n"] == b["n"] and abs(a["compliance"] - b["compliance"]) < 1e-9
+            and a.get("repetition") is not None and b.get("repetition") is not None
+            and abs(a["repetition"] - b["repetition"]) < 1e-6)
+
+
+def merge_cells(into: dict[str, list[dict]], other: dict[str, list[dict]], run: int) -> dict[str, bool]:
+    """Add `other`'s steered cells to `into` in place (a cell of the same policy and alpha is replaced), each
+    tagged with `run` and its own run's unsteered rep-3; a task new to `into` comes whole. Where both runs'
+    unsteered cells agree, an unmeasured distinct-2 of `into`'s is filled from `other`'s. Returns per task
+    whether the unsteered cells agree."""
+    agree = {}
+    for task, cells in other.items():
+        base = cells[0]
+        steered = [c | {"run": run, "repetition_baseline": c.get("repetition_baseline", base.get("repetition"))}
+                   for c in cells[1:]]
+        if task not in into:
+            into[task] = [base | {"run": run}, *steered]
+            agree[task] = True
+            continue
+        mine = into[task]
+        agree[task] = _same_unsteered(mine[0], base)
+        if agree[task] and mine[0].get("distinct_2") is None:
+            mine[0] = mine[0] | {"distinct_2": base.get("distinct_2"), "distinct_2_from_run": run}
+        keys = {_cell_key(c) for c in steered}
+        kept = [c for c in mine[1:] if _cell_key(c) not in keys]
+        order = {p: i for i, p in enumerate(POLICIES)}
+        into[task] = [mine[0], *sorted(kept + steered, key=lambda c: (order.get(c["policy"], 9), c["alpha"]))]
+    return agree
+
+
+def merge(path: Path, sources: Sequence[Path]) -> dict:
+    """`path`'s result with the cells of `sources` merged in (`merge_cells`) and the summary recounted over
+    all cells; each source's command, bank and agreement of unsteered cells is recorded in config['merged']."""
+    doc = json.loads(path.read_text())
+    merged = doc["config"].setdefault("merged", [])
+    for source in sources:
+        other = json.loads(source.read_text())
+        run = len(merged) + 1
+        agree = merge_cells(doc["tasks"], other["tasks"], run)
+        merged.append({"run": run, "from": str(source), "command": other["config"].get("command"),
+                       "bank_version": other.get("bank_version"), "n_per_task": other.get("n_per_task"),
+                       "alpha_scales": other["config"].get("alpha_scales"), "tasks": sorted(other["tasks"]),
+                       "unsteered_cells_agree": agree})
+    doc["config"]["merge_rule"] = ("cells of `run` N come from config['merged'][N-1]; their gain is paired "
+                                   "against that run's own unsteered responses and their loop-free test reads its "
+                                   "unsteered rep-3 (`repetition_baseline`); cells without `run` are this file's")
+    path.write_text(json.dumps(doc, indent=1))
+    return recount(path)
+
+
+def mark_bank(folder: Path, doc: dict, source: str) -> list[str]:
+    """Mark steering off (`without_looping_steering`) in the bank at `folder` for the tasks of the result `doc`
+    whose gains all loop; the bank is rewritten only if a record changed. Returns the tasks changed."""
+    bank = ProbeBank.load(folder)
+    if doc.get("model") not in (None, bank.model):
+        raise ValueError(f"--mark-bank: the result is of model {doc['model']!r}, the bank of {bank.model!r}")
+    where = f"{source} (test-split prompts, n={doc.get('n_per_task')} per task)"
+    marked = without_looping_steering(bank, benchmark_doc(doc), source=where)
+    before, after = bank.extra.get("steering") or {}, marked.extra.get("steering") or {}
+    changed = sorted(t for t in after if after[t] != before.get(t))
+    if changed:
+        marked.save(folder)
+    return changed
+
+
 def calibration_summary(results_by_policy: dict[str, list[Result]]) -> dict:
     """Pooled over tasks: the end verdict against the checker, unsteered vs under each policy."""
     return {policy: verdict_calibration(results) for policy, results in results_by_policy.items()}
@@ -336,6 +426,162 @@ def arms_for(task: str, bank: ProbeBank, norms: dict[int, float], scales: Sequen
     return [Arm(p, f, f * norm) for p in policies for f in fractions]
 
 
+
+# -- the monitor under steering (`--monitor-deduction`) -------------------------------------------------------
+class DualReadingSteerer(Steerer):
+    """A Steerer whose end verdicts read with the monitor's steering deduction (the runtime default) and that
+    also keeps, per request, the end reading of a second monitor on the same residuals with the deduction off.
+    Under a constant policy the monitor does not change the text, so both readings are of the same response."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        monitor = self.monitor
+        self.raw = Monitor(monitor.bank, replace(monitor.config, deduct_steering=False), monitor.capacity,
+                           muted=monitor.muted, lens=monitor.lens)
+        register = monitor.register
+
+        def both(*a, **k) -> None:  # every row the controller registers, the raw monitor registers alike
+            register(*a, **k)
+            self.raw.register(*a, **k)
+
+        monitor.register = both
+        self.raw_end: dict[str, torch.Tensor] = {}  # request id -> the raw monitor's end readings [K]
+
+    def after_forward(self, view: StepView) -> None:
+        self.raw.observe(self._slots(view.rows), view.index, view.residuals, view.closing)
+        super().after_forward(view)
+
+    def _finish_all(self, generations):
+        for g in generations:  # the end reading as `build_verdicts` takes it: the EOS pass, else the last
+            end = torch.where(torch.isnan(self.raw.eos_p[g.row]), self.raw.last_p[g.row], self.raw.eos_p[g.row])
+            self.raw_end[self.driver.controller.request_id(g.row)] = end.cpu()
+        return super()._finish_all(generations)
+
+
+def auroc_diff_ci(y_a: np.ndarray, s_a: np.ndarray, y_b: np.ndarray, s_b: np.ndarray, resamples: int = 2000,
+                  seed: int = 0) -> list[float] | None:
+    """95% interval of AUROC(a) - AUROC(b) over the same prompts (paired bootstrap over prompt indices;
+    resamples where either arm lacks a label are skipped)."""
+    rng = np.random.default_rng(seed)
+    n, diffs = len(y_a), []
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        if len(set(y_a[i].tolist())) == 2 and len(set(y_b[i].tolist())) == 2:
+            diffs.append(auroc(y_a[i], s_a[i]) - auroc(y_b[i], s_b[i]))
+    return _round(np.percentile(diffs, [2.5, 97.5])) if len(diffs) >= resamples // 2 else None
+
+
+def _reading_metrics(y: np.ndarray, score: np.ndarray) -> dict:
+    both = len(set(y.tolist())) == 2
+    return {"auroc": round(auroc(y, score), 4) if both else None, "auroc_ci": _round(auroc_ci(y, score)) if both else None}
+
+
+def deduction_cell(task: str, bank: ProbeBank, arm: Arm, prompts: list[HeldOutPrompt], base: list[Result],
+                   steered: list[Result], raw: dict[str, torch.Tensor], clean_base: np.ndarray, clean: np.ndarray) -> dict:
+    """One task: the end verdict's AUROC unsteered and under constant steering, read with the deduction,
+    without it, and clean (the unsteered model teacher-forced on the steered text: what no correction can beat)."""
+    probe = bank.probes[bank.index(task)]
+    y0 = np.array([int(bool(r.verdicts[0].satisfied)) for r in base])
+    y1 = np.array([int(bool(r.verdicts[0].satisfied)) for r in steered])
+    off = np.array([r.verdicts[0].p_satisfied_end for r in base], dtype=float)
+    deducted = np.array([r.verdicts[0].p_satisfied_end for r in steered], dtype=float)
+    undeducted = np.array([float(raw[r.request_id][bank.index(task)]) for r in steered], dtype=float)
+    readings = {"off": (y0, off), "off_clean": (y0, clean_base), "constant_deducted": (y1, deducted),
+                "constant_raw": (y1, undeducted), "constant_clean": (y1, clean)}
+    both = len(set(y0.tolist())) == 2 and len(set(y1.tolist())) == 2
+    diff = {f"{a}_minus_{b}": auroc_diff_ci(*readings[a], *readings[b]) if both or b != "off" else None
+            for a, b in (("constant_deducted", "off"), ("constant_raw", "off"), ("constant_clean", "off"),
+                         ("constant_deducted", "constant_clean"), ("constant_raw", "constant_clean"))}
+    return {"task": task, "read_layer": probe.layer, "steering_layer": probe.steering_layer,
+            "deduction_reaches_probe": probe.steering_layer <= probe.layer, "alpha": round(arm.alpha, 4),
+            "scale": arm.scale, "fraction": round(arm.fraction, 4), "n": len(prompts),
+            "n_satisfied_off": int(y0.sum()), "n_satisfied_constant": int(y1.sum()),
+            **{name: _reading_metrics(y, s) for name, (y, s) in readings.items()},
+            "mean_abs_gap_deducted_vs_clean": round(float(np.mean(np.abs(deducted - clean))), 4),
+            "mean_abs_gap_raw_vs_clean": round(float(np.mean(np.abs(undeducted - clean))), 4),
+            "mean_abs_gap_off_live_vs_clean": round(float(np.mean(np.abs(off - clean_base))), 4),
+            "auroc_differences_ci": diff}
+
+
+def clean_readings(lm, bank: ProbeBank, task: str, prompts: list[HeldOutPrompt], results: list[Result], lens) -> np.ndarray:
+    """P(satisfied) at each response's end reading with no steering: the unsteered model teacher-forced on the
+    response's own tokens (`probes.reliability.end_readings`, the runtime's Scorer)."""
+    rows = [{"messages": p.messages, "token_ids": r.tokens, "finish_reason": r.finish_reason, "params": p.params}
+            for p, r in zip(prompts, results, strict=True)]
+    return end_readings(lm, bank, task, rows, lens)
+
+
+def monitor_under_steering(args, lm, bank: ProbeBank, tasks: list[str], prompts: dict[str, list[HeldOutPrompt]],
+                           budget: dict[str, int], scales: list[float], fractions: list[float], argv) -> None:
+    """`--monitor-deduction`: per task, unsteered and constant (the sweep's alpha, else the largest fraction)
+    runs; the JSON is rewritten after every task, so a long run leaves what it measured."""
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lens = lens_for(bank, lm.model)
+    base_arm = Arm("off", 0.0, 0.0)
+    doc: dict = {"model": lm.name, "bank_version": bank.version, "bank": str(args.bank) if args.bank else "default",
+                 "n_per_task": args.n_per_task, "tasks": {},
+                 "config": {"max_new_tokens": budget, "decoding": "greedy", "where": args.where, "seed": args.seed,
+                            "policy": "constant at the bank's swept alpha (scale 1), else the largest --fractions x "
+                                      "the steering layer's mean residual norm (from this run's unsteered responses)",
+                            "readings": {
+                                "off": "unsteered run's end verdict (live)",
+                                "off_clean": "unsteered responses teacher-forced (checks that the offline reading "
+                                             "reproduces the live one)",
+                                "constant_deducted": "constant run's end verdict, the monitor taking this pass's "
+                                                     "alpha x direction out of residuals at or above the steering "
+                                                     "layer (MonitorConfig.deduct_steering=True, the default)",
+                                "constant_raw": "the same responses read by a second monitor on the same residuals "
+                                                "with deduct_steering=False",
+                                "constant_clean": "the same responses teacher-forced through the unsteered model: "
+                                                  "the reading no correction of the residual can beat (a probe "
+                                                  "that reads below its steering layer reads the unsteered model's "
+                                                  "residual live, so its live readings are taken, not recomputed)"},
+                            "intervals": "95%: stratified bootstrap for each AUROC; differences: paired bootstrap over "
+                                         "prompts",
+                            "command": shlex.join([Path(sys.argv[0]).as_posix(),
+                                                   *(argv if argv is not None else sys.argv[1:])])}}
+    for task in tasks:
+        bar = tqdm(total=2 * len(prompts[task]), desc=task, unit="resp")
+        with NormTapSteerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True) as steerer:
+            base = run_requests(steerer, [make_request(p, base_arm, budget[task]) for p in prompts[task]], bar,
+                                args.max_batch)
+            norms = steerer.mean_norms()
+        arm = arms_for(task, bank, norms, scales[:1], [max(fractions)], ["constant"])[0]
+        with DualReadingSteerer(lm, bank, capacity=args.max_batch, use_unreliable_probes=True,
+                                where=Where(args.where)) as steerer:
+            steered = run_requests(steerer, [make_request(p, arm, budget[task]) for p in prompts[task]], bar,
+                                   args.max_batch)
+            raw = steerer.raw_end
+        bar.close()
+        probe = bank.probes[bank.index(task)]
+        if probe.steering_layer > probe.layer:  # the probe reads below the steering: its residual is the unsteered
+            clean_base = np.array([r.verdicts[0].p_satisfied_end for r in base], dtype=float)  # model's on the
+            clean = np.array([r.verdicts[0].p_satisfied_end for r in steered], dtype=float)  # same tokens already
+        else:
+            clean_base = clean_readings(lm, bank, task, prompts[task], base, lens)
+            clean = clean_readings(lm, bank, task, prompts[task], steered, lens)
+        doc["tasks"][task] = deduction_cell(task, bank, arm, prompts[task], base, steered, raw, clean_base, clean)
+        output.write_text(json.dumps(doc, indent=1))
+        print_deduction_table(doc["tasks"])
+    print(f"wrote {output}")
+
+
+def print_deduction_table(cells: dict[str, dict]) -> None:
+    def fmt(reading: dict) -> str:
+        ci = reading["auroc_ci"]
+        return "-" if reading["auroc"] is None else f"{reading['auroc']:.2f} [{ci[0]:.2f},{ci[1]:.2f}]"
+
+    names = ("off", "constant_deducted", "constant_raw", "constant_clean")
+    print(f"{'task':18s} {'L read/steer':>12s} {'n':>4s} " + " ".join(f"{n:>18s}" for n in names)
+          + f" {'deducted-clean':>16s}")
+    for task, c in cells.items():
+        d = c["auroc_differences_ci"]["constant_deducted_minus_constant_clean"]
+        gap = "-" if d is None else f"[{d[0]:+.2f},{d[1]:+.2f}]"
+        print(f"{task:18s} {c['read_layer']:>5d}/{c['steering_layer']:<6d} {c['n']:4d} "
+              + " ".join(f"{fmt(c[n]):>18s}" for n in names) + f" {gap:>16s}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", default=None, help="probe bank folder (default: the trained bank)")
@@ -357,14 +603,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=192)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--monitor-deduction", action="store_true",
+                        help="measure the end verdict under constant steering: unsteered, read with the monitor's "
+                             "steering deduction, without it, and clean (teacher-forced unsteered); writes "
+                             "benchmarks/results/monitor_under_steering.json unless --output says otherwise")
     parser.add_argument("--recount", action="store_true",
                         help="recompute the summary of --output with today's rules, without generating")
+    parser.add_argument("--merge", default=None, help="comma-separated results of other runs whose cells join "
+                                                      "--output's; the summary is recounted over all (no model)")
+    parser.add_argument("--table", action="store_true", help="print every cell of --output as Markdown rows")
+    parser.add_argument("--mark-bank", default=None, help="bank folder whose steering records get `steerable: "
+                                                          "false` for --output's tasks whose gains all loop")
     args = parser.parse_args(argv)
-    if args.recount:
-        if not Path(args.output).exists():
-            parser.error(f"--recount: no result at {args.output}")
-        summary = recount(Path(args.output))["summary"]
-        print(json.dumps(summary["bar"], indent=1))
+    if args.recount or args.merge or args.table or args.mark_bank:
+        sources = [Path(p) for p in (args.merge or "").split(",") if p.strip()]
+        for path in [Path(args.output), *sources]:
+            if not path.exists():
+                parser.error(f"no result at {path}")
+        if args.merge:
+            doc = merge(Path(args.output), sources)
+            output = Path(args.output)
+            plot(doc["tasks"], output.with_suffix(".png"), f"steering efficacy: {doc.get('model')}, "
+                 f"n={doc.get('n_per_task')}/task (test split), greedy; merged runs")
+        doc = recount(Path(args.output)) if args.recount or args.merge else json.loads(Path(args.output).read_text())
+        if args.table:
+            print(markdown_table(doc["tasks"]))
+        elif args.recount or args.merge:
+            print(json.dumps(doc["summary"]["bar"], indent=1))
+        if args.mark_bank:
+            try:
+                changed = mark_bank(Path(args.mark_bank), doc, Path(args.output).name)
+            except ValueError as exc:  # a BankError too
+                parser.error(str(exc))
+            print(f"{args.mark_bank}: steering marked off for {', '.join(changed) or 'no task (nothing changed)'}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -384,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = {t: held_out_prompts(t, args.n_per_task, args.seed) for t in tasks}
     budget = {t: args.length_max_new_tokens if get_task(t).token_budget > TOKEN_BUDGET else args.max_new_tokens
               for t in tasks}
+    if args.monitor_deduction:
+        if args.output == parser.get_default("output"):
+            args.output = str(RESULTS / "monitor_under_steering.json")
+        monitor_under_steering(args, lm, bank, tasks, prompts, budget, scales, fractions, argv)
+        return
     n_rows = sum(len(p) for p in prompts.values())
     n_arms = len(policies) * max(len(scales), len(fractions))
 
@@ -462,9 +738,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
+def _pair(c: dict, key: str, fmt: str) -> str:
+    value, ci = c.get(key), c.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return format(value, fmt) + ("" if ci is None else f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]")
+
+
+def markdown_table(tasks: dict[str, list[dict]]) -> str:
+    """Every cell as a Markdown row, every measure side by side with its 95% interval; `loop-free` marks the
+    cells the bar counts (perplexity ratio <= PPL_LIMIT, rep-3 within REP_MARGIN of the unsteered run)."""
+    head = ("| task | policy | x alpha | alpha | compliance | gain | perplexity ratio | rep-3 (unsteered) | "
+            "distinct-2 | verdict AUROC | loop-free |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for task, cells in tasks.items():
+        base_rep = cells[0].get("repetition")
+        for c in cells:
+            off = c["policy"] == "off"
+            free = (not off and c["perplexity_ratio"] is not None and c["perplexity_ratio"] <= PPL_LIMIT
+                    and loop_free(c, base_rep, REP_MARGIN))
+            own = c.get("repetition_baseline", base_rep)
+            rep3 = "-" if c.get("repetition") is None else f"{c['repetition']:.2f}" + (
+                "" if off or own is None else f" ({own:.2f})")
+            d2 = "-" if c.get("distinct_2") is None else f"{c['distinct_2']:.2f}"
+            v = c.get("verdict") or {}
+            au = "-" if v.get("auroc") is None else f"{v['auroc']:.2f}" + (
+                "" if v.get("auroc_ci") is None else f" [{v['auroc_ci'][0]:.2f}, {v['auroc_ci'][1]:.2f}]")
+            scale = "-" if off or c.get("scale") is None else f"{c['scale']:g}"
+            rows.append(f"| {task} | {c['policy']} | {scale} | {c['alpha']:.1f} | {_pair(c, 'compliance', '.2f')} | "
+                        f"{'-' if off else _pair(c, 'gain', '+.2f')} | "
+                        f"{'-' if off else _pair(c, 'perplexity_ratio', '.2f')} | {rep3} | {d2} | {au} | "
+                        f"{'' if off else ('yes' if free else 'no')} |")
+    return "\n".join(rows)
+
+
 def print_table(tasks: dict[str, list[dict]]) -> None:
     print(f"{'task':18s} {'policy':12s} {'alpha':>8s} {'comply [95%]':>18s} {'base':>5s} {'gain [95%]':>20s} "
-          f"{'ppl x [95%]':>20s} {'acc':>5s} {'auroc':>5s}")
+          f"{'ppl x [95%]':>20s} {'rep3':>5s} {'dist2':>5s} {'acc':>5s} {'auroc':>5s}")
     for task, cells in tasks.items():
         for c in cells:
             ci = c["compliance_ci"]
@@ -474,9 +784,10 @@ def print_table(tasks: dict[str, list[dict]]) -> None:
             v = c["verdict"]
             au = "-" if v.get("auroc") is None else f"{v['auroc']:.2f}"
             acc = "-" if v.get("accuracy") is None else f"{v['accuracy']:.2f}"
+            rep3, d2 = (("-" if c.get(k) is None else f"{c[k]:.2f}") for k in ("repetition", "distinct_2"))
             print(f"{task:18s} {c['policy']:12s} {c['alpha']:8.2f} {c['compliance']:5.2f} [{ci[0]:.2f},{ci[1]:.2f}] "
                   f"{c['compliance_baseline']:5.2f} {c['gain']:+5.2f} [{g[0]:+.2f},{g[1]:+.2f}] {ppl:>20s} "
-                  f"{acc:>5s} {au:>5s}")
+                  f"{rep3:>5s} {d2:>5s} {acc:>5s} {au:>5s}")
 
 
 if __name__ == "__main__":

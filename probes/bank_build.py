@@ -322,6 +322,7 @@ def stage_given_corpus(lm, config: BuildConfig, state: dict) -> dict:
 
 
 def stage_features(lm, config: BuildConfig, state: dict) -> dict:
+    from probes import ifeval
     from probes.corpus import load_corpus
     from probes.features import featurise
     from probes.plan import FeatureLayout
@@ -329,8 +330,11 @@ def stage_features(lm, config: BuildConfig, state: dict) -> dict:
     layout = state["plan"]["layout"]
     chosen = FeatureLayout(lm.num_layers, lm.hidden_size, tuple(layout["token_layers"]),
                            None if layout["position_layers"] is None else tuple(layout["position_layers"]))
-    rows = {t: load_corpus(_paths(config.out)["corpus"], t) for t in state["trainable"]}
-    featurise(lm, rows, _paths(config.out)["features"], layout=chosen)
+    corpus = _paths(config.out)["corpus"]
+    rows = {t: load_corpus(corpus, t) for t in state["trainable"]}
+    if (corpus / ifeval.FILE).exists():  # a given corpus's IFEval responses: training measures its ifeval column
+        rows[ifeval.TASK] = ifeval.load(corpus)  # all of them: `pipeline.load_ifeval` reads them in file order
+    featurise(lm, {t: r for t, r in rows.items() if r}, _paths(config.out)["features"], layout=chosen)
     size = sum(p.stat().st_size for p in _paths(config.out)["features"].rglob("*.safetensors"))
     return {"bytes": size}
 

@@ -34,6 +34,7 @@ class TaskData:
     offsets: torch.Tensor  # [N+1]
     lexical: np.ndarray | None = None  # [N, L, 2] logit-lens inputs at the end reading (probes.evaluation)
     lens: tuple | None = None  # (LensWeights, tokenizer, param) that computed them
+    summaries: dict | None = None  # per-row summaries of the readings at token layers (`probes.summaries.attach`)
 
     @property
     def labels(self) -> np.ndarray:

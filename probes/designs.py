@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from probes.dataset import position_indices
 from probes.evaluation import BASE, CS, Design, cross_validated, fit_design, split_of
+from probes.summaries import lens_summary, pooled
 from probes.train import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, auroc, auroc_ci, best_threshold
 from steerer import lens as lenses
 
@@ -165,30 +166,6 @@ def _unpack(stored, param: str | None) -> tuple:
 
 
 # -- candidate inputs --------------------------------------------------------------------------------------------
-def pooled(logits: np.ndarray) -> np.ndarray:
-    """[..., 2] max and mean over the ids (last axis) of per-id lens logits (`steerer.lens.pool`)."""
-    if logits.shape[-1] == 0:
-        return np.zeros((*logits.shape[:-1], 2), dtype=np.float32)
-    return np.stack([logits.max(-1), logits.mean(-1)], axis=-1)
-
-
-def lens_summary(logits: np.ndarray, words: list[list[int]], kind: str) -> np.ndarray:
-    """[2] one row's lens input of `kind` from its per-id logits [R, M] over readings -1 .. last."""
-    if kind == "runmax":  # pool each reading, keep the maximum: what a monitor keeps with two numbers per row
-        return pooled(logits).max(0)
-    if kind == "idmax":  # each id's maximum over the readings, pooled at the end
-        return pooled(logits.max(0))
-    if kind == "runmean":
-        return pooled(logits).mean(0)
-    if kind == "eos_lens":  # the shipped lens probe's input: the last reading
-        return pooled(logits[-1])
-    if kind == "wordmin":  # every word is required: the closest id of the least-approached word
-        best = logits.max(0)
-        per_word = [best[w].max() for w in words if w] or [0.0]
-        return np.array([best.max() if best.size else 0.0, min(per_word)], dtype=np.float32)
-    raise ValueError(f"unknown lens summary {kind!r}")
-
-
 def lens_matrix(store: Store, layer: int, kind: str) -> np.ndarray:
     j = store.at(layer)
     return np.stack([lens_summary(x[:, j], w, kind) for x, w in zip(store.lens, store.words, strict=True)])
@@ -229,9 +206,9 @@ NEXT = {
                          "reaches 0.5): rarer words in 112-token cut answers. Next: serve `wordmin` (per-word id groups in "
                          "the lens table, the lowest word's running maximum; it leads on training CV) and choose on the "
                          "multi-word rows of the IFEval-range corpus.",
-    "sentiment": "The mean over generated tokens is not servable yet. Next: a running mean of the residual part of "
-                 "the logit (w . mean(x) = mean(w . x): one number per row, as the forecast's running mean), then the "
-                 "served-equals-offline check and a bank entry.",
+    "sentiment": "The mean over generated tokens at one layer is servable (`pool: mean` conditioning: the monitor's "
+                 "running mean of the residual term) and a `probes train` candidate; the average over several layers "
+                 "is not.",
     "topic": "Nothing tried reaches 0.75 on held-out phrasing (best by training CV: EOS + mean residual at layer 12, "
              "about +0.03 over the shipped probe, interval spanning 0), trained on every other training row (CPU time). "
              "The topic words' own lens reads worse than the residual: the checker ranks the whole text's embedding "
@@ -518,11 +495,6 @@ def keyword_probe_bank(bank, how: str, layer: int, lens_coefs, bias: float, resi
 
 
 LENS_MAX = {"runmax": "pooled", "idmax": "ids"}
-
-
-def running_summaries(logits: np.ndarray, kind: str) -> np.ndarray:
-    """[R, 2] the lens input of `kind` after each reading (the monitor's per-token view of `lens_summary`)."""
-    return np.stack([lens_summary(logits[: i + 1], [], kind) for i in range(len(logits))])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from probes.corpus import load_corpus
 from probes.dataset import POSITIONS, TaskData
 from probes.features import load_features
 from probes.reliability import range_of
+from probes.summaries import end_inputs, running_inputs
 from probes.train import auroc, auroc_ci, best_threshold
 from steerer import conditioning, lens, reliability
 from steerer.lens import LensWeights
@@ -75,6 +76,12 @@ class Design:
         return conditioning.lens_param(self.conditioning)
 
     @property
+    def summarised(self) -> bool:
+        """Reads a summary of the response's readings (`probes.summaries`: a running mean or maximum), not only
+        its end reading."""
+        return conditioning.pool(self.conditioning) is not None or conditioning.lens_max(self.conditioning) is not None
+
+    @property
     def lexical(self) -> bool:
         """Reads the logit lens of the request's words (`steerer.lens`)."""
         return self.lens_param is not None
@@ -92,6 +99,15 @@ DESIGNS: dict[str, tuple[Design, ...]] = {
 for _task, _param in (("term_exclusion", "terms"), ("keyword_inclusion", "terms"), ("topic", "topic")):
     # the lens alone is two inputs (a 576-d residual overfits a few hundred rows); both are candidates
     DESIGNS[_task] = (BASE, Design("single+lens", {"lens": _param}), Design("lens", {"lens": _param}, residual=False))
+# Summaries of the readings the monitor keeps per row (#22): how close the model came to saying a required word (the
+# running maximum of its lens), and the mean residual over the generated tokens (the text's gist) for semantic tasks.
+_MAX, _MAX_IDS = {"lens": "terms", "lens_max": "pooled"}, {"lens": "terms", "lens_max": "ids"}
+DESIGNS["keyword_inclusion"] += (Design("lens_max", _MAX, residual=False), Design("single+lens_max", _MAX),
+                                 Design("lens_max_ids", _MAX_IDS, residual=False), Design("single+lens_max_ids", _MAX_IDS))
+DESIGNS["topic"] += (Design("mean", {"pool": "mean"}), Design("lens_max", {"lens": "topic", "lens_max": "pooled"},
+                                                               residual=False))
+DESIGNS["sentiment"] += (Design("mean", {"pool": "mean"}), Design("per_polarity+mean", {"variant": "polarity",
+                                                                                        "pool": "mean"}))
 
 
 def lens_param(task: str) -> str | None:
@@ -173,10 +189,19 @@ def cross_validated(x, y, params, groups, design: Design, c: float, layer: int) 
 
 
 def eos_matrix(data: TaskData, layer: int, mask: np.ndarray, design: Design = BASE) -> np.ndarray:
-    x = data.positions[mask, POSITIONS.index("eos"), layer].numpy()
+    """The design's inputs at the end of each masked row: the end reading, or the summaries it declares."""
+    residual, lens_max = end_inputs(data, layer, mask, design.conditioning) if design.summarised else (None, None)
+    x = data.positions[mask, POSITIONS.index("eos"), layer].numpy() if residual is None else residual
     if design.lexical:
-        x = np.concatenate([x, data.lexical[mask, layer]], axis=1)
+        x = np.concatenate([x, data.lexical[mask, layer] if lens_max is None else lens_max], axis=1)
     return x
+
+
+def available(data: TaskData, design: Design, layer: int) -> bool:
+    """Whether `data` carries the design's inputs at `layer` (lens inputs, summaries at token layers)."""
+    if design.lexical and data.lexical is None:
+        return False
+    return not design.summarised or (data.summaries is not None and layer in data.summaries["token_layers"])
 
 
 def attach_lexical(data: TaskData, weights: LensWeights, tokenizer, param: str) -> TaskData:
@@ -211,7 +236,7 @@ def choose(data: TaskData, layers: list[int], designs: tuple[Design, ...] = (BAS
     scores, best = [], None
     with threadpool_limits(1):
         for layer in layers:
-            for design in designs:
+            for design in (d for d in designs if available(data, d, layer)):
                 x = eos_matrix(data, layer, train, design)
                 for c in cs:
                     score, oof = cross_validated(x, y, params, groups, design, c, layer)
@@ -266,7 +291,10 @@ def token_readings(probe: FittedProbe, data: TaskData, mask: np.ndarray, token_l
         start, end = int(data.offsets[i]), int(data.offsets[i + 1])
         x = np.concatenate([data.positions[i, POSITIONS.index("last_prompt"), probe.layer].numpy()[None],
                             data.tokens[start:end, t].float().numpy()])
-        if probe.design.lexical:
+        if probe.design.summarised:  # the running mean or maximum the monitor keeps
+            residual, lex = running_inputs(data, i, t, probe.design.conditioning)
+            x = residual if lex is None else np.concatenate([residual, lex], axis=1)
+        elif probe.design.lexical:
             x = np.concatenate([x, lexical_at(data, x, data.rows[i]["params"])], axis=1)
         out.append((probe.proba(x, [data.rows[i]["params"]] * len(x)).tolist(), list(range(-1, end - start))))
     return out
@@ -351,6 +379,7 @@ def bank_entry(task: str, probe: FittedProbe, data: TaskData, hidden_size: int, 
                "design": probe.design.name, "heldout_phrasing_auroc": measured["heldout_phrasing"]["auroc"],
                "heldout_phrasing_auroc_ci": measured["heldout_phrasing"]["auroc_ci"],
                "n_heldout_phrasing": measured["heldout_phrasing"]["n"],
+               **({"design_cv": measured["design_cv"]} if measured.get("design_cv") else {}),
                "train_violations_flagged": round(flag_rate(bad, flag_threshold, config), 4),
                "test_false_flag_rate": round(flag_rate(test_ok, flag_threshold, config), 4),
                "test_violations_flagged": round(flag_rate(test_bad, flag_threshold, config), 4)}

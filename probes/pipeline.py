@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from probes import evaluation, ifeval
+from probes import evaluation, ifeval, summaries
 from probes.dataset import TaskData
 from probes.features import load_features
 from probes.reliability import range_of
@@ -29,10 +29,13 @@ def load_ifeval(corpus: Path, features: Path) -> TaskData | None:
 
 
 def rows_of(data: TaskData, mask: np.ndarray) -> TaskData:
-    """Some rows' EOS-position data (no per-token readings): enough to measure a probe on them."""
+    """Some rows' data with their per-token readings (a design may read a summary of them): enough to measure a
+    probe on them."""
     rows = [r for r, keep in zip(data.rows, mask, strict=True) if keep]
-    return TaskData(rows, data.positions[torch.from_numpy(np.asarray(mask))], data.tokens[:0],
-                    torch.zeros(len(rows) + 1, dtype=torch.long))
+    spans = [data.tokens[int(data.offsets[i]):int(data.offsets[i + 1])] for i in np.flatnonzero(mask)]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(s) for s in spans], dtype=np.int64)]), dtype=torch.long)
+    return TaskData(rows, data.positions[torch.from_numpy(np.asarray(mask))],
+                    torch.cat(spans) if spans else data.tokens[:0], offsets)
 
 
 def baseline_design(design: evaluation.Design) -> evaluation.Design | None:
@@ -61,8 +64,12 @@ def choose_and_measure(task: str, data: TaskData, external: TaskData | None, lay
     measurements on every split, the single-probe design's, and the params-only baseline's."""
     designs = tuple(d for d in evaluation.designs_for(task) if not d.lexical or data.lexical is not None)
     chosen, scores = evaluation.choose(data, layers, designs)
+    design_cv = {}  # why the design won: each design's best training CV AUROC (the card keeps them)
+    for s in scores:
+        design_cv[s["design"]] = max(design_cv.get(s["design"], -1.0), np.nan_to_num(s["cv_auroc"], nan=-1.0))
     single, _ = evaluation.choose(data, layers, (evaluation.BASE,))
-    result = {"probe": chosen, "cv_scores": scores, "measured": measure_all(chosen, data, external),
+    result = {"probe": chosen, "cv_scores": scores, "measured": measure_all(chosen, data, external) | {
+                  "design_cv": {name: round(float(v), 4) for name, v in design_cv.items()}},
               "single": {"layer": single.layer, "cv_auroc": round(single.cv_auroc, 4),
                          "measured": measure_all(single, data, external)}}
     baseline = baseline_design(chosen.design)
@@ -89,6 +96,11 @@ def train_corpus(corpus: Path, features: Path, tasks: list[str], token_layers: l
             for data in (datas[task], mine):
                 if data is not None:
                     evaluation.attach_lexical(data, *lens_of, param)
+        declared = [d.conditioning for d in evaluation.designs_for(task)
+                    if d.summarised and (not d.lexical or datas[task].lens is not None)]
+        for data in (datas[task], mine):  # running means and maxima, as the monitor keeps them
+            if data is not None and declared:
+                summaries.attach(data, token_layers, declared)
         results[task] = choose_and_measure(task, datas[task], mine, token_layers)
     return datas, results
 

@@ -301,7 +301,6 @@ def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, de
     task_rows = max(corpus.rows.values()) if corpus else per_task
     passes = mean_passes(tasks)
     layout = feature_layout(shape.num_layers, shape.hidden_size, rows, passes)
-    feature_bytes = rows * layout.row_bytes(passes)
     generated_rows = 0 if corpus else math.ceil(rows * YIELD)
     generated_tokens = generated_rows * (passes - 1)
     seq = PROMPT_TOKENS + passes
@@ -309,10 +308,12 @@ def make_plan(model: str, shape: ModelShape, tasks: list[str], per_task: int, de
     n_ifeval = ifeval_rows(tasks)
     ifeval_generated = 0 if corpus and corpus.ifeval else n_ifeval
     ifeval_tokens = (n_ifeval + ifeval_generated) * seq  # generated (unless given), then teacher-forced
-    stage_tokens = {"corpus": generated_rows * seq, "features": rows * seq, "probes": 0, "warnings": 0,
+    given_ifeval = n_ifeval - ifeval_generated  # given IFEval responses are featurised with the corpus
+    feature_bytes = (rows + given_ifeval) * layout.row_bytes(passes)
+    stage_tokens = {"corpus": generated_rows * seq, "features": (rows + given_ifeval) * seq, "probes": 0, "warnings": 0,
                     "steering": steer_tokens, "reliability": ifeval_tokens}
     forward_tokens = sum(stage_tokens.values())
-    forward_passes = (math.ceil(generated_rows / batch_size) * passes + rows
+    forward_passes = (math.ceil(generated_rows / batch_size) * passes + rows + given_ifeval
                       + math.ceil(len(tasks) * STEER_CELLS * steer_prompts / batch_size) * passes
                       + math.ceil(ifeval_generated / batch_size) * passes + n_ifeval)
     on_cpu = device.startswith("cpu")

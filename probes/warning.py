@@ -212,7 +212,8 @@ def bank_traces(bank: ProbeBank, task: str, data: TaskData, rows: np.ndarray, to
             fractions = progress_fractions(task, row["params"], ids, tokenizer)
             progress[:, k] = torch.from_numpy(fractions[np.minimum(np.arange(stop), len(fractions) - 1)])
         residuals = {p.layer: x for p in bank.probes}  # only column k is read
-        if conditioning.forecasts(probe.conditioning) or conditioning.lens_max(probe.conditioning):  # running: in order
+        if conditioning.forecasts(probe.conditioning) or conditioning.lens_max(probe.conditioning) \
+                or conditioning.pool(probe.conditioning):  # running: in order
             p = torch.cat([scorer.score(torch.zeros(1, dtype=torch.long), {layer: x[t:t + 1] for layer in residuals},
                                         None, progress[t:t + 1], index[t:t + 1])[:, k] for t in range(stop)]) \
                 if stop else torch.zeros(0)
@@ -232,7 +233,7 @@ def choose_warning(task: str, data: TaskData, bank: ProbeBank, token_layers: lis
     """Candidates scored on training out-of-fold readings; returns the choice and every candidate's score."""
     train = split_rows(data, "train")
     probe = bank.probes[bank.index(task)]
-    base = {key: value for key, value in (probe.conditioning or {}).items() if key not in ("rows", "steer_signs")}
+    base = {key: value for key, value in (probe.conditioning or {}).items() if key not in ("rows", "steer_signs", "pool")}
     if get_task(task).progress is not None:
         base["progress"] = True
     design = Design("warning", base)

@@ -16,6 +16,9 @@ probe for "positive" sentiment must not be the one for "negative". A bank probe 
   per-token inputs with coefficients per row in ``progress_weights``: what detection knows, for forecasts;
 - ``lens_max``: "pooled" or "ids": the lens inputs are each row's running maximum over its readings so far (how
   close the model came to saying a required word), of the pooled pair or of each id before pooling (`lens_max`);
+- ``pool``: "mean": the residual term reads each row's running mean of its residuals at the probe's layer over the
+  generated tokens so far (the text's gist, not its last token; `pool`): w . mean(x) = mean(w . x), so the monitor
+  keeps one sum and one count per row and probe; the prompt's last reading (before any generated token) reads as is;
 - ``steer_signs``: variant key -> +1 or -1, the sign of the request's steering strength for that variant
   (an "at most" limit is pushed towards shorter text, an "at least" one towards longer, along one direction).
 
@@ -39,8 +42,9 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
 }
 MAX_INPUTS = 4
 PROGRESS_FEATURES = ("fraction", "fraction_squared", "log_tokens")  # per token: f, f^2, log(2 + token index)
-KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs", "forecast", "lens_max"}
+KEYS = {"variant", "rows", "inputs", "lens", "progress", "steer_signs", "forecast", "lens_max", "pool"}
 LENS_MAX = ("pooled", "ids")  # a running maximum of the lens inputs: of the pooled pair, or of each id before pooling
+POOLS = ("mean",)  # the residual term over the generated tokens so far: their running mean
 
 
 class ConditioningError(ValueError):
@@ -62,6 +66,8 @@ def check(conditioning: dict | None, n_variant_rows: int) -> None:
                                                      or conditioning.get("forecast")):
         raise ConditioningError(f"conditioning lens_max must be one of {'/'.join(LENS_MAX)}, with lens and without "
                                 f"forecast, got {conditioning['lens_max']!r:.40}")
+    if conditioning.get("pool") is not None and conditioning["pool"] not in POOLS:
+        raise ConditioningError(f"conditioning pool must be one of {'/'.join(POOLS)}, got {conditioning['pool']!r:.40}")
     if not isinstance(conditioning.get("progress", False), bool):
         raise ConditioningError(f"conditioning progress must be true or false, got {conditioning['progress']!r:.40}")
     signs = conditioning.get("steer_signs", {})
@@ -120,6 +126,12 @@ def lens_max(conditioning: dict | None) -> str | None:
     token on: how close the model came to saying a required word): "pooled" (max of each reading's max/mean
     pair), "ids" (each id's maximum, then max/mean over the ids), or None (the reading of this pass)."""
     return (conditioning or {}).get("lens_max")
+
+
+def pool(conditioning: dict | None) -> str | None:
+    """How a probe's residual term reads the response so far: "mean" (the running mean of its residuals over the
+    generated tokens; the prompt's last reading as is) or None (the reading of this pass)."""
+    return (conditioning or {}).get("pool")
 
 
 def progress_features(fraction, index):

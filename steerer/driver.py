@@ -78,6 +78,8 @@ class _Row:
     ending: str | None = None
     guarded: tuple[str, ...] = ()  # tasks whose policy guards them (`steerer.guard`)
     vetoes: Counter[str] = field(default_factory=Counter)  # task -> candidates vetoed for the next token
+    end_vetoed_at: int | None = None  # `recorded` when the guard first vetoed EOS (`guard.END_EXTRA` counts from it)
+    loops: dict[int, tuple[int, frozenset[int]]] = field(default_factory=dict)  # n -> (tokens seen, `repeating`)
 
 
 def eos_token_ids(*sources: Any) -> tuple[int, ...]:
@@ -267,10 +269,26 @@ class Driver:
         live = self._live_guards(slot)
         if not live:
             return []
-        stop = self._rows[slot].stop
-        end = token in stop.eos and not stop.ignore_eos
+        row = self._rows[slot]
+        end = token in row.stop.eos and not row.stop.ignore_eos
         detok, length = self.controller.row_text(slot)
-        return guards.vetoes(live, guards.peek(detok, None if end else token), length, end)
+        if vetoed := guards.vetoes(live, guards.peek(detok, None if end else token), length, end):
+            return vetoed
+        if end:  # the end veto (`end_ok`), for at most `guard.END_EXTRA` tokens past the first
+            text = detok.tokenizer.decode(detok.tokens, skip_special_tokens=detok.skip_special_tokens)
+            if not (tasks := guards.end_vetoes(live, text)):
+                return []
+            row.end_vetoed_at = row.recorded if row.end_vetoed_at is None else row.end_vetoed_at
+            return tasks if row.recorded - row.end_vetoed_at < guards.END_EXTRA else []
+        out = []
+        for task, n in guards.loop_sizes(live).items():  # the loop veto (`loop_ngram`)
+            seen, repeating = row.loops.get(n, (-1, frozenset()))
+            if seen != len(detok.tokens):
+                repeating = guards.repeating(detok.tokens, n)
+                row.loops[n] = (len(detok.tokens), repeating)
+            if token in repeating:
+                out.append(task)
+        return out
 
     def repair(self, slot: int, token: int, vetoed: list[str]) -> int | None:
         """The token a vetoing detector proposes instead of `token` (`guard.repair_tokens`: " The" -> " the"

@@ -28,6 +28,14 @@ Rules, all here as small pure functions:
   An at-most limit's veto still ends the response first; a sampled row takes the repair too (a
   substitution, not a draw). Otherwise the row draws again as above.
 
+- End veto: a detector may also say whether the text could end NOW (an optional `end_ok(text) -> bool`,
+  `steerer.tasks.base.EndCheckingDetector`; lowercase: IFEval's whole check, a cased letter and langdetect's
+  "en"). While it says no, EOS is vetoed like any token and the row draws again, for at most `END_EXTRA`
+  tokens after the first vetoed EOS; at `max_new_tokens` the response ends anyway (the checker then says so).
+- Loop veto: a detector whose end-only part a loop breaks (lowercase: langdetect calls a repeated phrase
+  Afrikaans or Welsh) may name an n-gram size (`loop_ngram`); a token that would repeat an n-gram of that
+  many tokens already in the response is vetoed too (as `no_repeat_ngram_size`, only in guarded rows).
+
 A task whose violation the text already decided (the detector fired before the guard could act, e.g. a
 prompt-forced first token) has no live detector and is no longer guarded.
 """
@@ -36,17 +44,18 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from steerer.detokenize import IncrementalDetokenizer
 from steerer.tasks.base import Detector
 from steerer.tasks.common import UpperBoundDetector
 
-__all__ = ["MAX_VETOES", "ends_at_limit", "guarded_tasks", "peek", "repair_tokens", "repairs", "single_token",
-           "vetoes"]
+__all__ = ["END_EXTRA", "MAX_VETOES", "end_vetoes", "ends_at_limit", "guarded_tasks", "loop_sizes", "peek",
+           "repair_tokens", "repairs", "repeating", "single_token", "vetoes"]
 
 MAX_VETOES = 64  # candidates vetoed for one token before the response ends instead
+END_EXTRA = 32  # tokens past the first vetoed EOS during which an end veto (`end_ok`) may still hold
 WORD_END = " "  # fed after a candidate's delta: judge a word the candidate may have completed
 
 
@@ -118,3 +127,27 @@ def repair_tokens(detectors: Mapping[str, Detector], vetoed: Iterable[str], delt
     repair text that is one token. The caller still checks each against every guarded detector (`vetoes`)."""
     tokens = (single_token(tokenizer, text) for text in repairs(detectors, vetoed, delta))
     return list(dict.fromkeys(t for t in tokens if t is not None))
+
+
+def end_vetoes(detectors: Mapping[str, Detector], text: str) -> list[str]:
+    """The guarded tasks whose detector says the response may not end on `text` (its optional `end_ok`)."""
+    out = []
+    for task, detector in detectors.items():
+        end_ok = getattr(detector, "end_ok", None)
+        if callable(end_ok) and not end_ok(text):
+            out.append(task)
+    return out
+
+
+def repeating(tokens: Sequence[int], n: int) -> frozenset[int]:
+    """The tokens that, after `tokens`, would complete an n-gram of `n` tokens that `tokens` already holds."""
+    if n < 1 or len(tokens) < n:
+        return frozenset()
+    head = list(tokens[len(tokens) - n + 1:]) if n > 1 else []
+    return frozenset(tokens[i + n - 1] for i in range(len(tokens) - n + 1) if list(tokens[i:i + n - 1]) == head)
+
+
+def loop_sizes(detectors: Mapping[str, Detector]) -> dict[str, int]:
+    """task -> the n-gram size its detector asks the guard not to repeat (`loop_ngram`), for those that ask."""
+    sizes = {task: getattr(detector, "loop_ngram", None) for task, detector in detectors.items()}
+    return {task: n for task, n in sizes.items() if isinstance(n, int) and n > 0}

@@ -33,6 +33,9 @@ class MonitorConfig:
     hysteresis: float = 0.05  # raise above threshold + h, clear below threshold - h
     warmup_tokens: int = 2  # no flags before this many generated tokens (the state is still the prompt's)
     hold_tokens: int = 8  # a raised flag (and the steering gate) stays up at least this many tokens
+    # take this pass's steering (alpha x direction, added at or below a probe's layer) back out of the residual
+    # before reading it: exact on the direct path; False reads the steered residual as is (for measuring it)
+    deduct_steering: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.smoothing < 1:
@@ -82,6 +85,12 @@ class Scorer:
         self.peak_probes = {k: how for k in self.lens_probes if (how := conditioning.lens_max(bank.probes[k].conditioning))}
         if self.peak_probes:
             self.lens_peak = torch.full((capacity, k, MAX_LENS_TOKENS), -torch.inf, device=device)
+        # running means of the residual term (`conditioning.pool`): per row its sum over generated readings, and their count
+        pools = [k for k, p in enumerate(bank.probes) if conditioning.pool(p.conditioning) == "mean"]
+        self.pool_probes = torch.tensor(pools, dtype=torch.long, device=device) if pools else None
+        if pools:
+            self.pool_sum = torch.zeros(capacity, len(pools), device=device)
+            self.pool_count = torch.zeros(capacity, 1, device=device)
         self.progress_probes = [k for k, reads in enumerate(bank.progress_params) if reads]
         if self.progress_probes:
             self.row_progress = bank.progress_weights.to(device)  # [K + V, 3]
@@ -99,6 +108,8 @@ class Scorer:
             self.lens_sum[row], self.lens_count[row] = 0.0, 0.0
         if self.peak_probes:
             self.lens_peak[row] = -torch.inf
+        if self.pool_probes is not None:
+            self.pool_sum[row], self.pool_count[row] = 0.0, 0.0
 
     def score(self, rows: torch.Tensor, residuals: dict[int, torch.Tensor], applied: torch.Tensor | None = None,
               progress: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +122,10 @@ class Scorer:
             steered = (applied != 0).any(dim=1)  # an unsteered row reads its residual as is (even past a NaN)
             stacked = torch.where(steered[None, :, None], stacked - added, stacked)
         index_rows = self.row_index[rows]
-        logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index_rows]) + self.row_offset[rows]
+        logits = torch.einsum("kbd,bkd->bk", stacked, self.row_weights[index_rows])
+        if self.pool_probes is not None:
+            logits = self._pooled(rows, logits, index)
+        logits = logits + self.row_offset[rows]
         for k in self.lens_probes:  # a row without words for this probe has an all-false mask: zero inputs
             how = self.peak_probes.get(k)
             if how == "ids":  # each id's running maximum, pooled
@@ -133,6 +147,19 @@ class Scorer:
                 features = conditioning.progress_features(progress[:, k], index)  # [B, 3]
                 logits[:, k] = logits[:, k] + (self.row_progress[index_rows[:, k]] * features).sum(-1)
         return torch.sigmoid(logits)
+
+    def _pooled(self, rows: torch.Tensor, logits: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """[B, K] residual terms with the pooled probes' replaced by their running mean over the generated readings
+        (w . mean(x) = mean(w . x)); the prompt's last reading (index -1) reads as is and does not count (without
+        `index` every reading counts). Rows are distinct within a pass: one read and one write each."""
+        part = logits[:, self.pool_probes]  # [B, P]
+        generated = (torch.ones_like(rows, dtype=torch.bool) if index is None else index.to(rows.device) >= 0)[:, None]
+        total = self.pool_sum[rows] + torch.where(generated, part, torch.zeros_like(part))
+        count = self.pool_count[rows] + generated.float()
+        self.pool_sum[rows], self.pool_count[rows] = total, count
+        logits = logits.clone()
+        logits[:, self.pool_probes] = torch.where(count > 0, total / count.clamp(min=1.0), part)
+        return logits
 
 
 @dataclass
@@ -231,6 +258,7 @@ class Monitor:
         [B, K] (bool), for the caller to bring to the host in its one transfer and pass to `flag_events`.
         """
         progress = self.progress[rows] if self.reads_progress else None
+        applied = applied if self.config.deduct_steering else None
         p = self.end.score(rows, residuals, applied, progress, index)  # [B, K]
         alert = p if self.alert is self.end else self.alert.score(rows, residuals, applied, progress, index)
         beta = self.config.smoothing

@@ -207,6 +207,27 @@ def test_a_build_from_an_existing_corpus_generates_nothing_and_serves(tiny, tiny
     assert verdict.task == "char_count" and verdict.satisfied == (len(result.text) < 20) and result.tokens
 
 
+def test_a_given_corpus_with_ifeval_responses_featurises_them_for_training(tiny, tiny_corpus, tmp_path):
+    """A corpus that already holds IFEval's responses (the shipped one does): the features stage teacher-forces
+    them beside the corpus, so the probes stage can measure the ifeval column (it stopped on missing features)."""
+    import shutil
+
+    from probes import ifeval
+
+    folder, lm = tiny
+    source = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, source)
+    ifeval.generate(lm, source, batch_size=64, tasks=["word_count"])
+    answered = ifeval.load(source)
+    config = bank_build.BuildConfig(str(folder), tmp_path / "bank", ("char_count",), device="cpu", batch_size=8,
+                                    corpus=source.resolve())
+    planned = bank_build.plan_for(config, flops=1e9)
+    state = bank_build.run_build(config, planned.to_json(), log=lambda m: None, stop_after="probes")
+    assert state["stages"]["probes"]["done"]
+    stored = load_features(config.out / "features", ifeval.TASK, answered)
+    assert len(stored.rows) == len(answered) > 0
+
+
 def test_a_corpus_of_another_model_or_without_a_task_is_refused_in_one_line(tiny_corpus, tmp_path):
     """The corpus stage checks the fingerprint once the model is loaded (nothing is copied); the plan checks the
     folder is a corpus holding every requested task."""

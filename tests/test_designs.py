@@ -10,11 +10,10 @@ from probes.designs import (
     LENS_MAX,
     extract,
     keyword_probe_bank,
-    lens_summary,
     paired_delta,
-    running_summaries,
     word_ids,
 )
+from probes.summaries import lens_summary, running_summaries
 from steerer.constraints import Constraint
 from steerer.core import Request, Steerer
 from steerer.generation import SamplingParams

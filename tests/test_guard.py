@@ -76,6 +76,20 @@ def test_lowercase_repairs_a_vetoed_capital_and_the_repair_must_pass_every_guard
     assert guard.vetoes(both, " the", 6, False) == ["term_exclusion"]  # so the driver draws again instead
 
 
+def test_end_and_loop_vetoes_are_a_detectors_to_ask_for():
+    """lowercase asks for both: EOS vetoed while IFEval's whole check would fail (no cased letter, not English),
+    and a token that repeats a 3-token n-gram vetoed; a detector that asks for neither gets neither."""
+    lower = _detectors(LOWER)
+    assert guard.end_vetoes(lower, "1. 2. 3.") == ["lowercase"]  # no cased letter: str.islower() is False
+    assert guard.end_vetoes(lower, "a calm sea under a clear sky, with the wind in the sails.") == []
+    assert guard.end_vetoes(_detectors(EXCLUDE), "1. 2. 3.") == []
+    assert guard.loop_sizes(lower) == {"lowercase": 3} and guard.loop_sizes(_detectors(EXCLUDE)) == {}
+    assert guard.repeating([5, 6, 7, 8, 9, 5, 6, 7], 4) == {8}  # 5 6 7 8 again
+    assert guard.repeating([5, 6, 7, 8, 9, 5, 6, 7], 3) == {8}
+    assert guard.repeating([1, 2, 1, 3, 1], 2) == {2, 3}
+    assert guard.repeating([5, 6, 7], 4) == frozenset() and guard.repeating([5, 6, 7, 8], 4) == frozenset()
+
+
 def _repairs_taken(lm, prompt: str, tokens: list[int], events: list[TokenEvent]) -> int:
     """At each token the guard changed under lowercase: where the unguarded model's first choice has a one-token
     lower-cased form, that form was taken (repair before redraw); returns how many such repairs were seen."""
@@ -143,6 +157,9 @@ def test_the_bar_no_term_no_capital_at_most_12_words(guarded_runs):
     for rid, task in (("terms", "term_exclusion"), ("lower", "lowercase"), ("words", "word_count"),
                       ("both", "term_exclusion"), ("both", "lowercase")):
         assert any(e.redrawn.get(task) for e in events[rid]), (rid, task)
+    for rid in ("lower", "both"):  # lowercase's loop veto: no 3-token n-gram written twice
+        tokens = results[rid].tokens
+        assert not any(t in guard.repeating(tokens[:i], 3) for i, t in enumerate(tokens)), results[rid].text
     for rid in ("terms", "lower", "words", "both"):
         assert all(v.satisfied is not False or v.task == "lowercase" for v in results[rid].verdicts)
         assert all(v.detected_at is None for v in results[rid].verdicts), rid

@@ -57,6 +57,9 @@ def test_bank_is_conditioned_data_with_a_manifest_and_refuses_other_models(tiny,
         # bank layers are stored at every token, so flag thresholds are calibrated on per-token readings
         assert probe["layer"] in (3, 20) and 0 < probe["threshold"] < 1 and 0 < probe["flag_threshold"] < 1
         assert {"test_auroc", "test_auroc_ci", "heldout_phrasing_auroc", "design"} <= set(probe["metrics"])
+        assert probe["metrics"]["design"] in probe["metrics"]["design_cv"]  # why it won: every design's training CV
+    sentiment = next(p for p in manifest["probes"] if p["task"] == "sentiment")
+    assert {"mean", "per_polarity+mean", "single"} <= set(sentiment["metrics"]["design_cv"])  # pooled: candidates
     bank = ProbeBank.load(bank_dir)
     assert bank.version == manifest["version"] and bank.version.startswith(lm.fingerprint[:8])
     bank.check_model(lm.fingerprint, lm.hidden_size)

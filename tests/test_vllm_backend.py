@@ -547,3 +547,40 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--preemption"]:  # the preempti
     preemption_child(sys.argv[2])
 if __name__ == "__main__" and sys.argv[1:2] == ["--tensor-parallel"]:  # the tensor-parallel test's subprocesses
     tensor_parallel_child(int(sys.argv[2]), sys.argv[3])
+
+
+def test_a_pooled_probe_reads_the_running_mean_of_its_twin_on_vllm(steerer):
+    """`pool: mean` on vLLM's driver (#22): a pooled probe's logit at each reading is the running mean of an
+    unpooled twin's (same weights, layer) over the generated readings; the prompt's last reading as is."""
+    import math
+    from dataclasses import replace
+
+    from steerer.engine.vllm.driver import VLLMSteerer
+    from steerer.engine.vllm.state import STATE
+    from steerer.monitor import MonitorConfig
+    from steerer.request import TokenEvent
+    from steerer.service.testing import placeholder_bank
+
+    layers = steerer.bank.layers  # the engine's op layers: a bank on this engine must read and steer there
+    bank = placeholder_bank(steerer.fingerprint(), steerer.hidden_size, "vllm-pool")
+    bank.probes = [replace(p, layer=layers[i % len(layers)]) for i, p in enumerate(bank.probes)]
+    weight = torch.randn(steerer.hidden_size, generator=torch.Generator().manual_seed(0)) / steerer.hidden_size ** 0.5
+    for task, declared in (("sentiment", {"inputs": [], "pool": "mean"}), ("lowercase", None)):
+        k = bank.index(task)
+        bank.weights[k], bank.biases[k] = weight * 0.5, 0.0
+        bank.probes[k] = replace(bank.probes[k], layer=layers[0], conditioning=declared)
+    request = Request(PROMPTS[0], (Constraint("sentiment", {"polarity": "positive"}), Constraint("lowercase", {})),
+                      sampling=SamplingParams(max_new_tokens=12), id="pool")
+    steerer.close()  # one driver holds the plugin state at a time
+    try:
+        with VLLMSteerer(bank, llm=steerer.llm, threads=1,
+                         monitor_config=MonitorConfig(smoothing=0.0, warmup_tokens=0)) as other:
+            events = [e for e in other.generate([request]) if isinstance(e, TokenEvent)]
+    finally:
+        STATE.install(steerer.capacity, steerer.controller.tap_layers, steerer.controller.steering)
+    logit = lambda risk: math.log((1 - risk) / risk)  # noqa: E731
+    plain = [logit(e.risks["lowercase"]) for e in events]
+    pooled = [logit(e.risks["sentiment"]) for e in events]
+    expected = [plain[0]] + [sum(plain[1:j + 1]) / j for j in range(1, len(plain))]
+    assert len(events) > 4 and pooled == pytest.approx(expected, abs=2e-3)
+    assert max(abs(a - b) for a, b in zip(pooled, plain, strict=True)) > 0.01  # the mean is not the reading

@@ -20,6 +20,7 @@ except ImportError:
     pytest.skip("vLLM is not installed here (scripts/setup-vllm)", allow_module_level=True)
 
 from steerer import Constraint, ProbeBank, Request, SamplingParams, SteeringPolicy  # noqa: E402
+from steerer.guard import repeating  # noqa: E402
 from steerer.request import Result, TokenEvent  # noqa: E402
 from steerer.service.testing import split_stream  # noqa: E402
 from steerer.tasks.common import count_words  # noqa: E402
@@ -84,6 +85,9 @@ def test_the_bar_on_vllm_no_term_no_capital_at_most_12_words(runs):
         assert results[rid].text.strip() and not any(c.isupper() for c in results[rid].text), results[rid].text
     assert count_words(results["words"].text) <= 12, results["words"].text
     assert results["words"].finish_reason == "eos"  # ended at the limit, not by the token budget
+    for rid in ("lower", "both"):  # lowercase's loop veto: no 3-token n-gram written twice
+        tokens = results[rid].tokens
+        assert not any(t in repeating(tokens[:i], 3) for i, t in enumerate(tokens)), results[rid].text
     for rid in CASES:
         assert all(v.detected_at is None for v in results[rid].verdicts), rid  # no prefix broke a constraint
         assert "".join(e.text for e in events[rid]) == results[rid].text  # the stream carries no vetoed token
@@ -110,3 +114,31 @@ def test_a_row_without_guard_in_the_batch_keeps_its_tokens(steerer, runs):
     (alone,) = steerer.run([_greedy("alone", PLAIN, (), SteeringPolicy())])
     assert TERM_RE.search(alone.text)  # the guarded rows beside it had terms to veto
     assert results["plain"].tokens == alone.tokens
+
+
+def test_a_rule_the_bank_has_no_probe_for_runs_on_its_detector(steerer):
+    """Detector-only on vLLM (the `no_competitor` YAML rule, no probe in the shipped bank): detections and the
+    checker's verdict unguarded, the guard keeps it, and steering it is refused in one line."""
+    from pathlib import Path
+
+    from steerer.tasks import load_task_file, registry
+
+    load_task_file(Path(__file__).resolve().parents[1] / "examples" / "tasks" / "no_competitor.yaml")
+    try:
+        rule = Constraint("no_competitor", {"competitors": ["ocean", "water"]})
+        events, results = _run(steerer, [_greedy("open", PLAIN, (rule, AT_MOST_12), SteeringPolicy()),
+                                         _greedy("kept", PLAIN, (rule,), GUARD)])
+        (open_, words), (kept,) = results["open"].verdicts, results["kept"].verdicts
+        assert TERM_RE.search(results["open"].text) and open_.satisfied is False and open_.detected_at is not None
+        assert ("no_competitor", open_.detected_at) in [(d.task, d.token_index) for e in events["open"]
+                                                        for d in e.detections]
+        assert open_.p_satisfied_end is None and open_.probe_note == "no probe in the bank: detector only"
+        assert words.p_satisfied_end is not None  # the probed constraint beside it still reads
+        assert all("no_competitor" not in e.risks for e in events["open"])
+        text = results["kept"].text
+        assert text.strip() and not re.search(r"\b(ocean|water)\b", text, re.IGNORECASE), text
+        assert kept.satisfied is True and any(e.redrawn.get("no_competitor") for e in events["kept"])
+        with pytest.raises(ValueError, match="^no probe for no_competitor: only `off` or `guard`$"):
+            steerer.run([_greedy("steered", PLAIN, (rule,), SteeringPolicy("conditional", 4.0))])
+    finally:
+        registry.unregister("no_competitor")

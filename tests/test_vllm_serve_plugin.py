@@ -43,6 +43,7 @@ TASKS = ("lowercase", "json_format")
 STEER = {"steerer_constraints": list(TASKS), "steerer_policy": "constant:24"}
 MONITOR = {"steerer_constraints": list(TASKS)}
 MAX_TOKENS = 16
+RULE_FILE = ROOT / "examples" / "tasks" / "no_competitor.yaml"  # a rule the shipped bank has no probe for
 # 32-token KV blocks (the salt check counts cached blocks) and only 8 of them (7 usable: 224 tokens), so four
 # concurrent requests cannot all hold their KV and vLLM preempts some (the concurrency check).
 ENGINE = {"max_num_seqs": 4, "max_model_len": 192, "block_size": 32, "num_gpu_blocks_override": 8}
@@ -212,7 +213,7 @@ class Server(VLLMServe):
             "--seed", "0", "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
             "--block-size", str(ENGINE["block_size"]), "--gpu-memory-utilization", "0.3",
             "--num-gpu-blocks-override", str(ENGINE["num_gpu_blocks_override"])],
-            {"STEERER_RESULTS_LOG": str(self.results)})
+            {"STEERER_RESULTS_LOG": str(self.results), "STEERER_TASK_FILES": str(RULE_FILE)})
 
     def chat(self, prompt: str, xargs: dict | None = None, **extra):
         from openai import OpenAI
@@ -378,3 +379,32 @@ def test_plain_vllm_serve_guards_a_request(server, reference):
     assert text.strip() and not written.search(text), text
     after = server.wait_metric("steerer_guard_vetoes_total", before + 1, task="term_exclusion")
     assert _sum(after, "steerer_guard_vetoes_total", task="term_exclusion") > before
+
+
+def test_plain_vllm_serve_serves_a_rule_without_a_probe_on_its_detector(server):
+    """Detector-only through plain `vllm serve` (the server registers `no_competitor` from STEERER_TASK_FILES):
+    unguarded it is detected and checked, guarded the names stay out, steering it is a 400 in one line."""
+    from openai import BadRequestError
+
+    rule = "no_competitor:" + json.dumps({"competitors": ["ocean", "water"]})
+    written = re.compile(r"\b(ocean|water)\b", re.IGNORECASE)
+    replies = {name: server.chat(PROMPT, {"steerer_constraints": rule, **extra})
+               for name, extra in (("open", {}), ("kept", {"steerer_policy": "guard"}))}
+    assert written.search(replies["open"].choices[0].message.content)
+    text = replies["kept"].choices[0].message.content
+    assert text.strip() and not written.search(text), text
+    ids = {reply.id.split("-")[1]: name for name, reply in replies.items()}
+    deadline = time.monotonic() + 120  # results are published off the engine's thread
+    while not ids.keys() <= {json.loads(line)["request_id"].split("-")[1] for line in
+                             (server.results.read_text().splitlines() if server.results.exists() else [])}:
+        assert time.monotonic() < deadline, "the results log lacks the detector-only requests"
+        time.sleep(0.2)
+    logged = {ids[r["request_id"].split("-")[1]]: r["verdicts"] for r in map(json.loads, server.results.read_text(
+        ).splitlines()) if r["request_id"].split("-")[1] in ids}
+    for name, satisfied in (("open", False), ("kept", True)):
+        (verdict,) = logged[name]
+        assert verdict["task"] == "no_competitor" and verdict["satisfied"] is satisfied, name
+        assert verdict["p_satisfied_end"] is None and verdict["probe_note"] == "no probe in the bank: detector only"
+        assert (verdict["detected_at"] is None) is satisfied, name
+    with pytest.raises(BadRequestError, match="no probe for no_competitor: only `off` or `guard`"):
+        server.chat(PROMPT, {"steerer_constraints": rule, "steerer_policy": "conditional:4"})

@@ -43,6 +43,7 @@ from probes.steering.choice import (
     REP_MARGIN,
     RULE,
     SOURCE,
+    benchmark_doc,
     choice_record,
     choose,
     choose_gate,
@@ -72,7 +73,7 @@ from probes.steering.plot import plot, save_doc
 from probes.steering.sweep import DEFAULT_FRACTIONS, DEFAULT_LAYERS, SweepConfig, budget_for, run, sweep_task
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_LAYERS", "MAX_TOKENS", "PPL_LIMIT", "REP_MARGIN", "RULE", "SIGNS", "SOURCE",
-           "Arm", "DirectionFit", "distinct", "loop_free", "loop_only", "unsteered_repetition", "without_looping_steering",
+           "Arm", "DirectionFit", "benchmark_doc", "distinct", "loop_free", "loop_only", "unsteered_repetition", "without_looping_steering",
            "LastPromptAndGenerated", "SweepConfig", "budget_for", "calibrate_gates", "choice_record", "choose",
            "choose_gate", "fit_directions", "gain_of", "gate_supported", "generate_arms", "group_difference",
            "mean_norm", "plot", "repetition", "row_means", "run", "save_doc", "score_cells", "steer_signs_supported",

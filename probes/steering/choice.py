@@ -30,9 +30,12 @@ def unsteered_repetition(cells: Sequence[dict]) -> float | None:
 
 def loop_free(cell: dict, base_repetition: float | None, rep_margin: float = REP_MARGIN) -> bool:
     """Does steering keep the response's repetition within `rep_margin` of the unsteered run? False where
-    either was not measured (a record without repetition cannot show its gain is not a loop)."""
+    either was not measured (a record without repetition cannot show its gain is not a loop). A cell that
+    carries its own run's unsteered rep-3 (`repetition_baseline`: cells merged from another run) is judged
+    against that one."""
     rep = cell.get("repetition")
-    return rep is not None and base_repetition is not None and rep <= base_repetition + rep_margin + 1e-9
+    base = cell.get("repetition_baseline", base_repetition)
+    return rep is not None and base is not None and rep <= base + rep_margin + 1e-9
 
 
 def choose(cells: Sequence[dict], ppl_limit: float = PPL_LIMIT, rep_margin: float | None = REP_MARGIN) -> dict | None:
@@ -80,29 +83,36 @@ def steered_bank(bank: ProbeBank, choices: dict[str, dict], directions: dict[str
     return replace(bank, probes=probes, directions=dirs, extra=extra)
 
 
-def loop_only(cells: Sequence[dict]) -> str | None:
+def loop_only(cells: Sequence[dict], source: str = "the sweep") -> str | None:
     """Why a task's steering should stay off: some cell gains at perplexity ratio <= PPL_LIMIT, but every such
     cell loops (rep-3 above the unsteered run's + REP_MARGIN). None otherwise (or where repetition was not
-    measured)."""
+    measured). `source` names the cells' origin in the reason."""
     base = unsteered_repetition(cells)
     gaining = [c for c in cells if c.get("alpha") and c.get("perplexity_ratio") is not None
                and c["perplexity_ratio"] <= PPL_LIMIT and gain_of(c) > 0]
     if base is None or not gaining or choose(cells) is not None:
         return None
     reps = [c["repetition"] for c in gaining if c.get("repetition") is not None]
-    return (f"off: every gaining cell of the sweep loops (rep-3 {min(reps):.2f}-{max(reps):.2f} vs {base:.2f} "
+    return (f"off: every gaining cell of {source} loops (rep-3 {min(reps):.2f}-{max(reps):.2f} vs {base:.2f} "
             f"unsteered; rule: {RULE})")
 
 
-def without_looping_steering(bank: ProbeBank, doc: dict) -> ProbeBank:
+def without_looping_steering(bank: ProbeBank, doc: dict, source: str = "the sweep") -> ProbeBank:
     """`bank` with `extra["steering"][task]` marked `steerable: false` (and why) for every task of the sweep
-    document `doc` whose only gains are loops (`loop_only`); the manifest stays loadable."""
+    document `doc` whose only gains are loops (`loop_only`); the manifest stays loadable. `benchmark_doc`
+    shapes a `steering_efficacy.json` result as such a document."""
     steering = dict(bank.extra.get("steering") or {})
     for task, record in doc.get("tasks", {}).items():
-        reason = loop_only(record.get("cells", []))
+        reason = loop_only(record.get("cells", []), source)
         if reason is not None:
             steering[task] = {**(steering.get(task) or {}), "steerable": False, "steerable_reason": reason}
     return replace(bank, extra=bank.extra | {"steering": steering})
+
+
+def benchmark_doc(result: dict) -> dict:
+    """A `benchmarks/steering_efficacy.py` result (task -> cells, the unsteered cell first, alpha 0) in the
+    sweep document's shape (task -> {"cells": ...}), for `without_looping_steering`."""
+    return {"tasks": {task: {"cells": cells} for task, cells in result.get("tasks", {}).items()}}
 
 
 def brief_cell(cell: dict | None) -> dict | None:

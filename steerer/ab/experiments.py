@@ -47,7 +47,9 @@ class Arm:
             "name": self.name,
             "weight": self.weight,
             "control": self.control,
-            "policies": {t: {"kind": p.kind, "alpha": p.alpha} for t, p in sorted(self.policies.items())},
+            # "guard" only where set, so the version of an experiment without a guard is unchanged
+            "policies": {t: {"kind": p.kind, "alpha": p.alpha} | ({"guard": True} if p.guard else {})
+                         for t, p in sorted(self.policies.items())},
         }
 
 

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS verdicts (
     outcome_id INTEGER NOT NULL REFERENCES outcomes(id),
     task TEXT NOT NULL,
     params TEXT NOT NULL,
-    policy TEXT NOT NULL,                  -- the policy the request ran with for this task (after its arm)
+    policy TEXT NOT NULL,                  -- the policy the request ran with for this task (after its arm);
+                                           -- its kind, 'guard+KIND' when it guards
     alpha REAL NOT NULL,
     satisfied INTEGER,                     -- the checker's verdict; NULL: not checkable
     predicted_violation INTEGER NOT NULL,

@@ -47,7 +47,8 @@ def to_markdown(report: Report) -> str:
     ]
     for a in r.arms:
         policies = (
-            ", ".join(f"{t}: {p['kind']} {p['alpha']:g}" for t, p in a.policies.items()) or "request's own"
+            ", ".join(f"{t}: {'guard+' if p.get('guard') else ''}{p['kind']} {p['alpha']:g}"
+                      for t, p in a.policies.items()) or "request's own"
         )
         out.append(
             f"| {a.name} | {'yes' if a.control else ''} | {a.share:.3f} | {policies} | {a.responses} | {a.keys} |"

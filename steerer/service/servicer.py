@@ -33,6 +33,7 @@ from steerer.bank import MANIFEST, BankError, ProbeBank, muted_notice
 from steerer.core import Request, Result, TokenEvent
 from steerer.metrics import Metrics
 from steerer.model import chat_prompt
+from steerer.policy import SteeringPolicy
 from steerer.service import convert
 from steerer.service.proto import pb2, pb2_grpc
 from steerer.service.scheduler import Failure, Reason, Scheduler, SchedulerError, Ticket
@@ -78,6 +79,11 @@ def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     remaining = context.time_remaining()
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
         else grpc.StatusCode.CANCELLED
+
+
+def policy_name(policy: SteeringPolicy) -> str:
+    """The outcome log's policy column: the steering kind, "guard+" before it when the policy guards."""
+    return f"guard+{policy.kind}" if policy.guard else policy.kind
 
 
 @contextlib.contextmanager
@@ -303,7 +309,14 @@ class SteererServicer(pb2_grpc.SteererServicer):
         if not arms:
             return arms, request
         policies = {t: p for a in arms for t, p in a.policies.items() if t in tasks}
-        return arms, dataclasses.replace(request, policies={**request.policies, **policies})
+        request = dataclasses.replace(request, policies={**request.policies, **policies})
+        try:  # an arm's policy must suit the bank too (no steering a task the bank has no probe for)
+            self.scheduler.validate(request)
+        except ValueError as exc:
+            where = ", ".join(f"experiment {a.experiment!r} arm {a.arm!r}" for a in arms
+                              if any(t in tasks for t in a.policies))
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}") from None
+        return arms, request
 
     def close(self) -> None:
         self.unread.close()
@@ -396,7 +409,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
                 model=self.lm.name, bank_version=result.bank_version, prompt=request.prompt, system=request.system,
                 response=result.text, token_ids=list(result.tokens), finish_reason=result.finish_reason,
                 prompt_tokens=result.prompt_tokens, latency_s=latency, ttft_s=ttft,
-                verdicts=[VerdictRecord(v.task, v.params, request.policy_for(v.task).kind,
+                verdicts=[VerdictRecord(v.task, v.params, policy_name(request.policy_for(v.task)),
                                         float(request.policy_for(v.task).alpha), v.satisfied, v.predicted_violation,
                                         v.p_satisfied_end if v.p_satisfied_end is None
                                         or math.isfinite(v.p_satisfied_end) else None,

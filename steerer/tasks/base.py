@@ -60,6 +60,14 @@ class RepairingDetector(Detector, Protocol):
     def repair(self, delta: str) -> str | None: ...
 
 
+class EndCheckingDetector(Detector, Protocol):
+    """A detector that also judges what only the end decides, for the guard (`steerer.guard`): `end_ok(text)`
+    says whether the response may end on `text` (EOS is vetoed while it says no, a bounded number of tokens);
+    `loop_ngram` (optional, an int) asks the guard to veto a token repeating an n-gram of that many tokens."""
+
+    def end_ok(self, text: str) -> bool: ...
+
+
 DetectorFactory = Callable[[Mapping[str, Any]], "Detector | None"]
 
 

@@ -29,6 +29,7 @@ from steerer.tasks import common
 from steerer.tasks.base import Task
 
 LANGDETECT_SEED = 0
+LOOP_NGRAM = 3  # tokens; see `CapitalDetector.loop_ngram`
 _FACTORY: DetectorFactory | None = None
 _FACTORY_LOCK = threading.Lock()
 
@@ -71,6 +72,10 @@ class CapitalDetector:
     """Decided at the first uppercase or titlecase letter (then ``str.islower()`` is False whatever follows):
     O(delta) per token. No letter at all, or text that is not English, is only known at the end."""
 
+    # The guard's loop veto (`steerer.guard`): a repeated phrase is what makes langdetect call a lowercase text
+    # Afrikaans or Welsh, so under guard no token may repeat an n-gram of this many tokens.
+    loop_ngram = LOOP_NGRAM
+
     def __init__(self) -> None:
         self.length = 0
 
@@ -80,6 +85,11 @@ class CapitalDetector:
                 return self.length + i + 1
         self.length += len(delta)
         return None
+
+    def end_ok(self, text: str) -> bool:
+        """The guard's end veto: the response may end on `text` only if IFEval's whole check passes (a text with
+        no cased letter, or one langdetect does not call English, fails what no prefix decides)."""
+        return text.islower() and detect_language(text) in ("en", None)
 
     def repair(self, delta: str) -> str | None:
         """The guard's fix for a vetoed token: the same text lower-cased (" The" -> " the")."""
