@@ -372,6 +372,7 @@ def stage_probes(lm, config: BuildConfig, state: dict) -> dict:
 
 
 def stage_warnings(lm, config: BuildConfig, state: dict) -> dict:
+    from probes import forecast, ifeval
     from probes.warning import train_warnings, write_report
     from steerer.bank import ProbeBank, content_version
 
@@ -383,10 +384,25 @@ def stage_warnings(lm, config: BuildConfig, state: dict) -> dict:
                                     *_lens(lm))
     warned.extra = warned.extra | {"warning": {"command": _command(),
                                                "chosen": {t: r["chosen"]["kind"] for t, r in report.items()}}}
+    forecast_report = None
+    if forecast.TASK in bank.tasks:  # term_exclusion's early warning is the forecast (`steerer probes forecast`)
+        splits = ("test", "heldout_phrasing") + (("ifeval",) if (p["corpus"] / ifeval.FILE).exists() else ())
+        warned, forecast_report = forecast.train_forecast(lm, p["corpus"], warned, forecast_layers(token_layers,
+                                                          lm.num_layers), progress=False, splits=splits)
+        warned.extra["warning"]["forecast_command"] = _command()
     warned.version = content_version(warned)
     warned.save(p["build"] / "bank-warnings")
     write_report(p["reports"] / "warning", report, warned.version, _command())
-    return {}
+    if forecast_report is not None:
+        (p["reports"] / "warning" / "forecast.json").write_text(json.dumps(
+            {"bank_version": warned.version, "command": _command(), **forecast_report}, indent=1))
+    return {"forecast": forecast_report["chosen"] if forecast_report else None}
+
+
+def forecast_layers(token_layers: list[int], num_layers: int) -> list[int]:
+    """The forecast's candidate layers: the stored token layers from three to five tenths of the stack (where
+    the default model's forbidden words read early; its 30 layers give `steerer probes forecast`'s 9, 12, 15)."""
+    return [layer for layer in token_layers if 0.3 * num_layers <= layer <= 0.5 * num_layers] or token_layers
 
 
 def steering_layers(token_layers: list[int]) -> list[int]:

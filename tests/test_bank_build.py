@@ -138,6 +138,13 @@ def test_plan_prices_ifeval_only_for_tasks_it_asks():
     assert plan.make_plan("m", shape, ["char_count"], 48, "cpu", flops=1e12).stages["reliability"]["forward_tokens"] == 0
 
 
+def test_forecast_layers_are_the_token_layers_three_to_five_tenths_up():
+    """The warnings stage's forecast candidates: the default model's 30 layers give `probes forecast`'s 9, 12, 15."""
+    assert bank_build.forecast_layers(plan.default_token_layers(30), 30) == [9, 12, 15]
+    assert bank_build.forecast_layers([0, 8, 16, 24, 31], 32) == [16]
+    assert bank_build.forecast_layers([0, 1], 32) == [0, 1]  # none in the band: every stored layer
+
+
 def test_pace_follows_the_stages_actually_run():
     pace = bank_build.Pace()
     assert pace.factor == 1.0 and pace.note() == ""
