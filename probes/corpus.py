@@ -384,12 +384,15 @@ def plan_round(task_id: str, round_index: int, state: TaskState, config: CorpusC
 # --------------------------------------------------------------------------------------------------
 
 
-def generate_rows(lm, engine, rows: list[dict], capacity: int, on_row=None) -> list[dict]:
+def generate_rows(lm, engine, rows: list[dict], capacity: int, on_row=None, in_given_order: bool = False,
+                  on_labelled=None) -> list[dict]:
     """Sample every row's response and label it: checker verdict and violation onset. Results in row order.
 
     Continuous batching: up to ``capacity`` rows decode together and finished rows are replaced at once,
     so short responses do not wait for the longest one; rows join in prompt-length order so that a
-    prefill pads little. Sampling noise depends only on (seed, step), not on the batch a row shares.
+    prefill pads little (`in_given_order`: in the rows' order, for a caller that wants the first rows done
+    first). Sampling noise depends only on (seed, step), not on the batch a row shares. `on_labelled(row)` sees
+    each labelled row as it finishes (a resumable caller writes it then).
     """
     from collections import deque
 
@@ -398,7 +401,7 @@ def generate_rows(lm, engine, rows: list[dict], capacity: int, on_row=None) -> l
 
     prompts = [chat_prompt(lm.tokenizer, r["messages"]) for r in rows]
     params = [SamplingParams(r["max_new_tokens"], r["temperature"], 1.0, r["seed"]) for r in rows]
-    queue = deque(sorted(range(len(rows)), key=lambda i: len(prompts[i])))
+    queue = deque(range(len(rows)) if in_given_order else sorted(range(len(rows)), key=lambda i: len(prompts[i])))
     refill = max(1, capacity // 8)  # join in groups: each join is a prefill and a cache merge
     batch = RunningBatch(engine)
     labelled: dict[int, dict] = {}
@@ -406,6 +409,8 @@ def generate_rows(lm, engine, rows: list[dict], capacity: int, on_row=None) -> l
     def finish(generations) -> None:
         for gen in generations:
             labelled[gen.row] = label_row(lm, rows[gen.row], gen)
+            if on_labelled is not None:
+                on_labelled(labelled[gen.row])
             if on_row is not None:
                 on_row(len(labelled), len(rows))
 

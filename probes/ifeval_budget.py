@@ -54,15 +54,11 @@ def read_done(path: Path) -> list[dict]:
 
 def generate(lm, out: Path, capacity: int) -> list[dict]:
     """Answer every number_words row not yet in `out`/RESPONSES, smallest budget first, by continuous batching
-    (`probes.corpus.generate_rows`' loop and labels), appending each row as it finishes (one gzip member, one
-    write): a rerun resumes after the last finished row, and a run stopped early leaves the smallest limits."""
-    from collections import deque
-
-    from probes.corpus import label_row
+    (`probes.corpus.generate_rows`, its loop and labels), appending each row as it finishes (one gzip member,
+    one write): a rerun resumes after the last finished row, and a run stopped early leaves the smallest limits."""
+    from probes.corpus import generate_rows
     from probes.tasks import TASKS
     from steerer.engine.hf import HFEngine
-    from steerer.generation import RunningBatch, SamplingParams
-    from steerer.model import chat_prompt
 
     path = out / RESPONSES
     done = read_done(path)
@@ -71,27 +67,16 @@ def generate(lm, out: Path, capacity: int) -> list[dict]:
     rows = sorted((r | {"max_new_tokens": budget(r["params"]["limit"], floor), "temperature": 0.0, "seed": 0}
                    for r in ifeval.mapped_rows() if r["task"] == TASK and r["id"] not in have),
                   key=lambda r: (r["max_new_tokens"], r["id"]))
-    prompts = [chat_prompt(lm.tokenizer, r["messages"]) for r in rows]
-    params = [SamplingParams(r["max_new_tokens"], r["temperature"], 1.0, r["seed"]) for r in rows]
     out.mkdir(parents=True, exist_ok=True)
-    queue, batch, refill = deque(range(len(rows))), RunningBatch(HFEngine(lm)), max(1, capacity // 8)
 
-    def finish(generations) -> None:
-        for gen in generations:
-            row = label_row(lm, rows[gen.row], gen)
-            with path.open("ab") as f:
-                f.write(gzip.compress((json.dumps({k: row[k] for k in KEEP}) + "\n").encode()))
-            done.append(row)
-            print(f"{len(done)} rows written ({row['id']}: {row['n_tokens']} of {row['max_new_tokens']} tokens, "
-                  f"{row['finish_reason']})", file=sys.stderr, flush=True)
+    def write(row: dict) -> None:
+        with path.open("ab") as f:
+            f.write(gzip.compress((json.dumps({k: row[k] for k in KEEP}) + "\n").encode()))
+        done.append(row)
+        print(f"{len(done)} rows written ({row['id']}: {row['n_tokens']} of {row['max_new_tokens']} tokens, "
+              f"{row['finish_reason']})", file=sys.stderr, flush=True)
 
-    while queue or len(batch):
-        free = capacity - len(batch)
-        if queue and (free >= min(refill, len(queue)) or not len(batch)):
-            join = [queue.popleft() for _ in range(min(free, len(queue)))]
-            finish(batch.add(join, [prompts[i] for i in join], [params[i] for i in join]))
-        if len(batch):
-            finish(batch.step())
+    generate_rows(lm, HFEngine(lm), rows, capacity, in_given_order=True, on_labelled=write)
     return done
 
 
