@@ -62,8 +62,7 @@ def measure_all(probe: evaluation.FittedProbe, data: TaskData, external: TaskDat
 def choose_and_measure(task: str, data: TaskData, external: TaskData | None, layers: list[int]) -> dict:
     """The chosen probe (design, layer, C by family-grouped CV on train), every candidate's CV score, its
     measurements on every split, the single-probe design's, and the params-only baseline's."""
-    designs = tuple(d for d in evaluation.designs_for(task) if not d.lexical or data.lexical is not None)
-    chosen, scores = evaluation.choose(data, layers, designs)
+    chosen, scores = evaluation.choose(data, layers, evaluation.designs_for(task))  # `available` ones only
     design_cv = {}  # why the design won: each design's best training CV AUROC (the card keeps them)
     for s in scores:
         design_cv[s["design"]] = max(design_cv.get(s["design"], -1.0), np.nan_to_num(s["cv_auroc"], nan=-1.0))

@@ -32,6 +32,10 @@ class IncrementalDetokenizer:
     def text_length(self) -> int:
         return self._emitted
 
+    def text(self) -> str:
+        """The whole text of the tokens so far (one full decode: for a rare whole-text check, not per token)."""
+        return self._decode(self.tokens)
+
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 

@@ -275,8 +275,7 @@ class Driver:
         if vetoed := guards.vetoes(live, guards.peek(detok, None if end else token), length, end):
             return vetoed
         if end:  # the end veto (`end_ok`), for at most `guard.END_EXTRA` tokens past the first
-            text = detok.tokenizer.decode(detok.tokens, skip_special_tokens=detok.skip_special_tokens)
-            if not (tasks := guards.end_vetoes(live, text)):
+            if not (tasks := guards.end_vetoes(live, detok.text())):
                 return []
             row.end_vetoed_at = row.recorded if row.end_vetoed_at is None else row.end_vetoed_at
             return tasks if row.recorded - row.end_vetoed_at < guards.END_EXTRA else []

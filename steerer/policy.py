@@ -82,6 +82,11 @@ class SteeringPolicy:
         kind, _ = split_policy(rest)
         return cls(kind, alpha if kind != "off" else 0.0, guard=guard)
 
+    def kind_name(self) -> str:
+        """The steering kind, "guard+" before it when the policy guards (the outcome log's policy column; its
+        strength is a column of its own)."""
+        return f"{GUARD}+{self.kind}" if self.guard else self.kind
+
     def spec(self) -> str:
         """The policy as `parse` reads it back: 'guard+conditional:8', 'constant:4', 'off'."""
         steering = f"{self.kind}:{self.alpha:g}" if self.kind != "off" else ""

@@ -33,7 +33,6 @@ from steerer.bank import MANIFEST, BankError, ProbeBank, muted_notice
 from steerer.core import Request, Result, TokenEvent
 from steerer.metrics import Metrics
 from steerer.model import chat_prompt
-from steerer.policy import SteeringPolicy
 from steerer.service import convert
 from steerer.service.proto import pb2, pb2_grpc
 from steerer.service.scheduler import Failure, Reason, Scheduler, SchedulerError, Ticket
@@ -79,11 +78,6 @@ def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     remaining = context.time_remaining()
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
         else grpc.StatusCode.CANCELLED
-
-
-def policy_name(policy: SteeringPolicy) -> str:
-    """The outcome log's policy column: the steering kind, "guard+" before it when the policy guards."""
-    return f"guard+{policy.kind}" if policy.guard else policy.kind
 
 
 @contextlib.contextmanager
@@ -409,7 +403,7 @@ class SteererServicer(pb2_grpc.SteererServicer):
                 model=self.lm.name, bank_version=result.bank_version, prompt=request.prompt, system=request.system,
                 response=result.text, token_ids=list(result.tokens), finish_reason=result.finish_reason,
                 prompt_tokens=result.prompt_tokens, latency_s=latency, ttft_s=ttft,
-                verdicts=[VerdictRecord(v.task, v.params, policy_name(request.policy_for(v.task)),
+                verdicts=[VerdictRecord(v.task, v.params, request.policy_for(v.task).kind_name(),
                                         float(request.policy_for(v.task).alpha), v.satisfied, v.predicted_violation,
                                         v.p_satisfied_end if v.p_satisfied_end is None
                                         or math.isfinite(v.p_satisfied_end) else None,

@@ -64,7 +64,11 @@ def check(response: str, params: Mapping[str, Any]) -> bool:
     """IFEval ``english_lowercase``: no uppercase letter (and at least one letter), and langdetect says English
     (or cannot say: IFEval counts that as followed)."""
     validate(params)
-    text = common.require_text("lowercase", response)
+    return followed(common.require_text("lowercase", response))
+
+
+def followed(text: str) -> bool:
+    """IFEval's whole check on a text: a cased letter, none upper or title case, and langdetect's "en" (or none)."""
     return text.islower() and detect_language(text) in ("en", None)
 
 
@@ -89,7 +93,7 @@ class CapitalDetector:
     def end_ok(self, text: str) -> bool:
         """The guard's end veto: the response may end on `text` only if IFEval's whole check passes (a text with
         no cased letter, or one langdetect does not call English, fails what no prefix decides)."""
-        return text.islower() and detect_language(text) in ("en", None)
+        return followed(text)
 
     def repair(self, delta: str) -> str | None:
         """The guard's fix for a vetoed token: the same text lower-cased (" The" -> " the")."""
