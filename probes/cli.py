@@ -112,6 +112,16 @@ def add_commands(sub) -> None:
     rel.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     rel.set_defaults(handler=cmd_reliability)
 
+    keep = psub.add_parser("keep-steering", help="a bank with new probes and another bank's measured steering "
+                           "(layer, direction, gate threshold, the sweep's records): swap retrained probes into a "
+                           "bank without re-running its steering sweep")
+    keep.add_argument("--bank", required=True, help="bank with the new probes (e.g. a build's build/bank-warnings)")
+    keep.add_argument("--steering-from", required=True, help="bank whose steering efficacy was measured")
+    keep.add_argument("--out", required=True, help="bank folder to write")
+    keep.add_argument("--corpus", default=None, help="record this corpus folder as the probes' corpus (the one a "
+                      "build was given, rather than the build's copy)")
+    keep.set_defaults(handler=cmd_keep_steering)
+
     listing = psub.add_parser("list", help="a bank's probes: layer, thresholds, test AUROC with its 95%% interval, "
                                            "reliability")
     listing.add_argument("--bank", default=None, help="bank folder (default: the shipped bank)")
@@ -461,6 +471,29 @@ def cmd_reliability(args: argparse.Namespace) -> int:
     report = reliability.write_report(Path(args.report), rated, measured, command)
     _print_probes(rated)
     print(f"wrote {out} and {report}")
+    return 0
+
+
+def cmd_keep_steering(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from steerer.bank import ProbeBank, content_version, keep_steering
+
+    out = Path(args.out).resolve()
+    if out in (Path(args.bank).resolve(), Path(args.steering_from).resolve()):
+        raise ValueError("--out must be a folder of its own, not --bank or --steering-from")
+    bank = keep_steering(ProbeBank.load(args.bank), ProbeBank.load(args.steering_from))
+    if args.corpus:
+        corpus = Path(args.corpus).resolve()
+        if not (corpus / "manifest.json").exists():
+            raise FileNotFoundError(f"--corpus {args.corpus}: no corpus manifest.json there")
+        bank.extra["corpus"] = str(corpus.relative_to(REPO)) if corpus.is_relative_to(REPO) else str(corpus)
+    bank.extra["assembled"] = shlex.join(["steerer", *sys.argv[1:]])
+    bank.version = content_version(bank)
+    saved = bank.save(out)
+    _print_probes(bank)
+    print(f"wrote {saved} (steering of {bank.extra['steering_from']['version']})")
     return 0
 
 

@@ -537,18 +537,25 @@ def muted_notice(bank: ProbeBank, override: str = "--use-unreliable-probes") -> 
 
 
 def keep_steering(bank: ProbeBank, source: ProbeBank) -> ProbeBank:
-    """`bank` with each task's steering layer and direction taken from `source` (same model) where it has the
-    task: new probes for reading, steering whose efficacy was measured on the source bank."""
+    """`bank` with each task's steering taken from `source` (same model) where it has the task: its layer,
+    direction and gate threshold, and the sweep's records (`extra["steering"]`: strength, `steerable`; the
+    sweep's command). New probes for reading, steering whose efficacy was measured on the source bank."""
     source.check_model(bank.fingerprint, bank.hidden_size)
     directions = bank.directions.clone()
     probes = list(bank.probes)
+    kept = [t for t in bank.tasks if t in source.tasks]
     for i, probe in enumerate(bank.probes):
-        if probe.task in source.tasks:
+        if probe.task in kept:
             j = source.index(probe.task)
             directions[i] = source.directions[j]
-            probes[i] = replace(probe, steer_layer=source.probes[j].steering_layer)
-    extra = bank.extra | {"steering_from": {"version": source.version,
-                                            "tasks": [t for t in bank.tasks if t in source.tasks]}}
+            probes[i] = replace(probe, steer_layer=source.probes[j].steering_layer,
+                                gate_threshold=source.probes[j].gate_threshold)
+    records = {t: r for t, r in (source.extra.get("steering") or {}).items() if t in kept}
+    extra = bank.extra | {"steering_from": {"version": source.version, "tasks": kept}}
+    if records:
+        extra["steering"] = (bank.extra.get("steering") or {}) | records
+    if "steering_sweep" in source.extra:
+        extra["steering_sweep"] = source.extra["steering_sweep"]
     return replace(bank, probes=probes, directions=directions, extra=extra)
 
 

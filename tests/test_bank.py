@@ -412,3 +412,38 @@ def test_the_shipped_bank_advises_against_steering_only_its_looping_tasks():
     advised = {t: bank.unsteerable(t) for t in bank.tasks}
     assert {t for t, why in advised.items() if why} == {"lowercase", "topic"}
     assert "loop" in advised["lowercase"]
+
+
+def test_keep_steering_carries_layer_direction_gate_and_the_sweeps_records():
+    """New probes keep the source's measured steering whole: a gate threshold or `steerable: false` left behind
+    would steer differently from what the efficacy benchmark measured."""
+    from steerer.bank import keep_steering
+
+    source = small_bank(steer_layer=3, gate_threshold=0.9)
+    source.directions = -source.directions
+    source.extra = {"steering": {"word_count": {"alpha": 4.0, "steerable": False, "steerable_reason": "loops"}},
+                    "steering_sweep": {"command": "steerer probes steer"}}
+    fresh = small_bank(threshold=0.3)
+    kept = keep_steering(fresh, source)
+    first = kept.probes[kept.index("word_count")]
+    assert (first.steering_layer, first.gate_threshold, first.threshold) == (3, 0.9, 0.3)
+    assert torch.equal(kept.directions, source.directions) and not torch.equal(kept.directions, fresh.directions)
+    assert kept.unsteerable("word_count") == "loops" and kept.unsteerable("lowercase") is None
+    assert kept.extra["steering_from"]["tasks"] == ["word_count", "lowercase"]
+    assert kept.extra["steering_sweep"] == {"command": "steerer probes steer"}
+
+
+def test_probes_keep_steering_writes_a_bank_with_the_sources_steering_and_refuses_overwriting(tmp_path, capsys):
+    from steerer.cli import main
+
+    source = small_bank(steer_layer=3)
+    source.extra = {"steering": {"lowercase": {"alpha": 2.0}}}
+    source.save(tmp_path / "old")
+    small_bank(threshold=0.3).save(tmp_path / "new")
+    args = ["probes", "keep-steering", "--bank", str(tmp_path / "new"), "--steering-from", str(tmp_path / "old")]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "--out must be a folder of its own" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "kept")]) == 0
+    kept = ProbeBank.load(tmp_path / "kept")
+    assert kept.probes[0].steering_layer == 3 and kept.probes[0].threshold == 0.3
+    assert kept.extra["steering"] == {"lowercase": {"alpha": 2.0}} and kept.extra["assembled"].startswith("steerer")
