@@ -106,6 +106,68 @@ class _Live:
     closing: bool = False  # chose EOS: one more pass reads the EOS residual
 
 
+@dataclass(frozen=True)
+class VLLMOptions(Options):
+    """`VLLMSteerer`'s options, and so `CoreSteerer`'s (the same class on vLLM's other engine core): declared,
+    defaulted and checked here once. The constructors take them as keywords, or as `options=` with keywords over
+    it. The controller's are `driver.Options`'s (capacity 64 here); the rest build vLLM's engine (ignored when a
+    built `llm` is passed), except `check_bank` and `threads`.
+
+    `model`: a checkpoint folder or name (default: the embedded default model). `dtype`, `seed`, `max_num_seqs`,
+    `max_model_len`, `enforce_eager` (False: vLLM compiled): `vllm.LLM`'s. `llm_kwargs`: more for `vllm.LLM`
+    (e.g. a smaller `max_num_batched_tokens` to force chunked prefill). `layers`: the decoder layers that call the
+    op (default: the bank's; "all": every layer); a later bank on the same engine must use only these.
+    `threads`: torch intra-op threads (see the module docstring); None leaves them as they are.
+    `tensor_parallel_size` > 1: that many worker processes, reached through `collective_rpc` (module docstring).
+    `engine_core`: "inproc" (default, None) or "process" (`CoreSteerer`)."""
+
+    capacity: int = 64
+    model: str | None = None
+    max_num_seqs: int = 16
+    dtype: str = "float32"
+    enforce_eager: bool = False
+    max_model_len: int = 2048
+    check_bank: bool = True
+    seed: int = 0
+    llm_kwargs: dict[str, Any] | None = None
+    layers: tuple[int, ...] | str | None = None  # any iterable of layer numbers, kept as a tuple
+    threads: int | None = None
+    tensor_parallel_size: int = 1
+    engine_core: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalised once, here
+        set_(self, "where", Where(self.where))
+        set_(self, "monitor_config", self.monitor_config or MonitorConfig())
+        if self.engine_core not in (None, "inproc", "process"):
+            raise ValueError(f"engine_core must be 'inproc' or 'process', got {self.engine_core!r}")
+        if self.layers is not None and self.layers != "all":
+            try:
+                set_(self, "layers", tuple(int(layer) for layer in self.layers))
+            except (TypeError, ValueError):
+                raise ValueError(f"layers must be 'all' or decoder layer numbers, got {self.layers!r}") from None
+
+    @classmethod
+    def of(cls, options: VLLMOptions | None = None, model: str | None = None, **given: Any) -> VLLMOptions:
+        """`options` (default: the defaults) with the `given` keywords, and `model` unless None, over it."""
+        if model is not None:
+            given["model"] = model
+        return replace(options, **given) if options is not None else cls(**given)
+
+    def carried(self) -> dict[str, Any]:
+        """The options a later `VLLMSteerer` on the same engine keeps (a bank swap; the engine core's own driver):
+        the controller's and `threads`. The engine's belong to the engine, and the later bank is checked."""
+        return {name: getattr(self, name) for name in _CARRIED}
+
+    def to_wire(self) -> dict[str, Any]:
+        """`carried()` as plain values for msgpack: what the engine core's driver is built with (`core_side.install`)."""
+        return self.carried() | {"monitor_config": asdict(self.monitor_config or MonitorConfig()),
+                                 "where": Where(self.where).value}
+
+
+_CARRIED = (*(f.name for f in fields(Options)), "threads")
+
+
 class VLLMModel:
     """What the server needs to know of the model (`steerer.model.LoadedModel`'s members it reads), from a
     running vLLM engine: no transformers model is loaded."""
@@ -126,59 +188,39 @@ class VLLMModel:
 class VLLMSteerer:
     """Generate with monitoring and per-request steering on vLLM: the vLLM backend (`steerer.backend.Backend`:
     `admit`, `step`, `drain`, `cancel`, `validate`, `free_slots`, `in_flight`, `bank`, `close`, as the server's
-    scheduler drives them; `run`/`generate` as `Steerer`'s). Options as `Steerer`'s, `stop_steering_on_detection`
-    included.
+    scheduler drives them; `run`/`generate` as `Steerer`'s).
 
-    `enforce_eager=False` (default) runs vLLM compiled. `llm_kwargs` go to `vllm.LLM` (e.g. a smaller
-    `max_num_batched_tokens` to force chunked prefill). `layers`: the decoder layers that call the op
-    (default: the bank's; "all": every layer); a later bank on the same engine must use only these.
+    Options: `VLLMOptions`, as keywords (`VLLMSteerer(bank, model, capacity=8, threads=1)`) or `options=`; the
+    controller's as `Steerer`'s, `stop_steering_on_detection` included.
     `llm`: reuse the engine of a closed `VLLMSteerer` (a bank swap without rebuilding vLLM); engine options
     are then ignored.
-    `threads`: torch intra-op threads (see the module docstring); None leaves them as they are.
-    `tensor_parallel_size` > 1: that many worker processes, reached through `collective_rpc` (module docstring).
     """
 
-    def __new__(cls, *args: Any, engine_core: str | None = None, llm: Any = None, **kwargs: Any) -> VLLMSteerer:
+    options: VLLMOptions
+
+    def __new__(cls, *args: Any, llm: Any = None, options: VLLMOptions | None = None, **given: Any) -> VLLMSteerer:
         """`CoreSteerer` (the driver in vLLM's engine-core process) for `engine_core="process"` or an `llm` built
         with vLLM's multiprocess engine core; this class (the driver in this process) otherwise."""
-        if cls is VLLMSteerer and uses_process_core(engine_core, llm):
+        core = given.get("engine_core", options.engine_core if options is not None else None)
+        if cls is VLLMSteerer and uses_process_core(core, llm):  # a wrong value: `VLLMOptions` says so
             cls = CoreSteerer
         return super().__new__(cls)
 
-    def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
-                 dtype: str = "float32", enforce_eager: bool = False, max_model_len: int = 2048,
-                 monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
-                 check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
-                 seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
-                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False,
-                 tensor_parallel_size: int = 1, engine_core: str | None = None):
-        configure_environment()
-        check_version()
-        from transformers import AutoTokenizer
+    def __init__(self, bank: ProbeBank, model: str | None = None, *, llm: Any = None,
+                 options: VLLMOptions | None = None, **given: Any):
+        o = self._start(bank, VLLMOptions.of(options, model, **given))
         from vllm import LLM
 
         from steerer.engine.vllm import guard
         from steerer.engine.vllm.model import op_layers
-        from steerer.engine.vllm.registry import register_models
-        from steerer.engine.vllm.runner import check_v1_runner
 
-        check_v1_runner()  # the V1 model-runner pin (runner.py): one clear line where V1 is unavailable
         if STATE.installed:
             raise RuntimeError("another VLLMSteerer holds this process's vLLM plugin state; close it first")
-        register_models()
-        self.threads = threads
-        use_threads(threads)
-        self.bank = bank
-        self.where = Where(where)
-        self.monitor_config = monitor_config or MonitorConfig()
+        use_threads(o.threads)
         if llm is None:
-            llm = LLM(**engine_kwargs(bank, model, layers, tensor_parallel_size, llm_kwargs, dtype=dtype, seed=seed,
-                                      enforce_eager=enforce_eager, max_model_len=max_model_len,
-                                      max_num_seqs=max_num_seqs))
-            use_threads(threads)  # in-process engine start-up leaves its own setting behind
-        self.llm = llm
-        self.engine = self.llm.llm_engine
-        self.path = self.engine.model_config.model
+            llm = LLM(**engine_kwargs(bank, o))
+            use_threads(o.threads)  # in-process engine start-up leaves its own setting behind
+        self._load(llm)
         config = self.engine.model_config.hf_config
         self.layers = op_layers(config)
         if self.layers is None:
@@ -187,14 +229,9 @@ class VLLMSteerer:
         if missing:
             raise ValueError(f"the bank uses decoder layers {missing} that this vLLM engine does not tap (built "
                              f"for {sorted(self.layers)}); start an engine for this bank")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        if check_bank:
+        if o.check_bank:
             bank.check_model(self.fingerprint(), self.hidden_size)
-        self.capacity = capacity
-        self.options = Options(capacity, self.monitor_config, self.where, record, check, use_unreliable_probes,
-                               stop_steering_on_detection)  # also for a successor on this engine
-        self.eos_token_ids = eos_ids(self.path, self.tokenizer)
-        self.driver = Driver.build(bank, self.tokenizer, self.eos_token_ids, self.options, device="cpu",
+        self.driver = Driver.build(bank, self.tokenizer, self.eos_token_ids, o, device="cpu",
                                    lens=self.lens_weights(bank))
         self.controller = self.driver.controller
         self._muted = self.controller.muted.tolist()
@@ -211,13 +248,53 @@ class VLLMSteerer:
             steering = {layer: (steer.directions, steer.where.value)
                         for layer, steer in self.controller.steering.items()}
             self._seen_pass = self.llm.collective_rpc(ranks.install, args=(
-                capacity, sorted(self.controller.tap_layers), steering, scheduler.max_num_batched_tokens,
+                o.capacity, sorted(self.controller.tap_layers), steering, scheduler.max_num_batched_tokens,
                 scheduler.max_num_seqs, self.engine.model_config.dtype))[0]
         else:
             self._seen_pass = STATE.passes
-            STATE.install(capacity, self.controller.tap_layers, self.controller.steering,
+            STATE.install(o.capacity, self.controller.tap_layers, self.controller.steering,
                           max_tokens=scheduler.max_num_batched_tokens, max_rows=scheduler.max_num_seqs,
                           dtype=self.engine.model_config.dtype)
+
+    def _start(self, bank: ProbeBank, options: VLLMOptions) -> VLLMOptions:
+        """Both engine cores' first steps: the environment, the pinned vLLM and its V1 runner, steerer's models."""
+        configure_environment()
+        check_version()
+        from steerer.engine.vllm.registry import register_models
+        from steerer.engine.vllm.runner import check_v1_runner
+
+        check_v1_runner()  # the V1 model-runner pin (runner.py): one clear line where V1 is unavailable
+        register_models()
+        self.bank = bank
+        self.options = options
+        return options
+
+    def _load(self, llm: Any) -> None:
+        """Both engine cores' view of the engine: the checkpoint's path, its tokenizer and EOS ids."""
+        from transformers import AutoTokenizer
+
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.path = self.engine.model_config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.eos_token_ids = eos_ids(self.path, self.tokenizer)
+
+    # -- the options ---------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.options.capacity
+
+    @property
+    def where(self) -> Where:
+        return self.options.where
+
+    @property
+    def monitor_config(self) -> MonitorConfig:
+        return self.options.monitor_config or MonitorConfig()  # never None (`VLLMOptions`)
+
+    @property
+    def threads(self) -> int | None:
+        return self.options.threads
 
     # -- the model -------------------------------------------------------------------------------------------
     @property
@@ -448,60 +525,32 @@ class CoreSteerer(VLLMSteerer):
     engine_core="process")` (or an `llm` built with the multiprocess core). Not here: `stats`, `controller`,
     `driver` (they live in the engine core), and the guard at tensor parallel > 1 (as in-process)."""
 
-    def __init__(self, bank: ProbeBank, model: str | None = None, *, capacity: int = 64, max_num_seqs: int = 16,
-                 dtype: str = "float32", enforce_eager: bool = False, max_model_len: int = 2048,
-                 monitor_config: MonitorConfig | None = None, where: Where = Where.GENERATED, record: bool = False,
-                 check: bool = True, use_unreliable_probes: bool = False, check_bank: bool = True,
-                 seed: int = 0, llm_kwargs: dict[str, Any] | None = None, layers: Iterable[int] | str | None = None,
-                 threads: int | None = None, llm: Any = None, stop_steering_on_detection: bool = False,
-                 tensor_parallel_size: int = 1, engine_core: str | None = None):
-        configure_environment()
-        check_version()
-        from transformers import AutoTokenizer
+    def __init__(self, bank: ProbeBank, model: str | None = None, *, llm: Any = None,
+                 options: VLLMOptions | None = None, **given: Any):
+        o = self._start(bank, VLLMOptions.of(options, model, **given))
         from vllm import LLM
 
-        from steerer.engine.vllm.registry import register_models
-        from steerer.engine.vllm.runner import check_v1_runner
-
-        check_v1_runner()
-        register_models()
-        self.threads = threads
-        self.bank = bank
-        self.where = Where(where)
-        self.monitor_config = monitor_config or MonitorConfig()
         if llm is None:
-            kwargs = engine_kwargs(bank, model, layers, tensor_parallel_size, llm_kwargs, dtype=dtype, seed=seed,
-                                   enforce_eager=enforce_eager, max_model_len=max_model_len,
-                                   max_num_seqs=max_num_seqs)
-            if tensor_parallel_size == 1:  # the worker in the engine-core process, beside the driver (and guard)
+            kwargs = engine_kwargs(bank, o)
+            if o.tensor_parallel_size == 1:  # the worker in the engine-core process, beside the driver (and guard)
                 kwargs.setdefault("distributed_executor_backend", "uni")
             if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # threads: the core's own (`threads`)
             with process_core():
                 llm = LLM(**kwargs)
-        self.llm = llm
-        self.engine = llm.llm_engine
         if not uses_process_core(None, llm):
             raise RuntimeError("vLLM started its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING was "
                                "read as 0 earlier in this process); use engine_core='inproc' here")
-        self.path = self.engine.model_config.model
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.capacity = capacity
-        self.options = Options(capacity, self.monitor_config, self.where, record, check, use_unreliable_probes,
-                               stop_steering_on_detection)
-        self.eos_token_ids = eos_ids(self.path, self.tokenizer)
-        self._muted = bank.muted(use_unreliable_probes).tolist()
+        self._load(llm)
+        self._muted = bank.muted(o.use_unreliable_probes).tolist()
         self._live: dict[str, str] = {}  # vLLM's request id -> the request's id (events and results carry it)
         self._ids = itertools.count()
         self._names = itertools.count()
-        options = {"capacity": capacity, "monitor_config": asdict(self.monitor_config), "where": self.where.value,
-                   "record": record, "check": check, "use_unreliable_probes": use_unreliable_probes,
-                   "stop_steering_on_detection": stop_steering_on_detection, "threads": threads}
         with tempfile.TemporaryDirectory(prefix="steerer-bank-") as tmp:  # msgpack carries no ProbeBank: a folder
-            reply = self._utility(INSTALL, str(bank.save(Path(tmp) / "bank")), options)
+            reply = self._utility(INSTALL, str(bank.save(Path(tmp) / "bank")), o.to_wire())
         self._fingerprint = reply["fingerprint"]
         self.remote = reply["remote"]  # the workers are processes of their own (the guard needs them local)
-        if check_bank:
+        if o.check_bank:
             try:
                 bank.check_model(self._fingerprint, self.hidden_size)
             except Exception:
@@ -594,12 +643,11 @@ class CoreSteerer(VLLMSteerer):
 
 def uses_process_core(engine_core: str | None, llm: Any) -> bool:
     """Whether the driver runs in vLLM's engine-core process: `llm`'s core is another process, or (no `llm`)
-    `engine_core` is "process". Default "inproc": the engine core and driver in this process."""
+    `engine_core` is "process". Default "inproc": the engine core and driver in this process (`VLLMOptions` checks
+    the value)."""
     if llm is not None:
         engine = llm.llm_engine
         return not getattr(engine, "in_core", False) and type(engine.engine_core).__name__ != "InprocClient"
-    if engine_core not in (None, "inproc", "process"):
-        raise ValueError(f"engine_core must be 'inproc' or 'process', got {engine_core!r}")
     return engine_core == "process"
 
 
@@ -618,24 +666,24 @@ def process_core() -> Iterator[None]:
             os.environ[key] = before
 
 
-def engine_kwargs(bank: ProbeBank, model: str | None, layers: Iterable[int] | str | None, tensor_parallel_size: int,
-                  llm_kwargs: dict[str, Any] | None, **options: Any) -> dict[str, Any]:
-    """`vllm.LLM`'s arguments for a steerer engine: the checkpoint's `Steerer<Arch>`, the op at `layers` (default
+def engine_kwargs(bank: ProbeBank, o: VLLMOptions) -> dict[str, Any]:
+    """`vllm.LLM`'s arguments for a steerer engine: the checkpoint's `Steerer<Arch>`, the op at `o.layers` (default
     the bank's; "all": every layer), steerer's logits processors, prefix caching, no async scheduling."""
     from steerer.engine.vllm.guard import SteererGuard
     from steerer.engine.vllm.rows import SteererRows
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(o.model)
     overrides: dict[str, Any] = {"architectures": [checkpoint_architecture(path)]}  # its family's
-    if layers != "all":  # without the key every decoder layer calls the op
-        overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if layers is None else layers)})
+    if o.layers != "all":  # without the key every decoder layer calls the op
+        overrides[LAYERS_KEY] = sorted({int(layer) for layer in (bank.layers if o.layers is None else o.layers)})
     kwargs = dict(model=path, gpu_memory_utilization=0.3, enable_prefix_caching=True, async_scheduling=False,
-                  hf_overrides=overrides, logits_processors=[SteererRows, SteererGuard], **options)
-    if tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
-        kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+                  hf_overrides=overrides, logits_processors=[SteererRows, SteererGuard], dtype=o.dtype, seed=o.seed,
+                  enforce_eager=o.enforce_eager, max_model_len=o.max_model_len, max_num_seqs=o.max_num_seqs)
+    if o.tensor_parallel_size > 1:  # worker processes (vLLM's multiprocess executor); see `remote_workers`
+        kwargs.update(tensor_parallel_size=o.tensor_parallel_size, distributed_executor_backend="mp")
         if os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ENVIRONMENT["VLLM_CPU_OMP_THREADS_BIND"]:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # one core list for several ranks fails
-    kwargs.update(llm_kwargs or {})
+    kwargs.update(o.llm_kwargs or {})
     return kwargs
 
 
@@ -683,8 +731,7 @@ def scheduler_factory(first: VLLMSteerer) -> Callable[[ProbeBank], VLLMSteerer]:
     """`steerer_factory` for the server's scheduler: the first call hands over `first`; later ones (a bank
     swap, a restart after a failed pass) build a `VLLMSteerer` on the same vLLM engine with the same options."""
     pending = [first]
-    options = {f.name: getattr(first.options, f.name) for f in fields(first.options)}
-    options["threads"] = first.threads
+    options = first.options.carried()
 
     def make(bank: ProbeBank) -> VLLMSteerer:
         if pending and pending[0].bank is bank:
