@@ -21,6 +21,17 @@ instruction).
 
     .venv/bin/python -m benchmarks.guard --n 60            # -> benchmarks/results/guard.json
 
+`--split train` measures on training-split prompts instead (`held_out_prompts(..., split="train")`: the
+training split's base requests, disjoint from the test split's), so a rule can be chosen without the held-out
+set; its figures go to their own file (default `benchmarks/results/guard_train.json`), never into guard.json.
+`--loop-rules 0,3,4,3:3` (lowercase only) replaces the guard arm by one guard arm per loop rule of the guard's
+loop veto (lowercase's request params `loop_ngram` N and `loop_occurrence` K, given as N or N:K; 0 = no loop
+veto), each against the same off arm, all interleaved; the entry then names the rule `chosen` by the criterion
+fixed before the run (`LOOP_CRITERION`: most responses compliant, ties broken by the lower perplexity ratio):
+
+    .venv/bin/python -m benchmarks.guard --split train --tasks lowercase --no-steering --n 60 \
+        --max-new-tokens 48 --batch 20 --loop-rules 0,3,4,3:3 --out benchmarks/results/guard_train_loop.json
+
 Results are written after every task, so a cut-short run leaves the finished tasks (and `n` says how many
 prompts each had). `--merge` reruns some tasks into an existing file, keeping the others' entries (each
 entry's `run` is the command that made it); `--responses FILE` also writes every response, to read failures:
@@ -42,7 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from probes.heldout import HeldOutPrompt, held_out_prompts
+from probes.heldout import SPLITS, HeldOutPrompt, held_out_prompts
 from probes.steering import repetition
 from probes.templates import get_base_request, prompt_messages
 from steerer.ab.fluency import response_nll, scored_tokens
@@ -62,6 +73,8 @@ WRITTEN = "term_exclusion:written"  # term_exclusion with terms the off response
 GOAL_TASKS = ("term_exclusion", WRITTEN, "lowercase", "word_count", "char_count")  # the issue's goal
 WRITTEN_TERMS = 3
 COMPLIANCE_GOAL = 0.99
+LOOP_TASK = "lowercase"  # the task whose params carry the guard's loop rule (`steerer.tasks.lowercase.loop_rule`)
+LOOP_CRITERION = "most responses compliant (checker), ties broken by the lower perplexity ratio"
 LATENCY_GOAL = 1.05
 # Frequent English function words: never a `written_terms` term (forbidding "the" tests nothing new).
 FUNCTION_WORDS = wordset(
@@ -75,13 +88,31 @@ FUNCTION_WORDS = wordset(
 )
 
 
-def detectable_prompts(task: str, n: int, seed: int = 0) -> list:
-    """`n` held-out prompts whose params a prefix can decide (the count tasks' at-most limits)."""
+def detectable_prompts(task: str, n: int, seed: int = 0, split: str = "test") -> list:
+    """`n` prompts of `split` (held-out: "test") whose params a prefix can decide (the count tasks' at-most
+    limits)."""
     out, want = [], n
     while len(out) < n:
         want *= 2
-        out = [p for p in held_out_prompts(task, want, seed) if get_task(task).detect(p.params) is not None]
+        out = [p for p in held_out_prompts(task, want, seed, split) if get_task(task).detect(p.params) is not None]
     return out[:n]
+
+
+def loop_rule_params(spec: str) -> dict[str, int]:
+    """A `--loop-rules` item, "N" or "N:K", as lowercase's params (`loop_ngram` N, `loop_occurrence` K),
+    validated by the task itself; a one-line ValueError otherwise."""
+    n, _, k = spec.strip().partition(":")
+    try:
+        params = {"loop_ngram": int(n), **({"loop_occurrence": int(k)} if k else {})}
+    except ValueError:
+        raise ValueError(f"loop rule {spec!r}: expected N or N:K (n-gram size, occurrence vetoed)") from None
+    get_task(LOOP_TASK).validate(params)
+    return params
+
+
+def choose(rules: Mapping[str, dict]) -> str:
+    """The rule `LOOP_CRITERION` picks: most compliant responses, then the lower perplexity ratio."""
+    return min(rules, key=lambda r: (-rules[r]["compliance"]["satisfied"], rules[r]["perplexity_ratio"] or math.inf))
 
 
 def written_terms(text: str, k: int = WRITTEN_TERMS) -> list[str]:
@@ -103,9 +134,10 @@ def written_prompts(prompts: Sequence[HeldOutPrompt], off: Sequence[Result]) -> 
 
 
 def run_arm(steerer: Steerer, prompts: Sequence, policy: SteeringPolicy, tokens: int, batch: int,
-            tag: str) -> tuple[list[Result], list[int], float, int]:
-    """Results in prompt order, vetoes per response, seconds and tokens generated."""
-    requests = [Request(p.messages, (Constraint(p.task, p.params),), policy,
+            tag: str, extra: Mapping | None = None) -> tuple[list[Result], list[int], float, int]:
+    """Results in prompt order, vetoes per response, seconds and tokens generated. `extra`: params added to
+    each prompt's constraint (a loop rule); the checker still judges by the prompt's own params."""
+    requests = [Request(p.messages, (Constraint(p.task, {**p.params, **(extra or {})}),), policy,
                         sampling=SamplingParams(max_new_tokens=tokens), id=f"{tag}|{i}") for i, p in enumerate(prompts)]
     results: dict[str, Result] = {}
     vetoes = dict.fromkeys((r.id for r in requests), 0)
@@ -137,41 +169,62 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 
 def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[HeldOutPrompt], tokens: int,
-               batch: int, steering: bool = True) -> tuple[dict, dict[str, list[tuple[Result, int]]]]:
-    """The task's figures on `prompts`, and each arm's (result, vetoes) in prompt order."""
+               batch: int, steering: bool = True, loop_rules: Sequence[str] = ()
+               ) -> tuple[dict, dict[str, list[tuple[Result, int]]]]:
+    """The task's figures on `prompts`, and each arm's (result, vetoes) in prompt order. With `loop_rules`
+    (`loop_rule_params` specs) one guard arm per rule, named "guard loop=SPEC", replaces the guard arm, and
+    its figures go under the entry's "loop_rules" (with the `chosen` one); without, the entry is as before."""
     lm = steerer.lm
     guard = SteeringPolicy.parse("guard")
-    arms: dict[str, list] = {"off": [], "guard": []}
-    timing = {"off": [0.0, 0], "guard": [0.0, 0]}
-    for c, start in enumerate(range(0, len(prompts), batch)):  # interleaved, alternating which goes first
+    plans: dict[str, tuple[SteeringPolicy, dict | None]] = {"off": (SteeringPolicy(), None)}
+    if loop_rules:
+        plans.update({f"guard loop={r}": (guard, loop_rule_params(r)) for r in loop_rules})
+    else:
+        plans["guard"] = (guard, None)
+    names = list(plans)
+    arms: dict[str, list] = {name: [] for name in names}
+    timing = {name: [0.0, 0] for name in names}
+    for c, start in enumerate(range(0, len(prompts), batch)):  # interleaved, rotating which goes first
         chunk = prompts[start:start + batch]
-        order = ("off", "guard") if c % 2 == 0 else ("guard", "off")
-        for arm in order:
-            policy = guard if arm == "guard" else SteeringPolicy()
-            results, vetoes, seconds, generated = run_arm(steerer, chunk, policy, tokens, batch, f"{arm}{c}")
+        for arm in names[c % len(names):] + names[:c % len(names)]:
+            policy, extra = plans[arm]
+            results, vetoes, seconds, generated = run_arm(steerer, chunk, policy, tokens, batch, f"{arm}|{c}", extra)
             arms[arm] += list(zip(results, vetoes, strict=True))
             timing[arm][0] += seconds
             timing[arm][1] += generated
     entry: dict = {"n": len(prompts), "max_new_tokens": tokens}
     prompt_ids = [chat_prompt(lm.tokenizer, p.messages) for p in prompts]
     nll = {}
+    figures: dict[str, dict] = {}
     for arm, pairs in arms.items():
         results = [r for r, _ in pairs]
         nll[arm] = response_nll(lm, prompt_ids, [scored_tokens(lm, r.tokens) for r in results])
         per_token = timing[arm][0] / max(timing[arm][1], 1)
-        entry[arm] = {"compliance": compliance(task, prompts, results),
-                      "rep3": mean([repetition(r.tokens) for r in results]),
-                      "vetoes_per_response": mean([v for _, v in pairs]),
-                      "seconds_per_token": round(per_token, 5),
-                      "mean_tokens": mean([len(r.tokens) for r in results])}
-    deltas = [g - o for g, o in zip(nll["guard"], nll["off"], strict=True) if g is not None and o is not None]
-    ci = ratio_of_means_ci(deltas)
-    entry["perplexity_ratio"] = round(math.exp(statistics.fmean(deltas)), 4) if deltas else None
-    entry["perplexity_ratio_ci"] = [round(x, 4) for x in ci] if ci else None
-    entry["latency_ratio"] = round(entry["guard"]["seconds_per_token"] / entry["off"]["seconds_per_token"], 4)
+        figures[arm] = {"compliance": compliance(task, prompts, results),
+                        "rep3": mean([repetition(r.tokens) for r in results]),
+                        "vetoes_per_response": mean([v for _, v in pairs]),
+                        "seconds_per_token": round(per_token, 5),
+                        "mean_tokens": mean([len(r.tokens) for r in results])}
+        if arm != "off":
+            deltas = [g - o for g, o in zip(nll[arm], nll["off"], strict=True) if g is not None and o is not None]
+            ci = ratio_of_means_ci(deltas)
+            figures[arm]["perplexity_ratio"] = round(math.exp(statistics.fmean(deltas)), 4) if deltas else None
+            figures[arm]["perplexity_ratio_ci"] = [round(x, 4) for x in ci] if ci else None
+            figures[arm]["latency_ratio"] = round(per_token / figures["off"]["seconds_per_token"], 4)
+    entry["off"] = figures.pop("off")
+    if loop_rules:
+        entry["loop_rules"] = {arm.removeprefix("guard loop="): {"params": plans[arm][1], **f}
+                               for arm, f in figures.items()}
+        entry["loop_criterion"] = LOOP_CRITERION
+        entry["chosen"] = choose(entry["loop_rules"])
+    else:
+        g = figures["guard"]
+        entry["guard"] = {k: v for k, v in g.items() if k not in ("perplexity_ratio", "perplexity_ratio_ci",
+                                                                     "latency_ratio")}
+        entry.update({k: g[k] for k in ("perplexity_ratio", "perplexity_ratio_ci", "latency_ratio")})
     entry["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1/5/15 min after the arms: a loaded machine's latency
     record = (bank.extra.get("steering") or {}).get(task)
-    if steering and isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
+    if steering and not loop_rules and isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
         alpha = min(float(record["alpha"]), strength_bounds(bank).get(task, float(record["alpha"])))
         policy = SteeringPolicy("conditional", round(alpha, 1), guard=True)
         results, vetoes, _, _ = run_arm(steerer, prompts, policy, tokens, batch, "steer")
@@ -201,24 +254,43 @@ def merged(previous: dict, out: dict) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=60, help="held-out prompts per task")
+    parser.add_argument("--n", type=int, default=60, help="prompts per task")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="test: held-out prompts (guard.json); train: training-split prompts, to choose a rule")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/guard.json (test split), guard_train.json (train split)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks' entries of an existing --out (rerun some tasks only)")
     parser.add_argument("--responses", type=Path, default=None,
                         help="also write every response (task, prompt, arm, vetoes, verdict, text) as JSON lines")
     parser.add_argument("--no-steering", action="store_true",
                         help="skip the guard+conditional arm (vetoes steering saves): off and guard only")
+    parser.add_argument("--loop-rules", default="",
+                        help=f"{LOOP_TASK} only: one guard arm per loop rule N or N:K (loop_ngram N, loop_occurrence "
+                             "K; 0 = no loop veto), e.g. 0,3,4,3:3, and the rule chosen by " + LOOP_CRITERION)
     args = parser.parse_args(argv)
+    held_out = RESULTS / "guard.json"
+    args.out = args.out or (held_out if args.split == "test" else RESULTS / "guard_train.json")
+    if args.split != "test" and args.out.resolve() == held_out.resolve():
+        parser.error(f"{args.split}-split figures never go into {held_out.name}: pass another --out")
+    loop_rules = [r.strip() for r in args.loop_rules.split(",") if r.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"not a detectable task: {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if loop_rules and tasks != [LOOP_TASK]:
+        parser.error(f"--loop-rules is a {LOOP_TASK} param: pass --tasks {LOOP_TASK}")
+    try:
+        for rule in loop_rules:
+            loop_rule_params(rule)
+    except ValueError as exc:
+        parser.error(str(exc))
     bank = ProbeBank.load(DEFAULT_BANK)
-    out: dict = {"benchmark": "guard", "decoding": "greedy", "split": "held-out test prompts (probes.heldout)",
+    split = ("held-out test prompts" if args.split == "test" else "training-split prompts") + " (probes.heldout)"
+    out: dict = {"benchmark": "guard", "decoding": "greedy", "split": split,
                  "goal": {"compliance": COMPLIANCE_GOAL, "tasks": list(GOAL_TASKS), "latency_ratio": LATENCY_GOAL},
                  "n_requested": args.n, "tasks": {}}
     out["command"] = "python -m benchmarks.guard " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -230,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def record(name: str, entry: dict, rows: list[dict]) -> None:
         out["tasks"][name] = {"run": out["command"], **entry}
         final = merged(previous, out) if previous is not None else out
-        goal = [final["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS if t in final["tasks"]]
+        goal = [final["tasks"][t]["guard"]["compliance"]["rate"] for t in GOAL_TASKS
+                if "guard" in final["tasks"].get(t, {})]  # a --loop-rules entry has no single guard arm
         final["compliance_goal_met_so_far"] = all(rate >= COMPLIANCE_GOAL for rate in goal)
         if len(goal) == len(GOAL_TASKS):
             final["compliance_goal_met"] = final["compliance_goal_met_so_far"]
@@ -239,14 +312,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.responses:
             with args.responses.open("a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(name, json.dumps({k: entry[k] for k in ("n", "perplexity_ratio", "latency_ratio")}),
-              "off", entry["off"]["compliance"]["rate"], "guard", entry["guard"]["compliance"]["rate"], flush=True)
+        arms = entry.get("loop_rules") or {"guard": entry}
+        for arm, f in arms.items():
+            guarded = f if "loop_rules" in entry else f["guard"]
+            print(name, arm, json.dumps({k: f[k] for k in ("perplexity_ratio", "latency_ratio")}), "n", entry["n"],
+                  "off", entry["off"]["compliance"]["rate"], "guard", guarded["compliance"]["rate"], flush=True)
+        if "chosen" in entry:
+            print(name, "chosen", entry["chosen"], f"({LOOP_CRITERION})", flush=True)
 
     with Steerer(load_model(), bank) as steerer:
         for task in tasks:
-            prompts = detectable_prompts(task, args.n)
+            prompts = detectable_prompts(task, args.n, split=args.split)
             entry, arms = bench_task(steerer, bank, task, prompts, args.max_new_tokens, args.batch,
-                                     not args.no_steering)
+                                     not args.no_steering, loop_rules)
             record(task, {"terms": "the prompt's own", **entry} if task == "term_exclusion" else entry,
                    response_rows(task, task, prompts, arms))
             if task == "term_exclusion":

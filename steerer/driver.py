@@ -79,7 +79,7 @@ class _Row:
     guarded: tuple[str, ...] = ()  # tasks whose policy guards them (`steerer.guard`)
     vetoes: Counter[str] = field(default_factory=Counter)  # task -> candidates vetoed for the next token
     end_vetoed_at: int | None = None  # `recorded` when the guard first vetoed EOS (`guard.END_EXTRA` counts from it)
-    loops: dict[int, tuple[int, frozenset[int]]] = field(default_factory=dict)  # n -> (tokens seen, `repeating`)
+    loops: guards.LoopCache = field(default_factory=dict)  # the loop veto's scans (`guard.loop_vetoes`)
 
 
 def eos_token_ids(*sources: Any) -> tuple[int, ...]:
@@ -279,15 +279,7 @@ class Driver:
                 return []
             row.end_vetoed_at = row.recorded if row.end_vetoed_at is None else row.end_vetoed_at
             return tasks if row.recorded - row.end_vetoed_at < guards.END_EXTRA else []
-        out = []
-        for task, n in guards.loop_sizes(live).items():  # the loop veto (`loop_ngram`)
-            seen, repeating = row.loops.get(n, (-1, frozenset()))
-            if seen != len(detok.tokens):
-                repeating = guards.repeating(detok.tokens, n)
-                row.loops[n] = (len(detok.tokens), repeating)
-            if token in repeating:
-                out.append(task)
-        return out
+        return guards.loop_vetoes(live, detok.tokens, token, row.loops)  # the loop veto (`loop_ngram`)
 
     def repair(self, slot: int, token: int, vetoed: list[str]) -> int | None:
         """The token a vetoing detector proposes instead of `token` (`guard.repair_tokens`: " The" -> " the"

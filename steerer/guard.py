@@ -33,8 +33,10 @@ Rules, all here as small pure functions:
   "en"). While it says no, EOS is vetoed like any token and the row draws again, for at most `END_EXTRA`
   tokens after the first vetoed EOS; at `max_new_tokens` the response ends anyway (the checker then says so).
 - Loop veto: a detector whose end-only part a loop breaks (lowercase: langdetect calls a repeated phrase
-  Afrikaans or Welsh) may name an n-gram size (`loop_ngram`); a token that would repeat an n-gram of that
-  many tokens already in the response is vetoed too (as `no_repeat_ngram_size`, only in guarded rows).
+  Afrikaans or Welsh) may name an n-gram size (`loop_ngram`, 0 = none) and the occurrence to veto
+  (`loop_occurrence`, default 2: the first repeat, as `no_repeat_ngram_size`; 3: the third occurrence, so a
+  phrase may repeat once but not loop); a token that would make that occurrence of an n-gram of that many
+  tokens in the response is vetoed too (only in guarded rows). lowercase takes both as request params.
 
 A task whose violation the text already decided (the detector fired before the guard could act, e.g. a
 prompt-forced first token) has no live detector and is no longer guarded.
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,11 +54,12 @@ from steerer.detokenize import IncrementalDetokenizer
 from steerer.tasks.base import Detector
 from steerer.tasks.common import UpperBoundDetector
 
-__all__ = ["END_EXTRA", "MAX_VETOES", "end_vetoes", "ends_at_limit", "guarded_tasks", "loop_sizes", "peek",
-           "repair_tokens", "repairs", "repeating", "single_token", "vetoes"]
+__all__ = ["END_EXTRA", "LOOP_OCCURRENCE", "LoopCache", "MAX_VETOES", "end_vetoes", "ends_at_limit", "guarded_tasks",
+           "loop_rules", "loop_vetoes", "peek", "repair_tokens", "repairs", "repeating", "single_token", "vetoes"]
 
 MAX_VETOES = 64  # candidates vetoed for one token before the response ends instead
 END_EXTRA = 32  # tokens past the first vetoed EOS during which an end veto (`end_ok`) may still hold
+LOOP_OCCURRENCE = 2  # the loop veto's default: veto an n-gram's 2nd occurrence (its first repeat)
 WORD_END = " "  # fed after a candidate's delta: judge a word the candidate may have completed
 
 
@@ -139,15 +143,40 @@ def end_vetoes(detectors: Mapping[str, Detector], text: str) -> list[str]:
     return out
 
 
-def repeating(tokens: Sequence[int], n: int) -> frozenset[int]:
-    """The tokens that, after `tokens`, would complete an n-gram of `n` tokens that `tokens` already holds."""
+def repeating(tokens: Sequence[int], n: int, occurrence: int = LOOP_OCCURRENCE) -> frozenset[int]:
+    """The tokens that, after `tokens`, would make the `occurrence`-th occurrence of an n-gram of `n` tokens
+    (`tokens` already holds it `occurrence` - 1 times; 2: any repeat)."""
     if n < 1 or len(tokens) < n:
         return frozenset()
     head = list(tokens[len(tokens) - n + 1:]) if n > 1 else []
-    return frozenset(tokens[i + n - 1] for i in range(len(tokens) - n + 1) if list(tokens[i:i + n - 1]) == head)
+    counts = Counter(tokens[i + n - 1] for i in range(len(tokens) - n + 1) if list(tokens[i:i + n - 1]) == head)
+    return frozenset(t for t, c in counts.items() if c >= occurrence - 1)
 
 
-def loop_sizes(detectors: Mapping[str, Detector]) -> dict[str, int]:
-    """task -> the n-gram size its detector asks the guard not to repeat (`loop_ngram`), for those that ask."""
-    sizes = {task: getattr(detector, "loop_ngram", None) for task, detector in detectors.items()}
-    return {task: n for task, n in sizes.items() if isinstance(n, int) and n > 0}
+def loop_rules(detectors: Mapping[str, Detector]) -> dict[str, tuple[int, int]]:
+    """task -> (n-gram size, occurrence vetoed) its detector asks the guard for (`loop_ngram`, optional
+    `loop_occurrence`), for those that ask (a size of 0 or none: no loop veto)."""
+    out = {}
+    for task, detector in detectors.items():
+        n = getattr(detector, "loop_ngram", None)
+        occurrence = getattr(detector, "loop_occurrence", LOOP_OCCURRENCE)
+        if isinstance(n, int) and n > 0:
+            out[task] = (n, occurrence if isinstance(occurrence, int) and occurrence >= 2 else LOOP_OCCURRENCE)
+    return out
+
+
+LoopCache = dict[tuple[int, int], tuple[int, frozenset[int]]]  # (n, occurrence) -> (tokens seen, `repeating`)
+
+
+def loop_vetoes(detectors: Mapping[str, Detector], tokens: Sequence[int], token: int, cache: LoopCache) -> list[str]:
+    """The tasks whose loop rule (`loop_rules`) forbids `token` after the row's `tokens`. `cache` is the row's:
+    one scan per rule and token position, however many candidates are checked there."""
+    out = []
+    for task, rule in loop_rules(detectors).items():
+        seen, forbidden = cache.get(rule, (-1, frozenset()))
+        if seen != len(tokens):
+            forbidden = repeating(tokens, *rule)
+            cache[rule] = (len(tokens), forbidden)
+        if token in forbidden:
+            out.append(task)
+    return out

@@ -83,7 +83,14 @@ def test_end_and_loop_vetoes_are_a_detectors_to_ask_for():
     assert guard.end_vetoes(lower, "1. 2. 3.") == ["lowercase"]  # no cased letter: str.islower() is False
     assert guard.end_vetoes(lower, "a calm sea under a clear sky, with the wind in the sails.") == []
     assert guard.end_vetoes(_detectors(EXCLUDE), "1. 2. 3.") == []
-    assert guard.loop_sizes(lower) == {"lowercase": 3} and guard.loop_sizes(_detectors(EXCLUDE)) == {}
+    assert guard.loop_rules(lower) == {"lowercase": (3, 2)} and guard.loop_rules(_detectors(EXCLUDE)) == {}
+    assert guard.loop_rules(_detectors(Constraint("lowercase", {"loop_ngram": 0}))) == {}  # 0: no loop veto
+    third = Constraint("lowercase", {"loop_ngram": 4, "loop_occurrence": 3})
+    assert guard.loop_rules(_detectors(third)) == {"lowercase": (4, 3)}
+    assert guard.repeating([5, 6, 7, 8, 9, 5, 6, 7], 4, 3) == frozenset()  # a repeat, not yet a third occurrence
+    assert guard.repeating([5, 6, 7, 1, 5, 6, 7, 2, 5, 6], 3, 3) == {7}
+    cache: guard.LoopCache = {}
+    assert guard.loop_vetoes(lower, [5, 6, 7, 5, 6], 7, cache) == ["lowercase"] and cache == {(3, 2): (5, {7})}
     assert guard.repeating([5, 6, 7, 8, 9, 5, 6, 7], 4) == {8}  # 5 6 7 8 again
     assert guard.repeating([5, 6, 7, 8, 9, 5, 6, 7], 3) == {8}
     assert guard.repeating([1, 2, 1, 3, 1], 2) == {2, 3}
@@ -271,3 +278,39 @@ def test_the_drop_in_guards_greedy_generate(lm, steerer):
     assert result.text.strip() and not any(c.isupper() for c in result.text), result.text
     assert any(e.redrawn.get("lowercase") for e in events)
     assert _repairs_taken(lm, "Describe the ocean in two sentences.", result.tokens, events) >= 1  # as the loop
+
+
+def test_lowercase_loop_rule_is_a_request_param_with_one_line_errors():
+    lower = get_task("lowercase")
+    assert lower.detect({"loop_ngram": 4, "loop_occurrence": 3}).loop_ngram == 4
+    assert lower.check("a calm sea under a clear sky.", {"loop_ngram": 0})  # the checker accepts the params too
+    Constraint.parse('lowercase:{"loop_ngram": 0}').validate()
+    for params, message in [({"loop_ngram": -1}, "loop_ngram must be an integer from 0 to 16, got -1"),
+                            ({"loop_ngram": True}, "loop_ngram must be an integer"),
+                            ({"loop_ngram": "3"}, "loop_ngram must be an integer"),
+                            ({"loop_occurrence": 1}, "loop_occurrence must be an integer from 2 to 8, got 1"),
+                            ({"loop": 3}, r"unexpected param\(s\) \['loop'\]")]:
+        with pytest.raises(ValueError, match=f"^lowercase: {message}") as info:
+            Constraint("lowercase", params).validate()
+        assert "\n" not in str(info.value)
+
+
+def test_the_loop_rule_param_changes_what_the_guard_vetoes(steerer):
+    """One batch, one prompt that loops: `loop_ngram` 0 lets the model repeat a 3-token n-gram, the default (3)
+    vetoes every repeat, and `loop_occurrence` 3 lets a phrase come back once but never a third time."""
+    prompt = "Repeat the phrase 'keep it simple' five times."
+    rules = {"off": {"loop_ngram": 0}, "default": {}, "third": {"loop_ngram": 3, "loop_occurrence": 3}}
+    events, results = _run(steerer, [_request(rid, prompt, Constraint("lowercase", params), tokens=24)
+                                     for rid, params in rules.items()])
+    tokens = {rid: results[rid].tokens for rid in rules}
+
+    def made(rid: str, occurrence: int) -> int:  # tokens that made an n-gram's `occurrence`-th occurrence
+        return sum(t in guard.repeating(tokens[rid][:i], 3, occurrence) for i, t in enumerate(tokens[rid]))
+
+    assert made("off", 2) >= 3, results["off"].text  # "keep it simple" written again: nothing vetoed it
+    assert made("default", 2) == 0, results["default"].text
+    assert made("third", 3) == 0 and made("third", 2) > 0, results["third"].text
+    assert sum(sum(e.redrawn.values()) for e in events["default"]) > sum(sum(e.redrawn.values()) for e in events["off"])
+    for rid in rules:
+        assert not any(c.isupper() for c in results[rid].text), results[rid].text
+

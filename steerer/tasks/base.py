@@ -63,7 +63,8 @@ class RepairingDetector(Detector, Protocol):
 class EndCheckingDetector(Detector, Protocol):
     """A detector that also judges what only the end decides, for the guard (`steerer.guard`): `end_ok(text)`
     says whether the response may end on `text` (EOS is vetoed while it says no, a bounded number of tokens);
-    `loop_ngram` (optional, an int) asks the guard to veto a token repeating an n-gram of that many tokens."""
+    `loop_ngram` (optional, an int; 0: none) asks the guard to veto a token repeating an n-gram of that many tokens
+    (`loop_occurrence`, optional: which occurrence is vetoed, default 2, the first repeat)."""
 
     def end_ok(self, text: str) -> bool: ...
 

@@ -29,7 +29,10 @@ from steerer.tasks import common
 from steerer.tasks.base import Task
 
 LANGDETECT_SEED = 0
-LOOP_NGRAM = 3  # tokens; see `CapitalDetector.loop_ngram`
+# The guard's loop veto (`steerer.guard`), request params `loop_ngram` / `loop_occurrence` (docs/GUARD.md rule 9).
+LOOP_NGRAM = 3  # tokens (0: no loop veto); see `CapitalDetector.loop_ngram`
+LOOP_OCCURRENCE = 2  # the occurrence vetoed: 2 = the first repeat, 3 = the third occurrence
+LOOP_PARAMS = {"loop_ngram": (LOOP_NGRAM, 0, 16), "loop_occurrence": (LOOP_OCCURRENCE, 2, 8)}  # default, min, max
 _FACTORY: DetectorFactory | None = None
 _FACTORY_LOCK = threading.Lock()
 
@@ -57,7 +60,24 @@ def detect_language(text: str) -> str | None:
 
 
 def validate(params: Any) -> None:
-    common.validate_empty("lowercase", params)
+    """No params but the guard's optional loop rule (`loop_rule`)."""
+    loop_rule(params)
+
+
+def loop_rule(params: Any) -> tuple[int, int]:
+    """(n-gram size, occurrence vetoed) of the guard's loop veto under `params` (both optional; defaults
+    `LOOP_NGRAM`, `LOOP_OCCURRENCE`): the one place that reads and validates them."""
+    params = common.require_mapping("lowercase", params)
+    extra = sorted(str(k) for k in params if k not in LOOP_PARAMS)
+    if extra:
+        raise ValueError(f"lowercase: unexpected param(s) {extra}; only the guard's optional {list(LOOP_PARAMS)}")
+    values = []
+    for key, (default, low, high) in LOOP_PARAMS.items():
+        value = params.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"lowercase: {key} must be an integer from {low} to {high}, got {value!r}")
+        values.append(value)
+    return values[0], values[1]
 
 
 def check(response: str, params: Mapping[str, Any]) -> bool:
@@ -76,12 +96,13 @@ class CapitalDetector:
     """Decided at the first uppercase or titlecase letter (then ``str.islower()`` is False whatever follows):
     O(delta) per token. No letter at all, or text that is not English, is only known at the end."""
 
-    # The guard's loop veto (`steerer.guard`): a repeated phrase is what makes langdetect call a lowercase text
-    # Afrikaans or Welsh, so under guard no token may repeat an n-gram of this many tokens.
-    loop_ngram = LOOP_NGRAM
-
-    def __init__(self) -> None:
+    def __init__(self, loop_ngram: int = LOOP_NGRAM, loop_occurrence: int = LOOP_OCCURRENCE) -> None:
         self.length = 0
+        # The guard's loop veto (`steerer.guard`): a repeated phrase is what makes langdetect call a lowercase
+        # text Afrikaans or Welsh, so under guard no token may make the `loop_occurrence`-th occurrence of an
+        # n-gram of `loop_ngram` tokens (0: no loop veto).
+        self.loop_ngram = loop_ngram
+        self.loop_occurrence = loop_occurrence
 
     def feed(self, delta: str, final: bool = False) -> int | None:
         for i, c in enumerate(delta):
@@ -102,7 +123,7 @@ class CapitalDetector:
 
 
 def detector(params: Mapping[str, Any]) -> CapitalDetector:
-    return CapitalDetector()
+    return CapitalDetector(*loop_rule(params))
 
 
 TASK = Task(
