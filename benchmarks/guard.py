@@ -9,7 +9,10 @@ requests and phrasing families; for the count tasks only prompts whose params a 
                     bootstrap interval (`steerer.stats.ratio_of_means_ci`; the steering benchmark's measure)
   repetition        mean rep-3 of the responses (`probes.steering.repetition`)
   latency           seconds per generated token, off and guard chunks interleaved (same prompts, same
-                    batch size, alternating order), ratio of the summed times per token
+                    batch size, alternating order), ratio of the summed times per token; and per decoding
+                    step (`step_latency_ratio`: a chunk's seconds over its longest response's tokens, the
+                    gap between a stream's tokens), since a guard that ends responses at a limit leaves
+                    shorter batches whose tokens cost more each without any step being slower
   vetoes            candidates vetoed per response under guard and under guard+conditional at the bank's
                     swept strength (where the bank has one): how many vetoes steering saves
 
@@ -183,7 +186,7 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
         plans["guard"] = (guard, None)
     names = list(plans)
     arms: dict[str, list] = {name: [] for name in names}
-    timing = {name: [0.0, 0] for name in names}
+    timing = {name: [0.0, 0, 0] for name in names}  # seconds, tokens, decoding steps
     for c, start in enumerate(range(0, len(prompts), batch)):  # interleaved, rotating which goes first
         chunk = prompts[start:start + batch]
         for arm in names[c % len(names):] + names[:c % len(names)]:
@@ -192,6 +195,7 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
             arms[arm] += list(zip(results, vetoes, strict=True))
             timing[arm][0] += seconds
             timing[arm][1] += generated
+            timing[arm][2] += max((len(r.tokens) for r in results), default=0)  # one chunk = one batch
     entry: dict = {"n": len(prompts), "max_new_tokens": tokens}
     prompt_ids = [chat_prompt(lm.tokenizer, p.messages) for p in prompts]
     nll = {}
@@ -200,10 +204,11 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
         results = [r for r, _ in pairs]
         nll[arm] = response_nll(lm, prompt_ids, [scored_tokens(lm, r.tokens) for r in results])
         per_token = timing[arm][0] / max(timing[arm][1], 1)
+        per_step = timing[arm][0] / max(timing[arm][2], 1)
         figures[arm] = {"compliance": compliance(task, prompts, results),
                         "rep3": mean([repetition(r.tokens) for r in results]),
                         "vetoes_per_response": mean([v for _, v in pairs]),
-                        "seconds_per_token": round(per_token, 5),
+                        "seconds_per_token": round(per_token, 5), "seconds_per_step": round(per_step, 5),
                         "mean_tokens": mean([len(r.tokens) for r in results])}
         if arm != "off":
             deltas = [g - o for g, o in zip(nll[arm], nll["off"], strict=True) if g is not None and o is not None]
@@ -211,6 +216,7 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
             figures[arm]["perplexity_ratio"] = round(math.exp(statistics.fmean(deltas)), 4) if deltas else None
             figures[arm]["perplexity_ratio_ci"] = [round(x, 4) for x in ci] if ci else None
             figures[arm]["latency_ratio"] = round(per_token / figures["off"]["seconds_per_token"], 4)
+            figures[arm]["step_latency_ratio"] = round(per_step / figures["off"]["seconds_per_step"], 4)
     entry["off"] = figures.pop("off")
     if loop_rules:
         entry["loop_rules"] = {arm.removeprefix("guard loop="): {"params": plans[arm][1], **f}
@@ -219,9 +225,9 @@ def bench_task(steerer: Steerer, bank: ProbeBank, task: str, prompts: Sequence[H
         entry["chosen"] = choose(entry["loop_rules"])
     else:
         g = figures["guard"]
-        entry["guard"] = {k: v for k, v in g.items() if k not in ("perplexity_ratio", "perplexity_ratio_ci",
-                                                                     "latency_ratio")}
-        entry.update({k: g[k] for k in ("perplexity_ratio", "perplexity_ratio_ci", "latency_ratio")})
+        moved = ("perplexity_ratio", "perplexity_ratio_ci", "latency_ratio", "step_latency_ratio")
+        entry["guard"] = {k: v for k, v in g.items() if k not in moved}
+        entry.update({k: g[k] for k in moved})
     entry["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1/5/15 min after the arms: a loaded machine's latency
     record = (bank.extra.get("steering") or {}).get(task)
     if steering and not loop_rules and isinstance(record, dict) and isinstance(record.get("alpha"), int | float):
@@ -315,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         arms = entry.get("loop_rules") or {"guard": entry}
         for arm, f in arms.items():
             guarded = f if "loop_rules" in entry else f["guard"]
-            print(name, arm, json.dumps({k: f[k] for k in ("perplexity_ratio", "latency_ratio")}), "n", entry["n"],
+            print(name, arm, json.dumps({k: f[k] for k in ("perplexity_ratio", "latency_ratio", "step_latency_ratio")}), "n", entry["n"],
                   "off", entry["off"]["compliance"]["rate"], "guard", guarded["compliance"]["rate"], flush=True)
         if "chosen" in entry:
             print(name, "chosen", entry["chosen"], f"({LOOP_CRITERION})", flush=True)
