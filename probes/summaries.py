@@ -44,8 +44,13 @@ def lens_summary(logits: np.ndarray, words: list[list[int]], kind: str) -> np.nd
 
 
 def running_summaries(logits: np.ndarray, kind: str) -> np.ndarray:
-    """[R, 2] the lens input of `kind` after each reading (the monitor's per-token view of `lens_summary`)."""
-    return np.stack([lens_summary(logits[: i + 1], [], kind) for i in range(len(logits))])
+    """[R, 2] the lens input of `kind` ("runmax" or "idmax") after each reading: the monitor's per-token view of
+    `lens_summary`, a running maximum (of the pooled pair, or of each id before pooling)."""
+    if kind == "runmax":
+        return np.maximum.accumulate(pooled(logits), axis=0)
+    if kind == "idmax":
+        return pooled(np.maximum.accumulate(logits, axis=0))
+    raise ValueError(f"no running form of lens summary {kind!r}")
 
 
 def running_mean(x: np.ndarray) -> np.ndarray:
@@ -113,8 +118,7 @@ def attach(data: TaskData, token_layers: list[int], declared: list[dict]) -> Tas
                     out.setdefault((f"lens_max:{how}", layer), []).append(lens_summary(logits, [], KINDS[how]))
     d = data.positions.shape[-1]
     for key, values in out.items():
-        data.summaries[key] = np.stack(values).astype(np.float32) if values else \
-            np.zeros((0, d if key[0] == "mean" else lens.FEATURES), dtype=np.float32)
+        data.summaries[key] = np.stack(values).astype(np.float32)
     if not data.rows:
         for layer in token_layers:
             if means:
