@@ -45,6 +45,9 @@ from steerer.monitor import MonitorConfig
 
 log = logging.getLogger("steerer.service")
 
+# gRPC's own wording: the client reads the same phrase whether its deadline timer or our clock fires first.
+DEADLINE_MESSAGE = "Deadline Exceeded"
+
 
 class Reason(Enum):
     """Why the scheduler refused a request or ended it without a result (the servicer's status codes)."""
@@ -293,7 +296,7 @@ class Scheduler:
         for ticket in [t for t in self._live.values() if t.deadline is not None and now >= t.deadline]:
             del self._live[ticket.id]
             self._steerer.cancel(ticket.id)
-            self._fail(ticket, Reason.DEADLINE, "deadline exceeded during generation")
+            self._fail(ticket, Reason.DEADLINE, DEADLINE_MESSAGE + " during generation")
 
     def _admit(self) -> None:
         room = self._steerer.free_slots
@@ -329,7 +332,7 @@ class Scheduler:
         ready = []
         for ticket in picked:
             if ticket.deadline is not None and now >= ticket.deadline:
-                self._fail(ticket, Reason.DEADLINE, "deadline exceeded while queued")
+                self._fail(ticket, Reason.DEADLINE, DEADLINE_MESSAGE + " while queued")
                 continue
             try:  # again: the bank may have changed since the RPC thread checked
                 self._steerer.validate(ticket.request)
